@@ -1,0 +1,51 @@
+"""hypergradient: fit hyperparameters by gradient descent, with hypergradients proven exact.
+
+The functional core differentiates a validation loss ``outer_loss(params, hparams)`` with
+respect to ``hparams`` through the solution ``params`` of a training problem
+``inner_loss(params, hparams)``:
+
+* :func:`implicit_hypergrad` - implicit function theorem at an inner optimum, with a
+  pluggable linear solver (exact, CG, Neumann, identity, MINRES, GMRES);
+* :func:`unrolled_hypergrad` - through the training run itself (reverse mode, forward mode,
+  truncated).
+
+Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
+:mod:`hypergradient.optim` (differentiable optimizers), :mod:`hypergradient.testing`
+(problems with exact hypergradients).
+"""
+
+from . import linalg as linalg
+from . import optim as optim
+from . import testing as testing
+from ._errors import ConvergenceError as ConvergenceError
+from ._errors import HypergradientError as HypergradientError
+from ._results import Result as Result
+from ._results import Solution as Solution
+from ._results import SolveStats as SolveStats
+from .hypergrad import ConvergenceWarning as ConvergenceWarning
+from .hypergrad import FixedPoint as FixedPoint
+from .hypergrad import implicit_hypergrad as implicit_hypergrad
+from .hypergrad import unrolled_hypergrad as unrolled_hypergrad
+from .linalg.operators import GaussNewtonLoss as GaussNewtonLoss
+from .problem import as_function as as_function
+from .problem import params_of as params_of
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "FixedPoint",
+    "GaussNewtonLoss",
+    "HypergradientError",
+    "Result",
+    "Solution",
+    "SolveStats",
+    "as_function",
+    "implicit_hypergrad",
+    "linalg",
+    "optim",
+    "params_of",
+    "testing",
+    "unrolled_hypergrad",
+]

@@ -1,0 +1,99 @@
+"""Error type and input checks shared by the public entry points.
+
+Every message starts with the call that failed, says what was expected and what was
+received, and ends with how to fix it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+
+class HypergradientError(ValueError):
+    """Bad input to a hypergradient routine (a ``ValueError``, so callers may catch either)."""
+
+
+class ConvergenceError(RuntimeError):
+    """An iterative solve failed and the caller asked for ``throw=True``."""
+
+
+def check_tree(where: str, name: str, tree: object, *, allow_tensor: bool = False) -> None:
+    """A dict of str -> floating tensors with finite values."""
+    if isinstance(tree, torch.Tensor) and allow_tensor:
+        leaves = {"": tree}
+    elif isinstance(tree, Mapping):
+        leaves = tree
+    else:
+        raise HypergradientError(
+            f"{where}: `{name}` must be a dict mapping names to tensors, got "
+            f"{type(tree).__name__}. Wrap a module's weights with "
+            f"`dict(model.named_parameters())` or `hg.params_of(model)`."
+        )
+    if len(leaves) == 0:
+        raise HypergradientError(f"{where}: `{name}` is an empty dict; give at least one tensor.")
+    for key, value in leaves.items():
+        label = f"{name}[{key!r}]" if key else name
+        if not isinstance(value, torch.Tensor):
+            raise HypergradientError(
+                f"{where}: {label} must be a torch.Tensor, got {type(value).__name__}. "
+                f"Convert it with torch.as_tensor(..., dtype=torch.float64)."
+            )
+        if not value.is_floating_point():
+            raise HypergradientError(
+                f"{where}: {label} has dtype {value.dtype}; hypergradients need a floating "
+                f"dtype. Convert it with `.double()` or `.float()`."
+            )
+        if not bool(torch.isfinite(value).all()):
+            bad = int((~torch.isfinite(value)).sum())
+            raise HypergradientError(
+                f"{where}: {label} (shape {tuple(value.shape)}) contains {bad} NaN/inf "
+                f"value(s). Check the inner training run or the initial values."
+            )
+
+
+def check_scalar_loss(where: str, name: str, value: object) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor):
+        raise HypergradientError(
+            f"{where}: `{name}(params, hparams)` must return a scalar torch.Tensor, got "
+            f"{type(value).__name__}."
+        )
+    if value.numel() != 1:
+        raise HypergradientError(
+            f"{where}: `{name}(params, hparams)` must return a scalar loss, got a tensor of "
+            f"shape {tuple(value.shape)}. Reduce it with `.mean()` or `.sum()`."
+        )
+    if not value.is_floating_point():
+        raise HypergradientError(
+            f"{where}: `{name}` returned dtype {value.dtype}; a floating dtype is required."
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise HypergradientError(
+            f"{where}: `{name}(params, hparams)` returned {value.item()} (not finite). "
+            f"Check the inputs and the learning rate of the inner training."
+        )
+    return value.reshape(())
+
+
+def check_same_structure(where: str, name: str, got: Mapping, like: Mapping, like_name: str):
+    """``got`` has the keys, shapes and dtypes of ``like``."""
+    if set(got.keys()) != set(like.keys()):
+        missing = sorted(set(like) - set(got))
+        extra = sorted(set(got) - set(like))
+        raise HypergradientError(
+            f"{where}: `{name}` must have the keys of `{like_name}`; missing {missing}, "
+            f"unexpected {extra}."
+        )
+    for k in like:
+        if got[k].shape != like[k].shape:
+            raise HypergradientError(
+                f"{where}: `{name}[{k!r}]` has shape {tuple(got[k].shape)} but "
+                f"`{like_name}[{k!r}]` has shape {tuple(like[k].shape)}; they must match."
+            )
+        if got[k].dtype != like[k].dtype:
+            raise HypergradientError(
+                f"{where}: `{name}[{k!r}]` has dtype {got[k].dtype} but "
+                f"`{like_name}[{k!r}]` has dtype {like[k].dtype}; use one dtype for both "
+                f"(e.g. call `.double()` on both)."
+            )

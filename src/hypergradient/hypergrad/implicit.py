@@ -1,0 +1,314 @@
+r"""Implicit hypergradients: differentiate the *optimality condition*, not the training run.
+
+At an inner optimum :math:`w^*(\lambda)` of the training loss :math:`L`,
+:math:`\nabla_w L(w^*, \lambda) = 0`.  Differentiating this identity (implicit function
+theorem) gives :math:`\partial w^*/\partial\lambda = -H^{-1}\,\partial^2 L/\partial w\,\partial\lambda`
+with :math:`H = \nabla^2_{ww} L`, so for the validation loss :math:`E(w, \lambda)`
+
+.. math::
+
+    \frac{dE}{d\lambda} = \nabla_\lambda E
+        - \Big(\frac{\partial^2 L}{\partial\lambda\,\partial w}\Big)\, q,
+    \qquad H q = \nabla_w E .
+
+Only products with :math:`H` are needed; the linear system is solved by a pluggable solver
+(:mod:`hypergradient.linalg`).  For a fixed-point statement :math:`w = \Phi(w, \lambda)`
+the same theorem gives :math:`(I - \partial_w\Phi)^\top q = \nabla_w E` and
+:math:`dE/d\lambda = \nabla_\lambda E + (\partial_\lambda \Phi)^\top q`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Mapping
+
+import torch
+
+from .._errors import ConvergenceError, HypergradientError, check_scalar_loss
+from .._results import Result, SolveStats
+from ..linalg import CG, GMRES, MINRES, AbstractLinearSolver, Dense, Identity, Neumann
+from ..linalg.operators import (
+    FixedPointOperator,
+    GaussNewtonLoss,
+    GaussNewtonOperator,
+    HessianOperator,
+)
+from ._checks import (
+    check_callable,
+    check_loss_dtype,
+    check_params_hparams,
+    ignored_hparam_error,
+)
+
+_WHERE = "hypergradient.implicit_hypergrad(...)"
+_SOLVER_NAMES = ("exact", "cg", "neumann", "identity", "minres", "gmres")
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative linear solve stopped at ``max_steps`` before reaching ``tol``."""
+
+
+class FixedPoint:
+    r"""Marks an inner problem stated as a fixed point ``w = phi(w, hparams)``.
+
+    Pass ``hg.FixedPoint(phi)`` as ``inner_loss`` to :func:`implicit_hypergrad`.  ``phi`` maps
+    the dicts ``(params, hparams)`` to a dict shaped like ``params`` (e.g. one step of an
+    optimizer, a DEQ layer, a proximal map).
+
+    Example::
+
+        >>> import torch, hypergradient as hg
+        >>> # w = 0.5 w + lam  has the fixed point w* = 2 lam, so d(w*)/d lam = 2
+        >>> phi = lambda p, h: {"w": 0.5 * p["w"] + h["lam"]}
+        >>> lam = torch.tensor([1.0], dtype=torch.float64)
+        >>> g = hg.implicit_hypergrad(hg.FixedPoint(phi), lambda p, h: p["w"].sum(),
+        ...     {"w": 2 * lam}, {"lam": lam}, solver="exact")
+        >>> float(g["lam"])
+        2.0
+    """
+
+    def __init__(self, phi: Callable[[dict, dict], Mapping[str, torch.Tensor]]):
+        if not callable(phi):
+            raise HypergradientError(
+                f"hypergradient.FixedPoint(phi): phi must be callable "
+                f"`phi(params, hparams) -> dict like params`, got {type(phi).__name__}."
+            )
+        self.phi = phi
+
+    def __repr__(self) -> str:
+        return f"FixedPoint({getattr(self.phi, '__name__', repr(self.phi))})"
+
+
+def _build_solver(
+    solver: str | AbstractLinearSolver,
+    max_steps: int,
+    tol: float,
+    alpha: float | None,
+    preconditioner,
+    fixed_point: bool,
+) -> AbstractLinearSolver:
+    if isinstance(solver, AbstractLinearSolver):
+        return solver
+    if solver not in _SOLVER_NAMES:
+        raise HypergradientError(
+            f"{_WHERE}: solver={solver!r} is not known; expected one of {list(_SOLVER_NAMES)} "
+            f"or an instance of hypergradient.linalg.AbstractLinearSolver."
+        )
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 0:
+        raise HypergradientError(
+            f"{_WHERE}: max_steps must be a non-negative int, got {max_steps!r}."
+        )
+    if not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+        raise HypergradientError(f"{_WHERE}: tol must be a finite float >= 0, got {tol!r}.")
+    if alpha is not None and (
+        not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0
+    ):
+        raise HypergradientError(
+            f"{_WHERE}: alpha must be a positive finite float or None, got {alpha!r}."
+        )
+    if preconditioner is not None and solver != "cg":
+        raise HypergradientError(
+            f"{_WHERE}: preconditioner=... is only used by solver='cg', got solver={solver!r}."
+        )
+    if alpha is not None and solver not in ("neumann", "identity"):
+        raise HypergradientError(
+            f"{_WHERE}: alpha={alpha!r} is the step of the Neumann series and of the identity "
+            f"approximation; solver={solver!r} does not use it. Remove alpha."
+        )
+    if solver == "cg":
+        return CG(max_steps=max_steps, tol=tol, preconditioner=preconditioner)
+    if solver == "minres":
+        return MINRES(max_steps=max_steps, tol=tol)
+    if solver == "gmres":
+        return GMRES(max_steps=max_steps, tol=tol)
+    if solver == "neumann":
+        # For a fixed-point map the natural series is sum_k (d phi/dw)^k: alpha = 1.
+        if alpha is None and fixed_point:
+            alpha = 1.0
+        return Neumann(max_steps=max_steps, alpha=alpha, tol=0.0)
+    if solver == "identity":
+        return Identity(alpha=1.0 if alpha is None else alpha)
+    return Dense()
+
+
+def implicit_hypergrad(
+    inner_loss: Callable[[dict, dict], torch.Tensor] | FixedPoint,
+    outer_loss: Callable[[dict, dict], torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    hparams: Mapping[str, torch.Tensor],
+    solver: str | AbstractLinearSolver = "cg",
+    max_steps: int = 50,
+    tol: float = 1e-10,
+    alpha: float | None = None,
+    *,
+    damping: float = 0.0,
+    hessian: str = "exact",
+    preconditioner: Callable | None = None,
+    return_stats: bool = False,
+):
+    r"""Hypergradient :math:`dE/d\lambda` at an inner optimum by the implicit function theorem.
+
+    .. math::
+
+        \frac{dE}{d\lambda} = \nabla_\lambda E(w^*, \lambda)
+            - \partial^2_{\lambda w} L(w^*, \lambda)\,
+              \big(\nabla^2_{ww} L(w^*, \lambda) + \delta I\big)^{-1} \nabla_w E(w^*, \lambda)
+
+    Args:
+        inner_loss: ``inner_loss(params, hparams) -> scalar`` (the training loss, including
+            any regulariser that depends on ``hparams``), or ``hg.FixedPoint(phi)`` for an
+            inner problem stated as ``w = phi(w, hparams)``, or a :class:`GaussNewtonLoss`.
+        outer_loss: ``outer_loss(params, hparams) -> scalar`` (the validation loss).
+        params: dict name -> tensor, an (approximate) inner optimum :math:`w^*`.  Detached
+            internally; the result does not depend on how it was computed.
+        hparams: dict name -> tensor, the hyperparameters :math:`\lambda` (same dtype).
+        solver: ``"exact"`` (dense solve; small problems), ``"cg"`` (conjugate gradients;
+            needs :math:`H \succ 0`), ``"neumann"`` (Lorraine et al. 2020: ``max_steps``
+            terms of :math:`\alpha\sum_k (I-\alpha H)^k`), ``"identity"`` (:math:`H^{-1}
+            \approx \alpha I`, the one-step/T1-T2 approximation; ``alpha`` defaults to 1),
+            ``"minres"`` (symmetric indefinite), ``"gmres"`` (non-symmetric, e.g. a general
+            fixed-point map), or any :class:`~hypergradient.linalg.AbstractLinearSolver`.
+        max_steps: iterations of the solver (Neumann: number of terms).
+        tol: relative residual at which CG/MINRES/GMRES stop.  ``tol=0`` asks for exactly
+            ``max_steps`` iterations (no convergence warning then).
+        alpha: Neumann / identity step.  ``None``: ``1/lambda_max(H)`` estimated by 20 power
+            iterations for Neumann (1 for a fixed-point map), 1 for identity.
+        damping: :math:`\delta \ge 0` added to the Hessian (for an indefinite Hessian of a
+            non-convex model; biases the result).
+        hessian: ``"exact"`` or ``"gauss_newton"`` (PSD approximation; ``inner_loss`` must
+            be a :class:`GaussNewtonLoss`).
+        preconditioner: for ``solver="cg"``, a function applying :math:`M^{-1}` to a dict
+            shaped like ``params`` (e.g. ``hg.linalg.diagonal_preconditioner(diag)``).
+        return_stats: also return the :class:`~hypergradient._results.SolveStats` of the
+            linear solve (steps, residual, number of Hessian-vector products).
+
+    Returns:
+        dict shaped like ``hparams`` (and the stats when ``return_stats``).
+
+    Raises:
+        HypergradientError: bad input (see the message), or a Neumann step that diverges.
+        ConvergenceError: the linear solver broke down or produced NaN/inf.
+
+    Cost: one forward/backward of ``outer_loss``; one forward and one ``create_graph``
+    backward of ``inner_loss``; then one Hessian-vector product (one backward through the
+    retained gradient graph) per solver iteration, plus one more backward for the mixed
+    term.  Memory: the retained graph plus a few vectors of the size of ``params``,
+    independent of how the inner problem was solved.
+
+    Example::
+
+        >>> import torch, hypergradient as hg
+        >>> # inner: min_w (w - lam)^2 / 2  ->  w* = lam;  outer: w^2 / 2  ->  dE/dlam = lam
+        >>> lam = torch.tensor([3.0], dtype=torch.float64)
+        >>> g = hg.implicit_hypergrad(lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum(),
+        ...     lambda p, h: 0.5 * (p["w"] ** 2).sum(), {"w": lam.clone()}, {"lam": lam})
+        >>> float(g["lam"])
+        3.0
+
+    References:
+        Lorraine, Vicol, Duvenaud (2020), Optimizing Millions of Hyperparameters by Implicit
+        Differentiation; Rajeswaran et al. (2019), Meta-Learning with Implicit Gradients.
+    """
+    fixed_point = isinstance(inner_loss, FixedPoint)
+    if not fixed_point:
+        check_callable(_WHERE, "inner_loss", inner_loss)
+    check_callable(_WHERE, "outer_loss", outer_loss)
+    dtype = check_params_hparams(_WHERE, params, hparams)
+    if hessian not in ("exact", "gauss_newton"):
+        raise HypergradientError(
+            f"{_WHERE}: hessian={hessian!r}; expected 'exact' or 'gauss_newton'."
+        )
+    if hessian == "gauss_newton" and not isinstance(inner_loss, GaussNewtonLoss):
+        raise HypergradientError(
+            f"{_WHERE}: hessian='gauss_newton' needs the inner loss split into prediction and "
+            f"output loss: pass inner_loss=hg.GaussNewtonLoss(predict, output_loss, "
+            f"regularizer), got {type(inner_loss).__name__}."
+        )
+    if not isinstance(damping, (int, float)) or not math.isfinite(damping) or damping < 0:
+        raise HypergradientError(f"{_WHERE}: damping must be a float >= 0, got {damping!r}.")
+    linear_solver = _build_solver(solver, max_steps, tol, alpha, preconditioner, fixed_point)
+
+    # 1. Outer gradients: v = dE/dw and the direct term dE/dlambda, in one backward.
+    param_keys, hparam_keys = list(params), list(hparams)
+    w = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    hp = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
+    with torch.enable_grad():
+        outer_value = check_scalar_loss(_WHERE, "outer_loss", outer_loss(w, hp))
+        check_loss_dtype(_WHERE, "outer_loss", outer_value, dtype)
+        grads = torch.autograd.grad(
+            outer_value, [*w.values(), *hp.values()], allow_unused=True
+        ) if outer_value.requires_grad else [None] * (len(w) + len(hp))
+    v = {k: torch.zeros_like(w[k]) if g is None else g for k, g in zip(param_keys, grads)}
+    direct_grads = grads[len(w) :]
+    outer_uses = {k: g is not None for k, g in zip(hparam_keys, direct_grads)}
+    direct = {
+        k: torch.zeros_like(hp[k]) if g is None else g for k, g in zip(hparam_keys, direct_grads)
+    }
+
+    # 2. The operator whose inverse we need, built once (graph reuse).
+    if fixed_point:
+        op = FixedPointOperator(inner_loss.phi, params, hparams, damping=damping, where=_WHERE)
+    elif hessian == "gauss_newton":
+        op = GaussNewtonOperator(inner_loss, params, hparams, damping=damping, where=_WHERE)
+    else:
+        op = HessianOperator(inner_loss, params, hparams, damping=damping, where=_WHERE)
+    if not fixed_point:
+        check_loss_dtype(_WHERE, "inner_loss", op.loss_value, dtype)
+
+    # 3. Solve  A q = v  (A = H, or (I - d phi/dw)^T).
+    solution = linear_solver.solve(op.matvec, v)
+    stats = solution.stats
+    _raise_on_failure(linear_solver, stats, tol)
+    q = solution.value
+
+    # 4. Mixed term and assembly.
+    mixed, ignored = op.mixed_vjp(q)
+    silent = [k for k in ignored if not outer_uses[k]]
+    if silent:
+        raise ignored_hparam_error(_WHERE, silent, implicit=True)
+    sign = 1.0 if fixed_point else -1.0
+    result = {k: (direct[k] + sign * mixed[k]).detach() for k in hparam_keys}
+    stats.extra["num_hvps"] = op.num_matvecs
+    if return_stats:
+        return result, stats
+    return result
+
+
+def _raise_on_failure(linear_solver: AbstractLinearSolver, stats: SolveStats, tol: float):
+    result = stats.result
+    if result is Result.SUCCESSFUL:
+        return
+    name = type(linear_solver).__name__
+    if result is Result.DIVERGED and isinstance(linear_solver, Neumann):
+        lam = stats.extra.get("lambda_max")
+        a = stats.extra.get("alpha", linear_solver.alpha)
+        lam_txt = f"{lam:.6g}" if isinstance(lam, (int, float)) else str(lam)
+        suggestion = (
+            f"use alpha < 2/lambda_max = {2 / lam:.6g} (e.g. alpha={1 / lam:.6g}), or "
+            if isinstance(lam, (int, float)) and lam > 0
+            else ""
+        )
+        raise HypergradientError(
+            f"{_WHERE}: the Neumann series diverged with alpha={a!r}: the estimated largest "
+            f"Hessian eigenvalue is lambda_max={lam_txt}, so alpha*lambda_max="
+            f"{(a * lam) if isinstance(lam, (int, float)) and a is not None else '?'} is not "
+            f"in (0, 2). Fix: {suggestion}leave alpha=None to use 1/lambda_max. If the "
+            f"Hessian is indefinite (non-convex model) add damping or use hessian="
+            f"'gauss_newton'."
+        )
+    if result is Result.MAX_STEPS_REACHED:
+        if tol > 0 and not isinstance(linear_solver, Neumann):
+            warnings.warn(
+                f"{_WHERE}: {name} {result.message} (steps={stats.num_steps}, "
+                f"residual={stats.residual_norm:.3e}). The hypergradient is approximate; "
+                f"pass tol=0 to request a fixed number of steps without this warning.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        return
+    raise ConvergenceError(
+        f"{_WHERE}: the linear solver {name} {result.message} after {stats.num_steps} steps "
+        f"(residual {stats.residual_norm:.3e}). For a non-convex model whose Hessian is "
+        f"indefinite use damping=..., hessian='gauss_newton', or solver='minres'."
+    )
