@@ -50,8 +50,9 @@ def test_closed_form_matches_finite_differences(problems, name):
     p = problems[name]
     fd = finite_difference_hypergrad(p.outer_at_optimum, p.hparams, eps=1e-5)
     assert relative_error(fd, p.hypergrad) < 1e-6
-    got = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "cg",
-                                max_steps=200, tol=1e-13)
+    got = hg.implicit_hypergrad(
+        p.inner_loss, p.outer_loss, p.params, p.hparams, "cg", max_steps=200, tol=1e-13
+    )
     assert relative_error(got, fd) < 1e-6
 
 
@@ -102,15 +103,17 @@ def test_neumann_equals_dense_truncated_series(problems, name, terms):
         P = P + term
         term = term @ (torch.eye(n) - alpha * H)
     expected = unflat_h(direct - M.T @ (alpha * P @ gw))
-    got = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "neumann",
-                                max_steps=terms, alpha=alpha)
+    got = hg.implicit_hypergrad(
+        p.inner_loss, p.outer_loss, p.params, p.hparams, "neumann", max_steps=terms, alpha=alpha
+    )
     assert relative_error(got, expected) < 1e-10
 
 
 def test_neumann_converges_to_exact_with_many_terms(problems):
     p = problems["ridge"]
-    got = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "neumann",
-                                max_steps=3000)
+    got = hg.implicit_hypergrad(
+        p.inner_loss, p.outer_loss, p.params, p.hparams, "neumann", max_steps=3000
+    )
     # alpha defaults to 1/lambda_max (power iteration); the error after K terms is
     # (1 - alpha*lambda_min)^K ~ exp(-K/cond): cond(H) ~ 100 here, so K=3000 reaches ~1e-12.
     assert relative_error(got, p.hypergrad) < 1e-6
@@ -121,8 +124,9 @@ def test_identity_is_one_step_unrolled(problems):
     # (w* treated as a constant), i.e. Luketina's T1-T2 direction.
     p = problems["logistic"]
     lr = 0.3
-    got = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "identity",
-                                alpha=lr)
+    got = hg.implicit_hypergrad(
+        p.inner_loss, p.outer_loss, p.params, p.hparams, "identity", alpha=lr
+    )
     ref = hg.unrolled_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, steps=1, lr=lr)
     assert relative_error(got, ref) < 1e-10
 
@@ -134,10 +138,12 @@ def test_neumann_equals_unrolling_from_optimum_on_quadratic(problems):
     p = problems["quadratic"]
     lr = 0.2
     for k in (0, 3, 10):
-        neu = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "neumann",
-                                    max_steps=k, alpha=lr)
-        unr = hg.unrolled_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams,
-                                    steps=k + 1, lr=lr)
+        neu = hg.implicit_hypergrad(
+            p.inner_loss, p.outer_loss, p.params, p.hparams, "neumann", max_steps=k, alpha=lr
+        )
+        unr = hg.unrolled_hypergrad(
+            p.inner_loss, p.outer_loss, p.params, p.hparams, steps=k + 1, lr=lr
+        )
         assert relative_error(neu, unr) < 1e-10
 
 
@@ -151,14 +157,16 @@ def test_fixed_point_form_matches_stationary_form(problems):
         return {k: w[k] - step * gk for k, gk in zip(w, g)}
 
     for solver in ("exact", "cg", "gmres"):
-        got = hg.implicit_hypergrad(hg.FixedPoint(phi), p.outer_loss, p.params, p.hparams,
-                                    solver, max_steps=300, tol=1e-13)
+        got = hg.implicit_hypergrad(
+            hg.FixedPoint(phi), p.outer_loss, p.params, p.hparams, solver, max_steps=300, tol=1e-13
+        )
         assert relative_error(got, p.hypergrad) < 1e-6
     # Neumann on a fixed point sums (d phi/dw)^k with alpha = 1; the contraction factor is
     # 1 - lambda_min/lambda_max, so enough terms reach 1e-6.
     cond = float(torch.linalg.cond(H))
-    got = hg.implicit_hypergrad(hg.FixedPoint(phi), p.outer_loss, p.params, p.hparams,
-                                "neumann", max_steps=int(16 * cond))
+    got = hg.implicit_hypergrad(
+        hg.FixedPoint(phi), p.outer_loss, p.params, p.hparams, "neumann", max_steps=int(16 * cond)
+    )
     assert relative_error(got, p.hypergrad) < 1e-6
 
 
@@ -169,26 +177,52 @@ def test_gauss_newton_is_exact_for_linear_model(problems):
     gn = hg.GaussNewtonLoss(
         predict=lambda w, h: X @ w["W"] + w["b"],
         output_loss=lambda out, h: torch.nn.functional.cross_entropy(out, y),
-        regularizer=lambda w, h: 0.5 * torch.sum(h["log_l2"].exp() * w["W"] ** 2)
-        + 5e-3 * w["b"] @ w["b"],
+        regularizer=lambda w, h: (
+            0.5 * torch.sum(h["log_l2"].exp() * w["W"] ** 2) + 5e-3 * w["b"] @ w["b"]
+        ),
     )
     assert torch.allclose(gn(p.params, p.hparams), p.inner_loss(p.params, p.hparams))
-    got = hg.implicit_hypergrad(gn, p.outer_loss, p.params, p.hparams, "cg", max_steps=200,
-                                tol=1e-13, hessian="gauss_newton")
+    got = hg.implicit_hypergrad(
+        gn,
+        p.outer_loss,
+        p.params,
+        p.hparams,
+        "cg",
+        max_steps=200,
+        tol=1e-13,
+        hessian="gauss_newton",
+    )
     assert relative_error(got, p.hypergrad) < 1e-6
 
 
 def test_return_stats_and_preconditioner(problems):
     p = problems["ridge"]
-    _, plain = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "cg",
-                                     max_steps=200, tol=1e-12, return_stats=True)
+    _, plain = hg.implicit_hypergrad(
+        p.inner_loss,
+        p.outer_loss,
+        p.params,
+        p.hparams,
+        "cg",
+        max_steps=200,
+        tol=1e-12,
+        return_stats=True,
+    )
     # Jacobi preconditioner: the diagonal of the ridge Hessian, known in closed form here.
-    X_diag = torch.diag(torch.func.hessian(lambda w: p.inner_loss({"w": w}, p.hparams))(
-        p.params["w"]))
+    X_diag = torch.diag(
+        torch.func.hessian(lambda w: p.inner_loss({"w": w}, p.hparams))(p.params["w"])
+    )
     pre = hg.linalg.diagonal_preconditioner({"w": X_diag})
-    got, stats = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "cg",
-                                       max_steps=200, tol=1e-12, preconditioner=pre,
-                                       return_stats=True)
+    got, stats = hg.implicit_hypergrad(
+        p.inner_loss,
+        p.outer_loss,
+        p.params,
+        p.hparams,
+        "cg",
+        max_steps=200,
+        tol=1e-12,
+        preconditioner=pre,
+        return_stats=True,
+    )
     assert stats.converged and plain.converged
     assert stats.num_steps <= plain.num_steps
     assert stats.extra["num_hvps"] >= stats.num_steps
@@ -200,8 +234,9 @@ def test_damping_changes_the_system_as_documented(problems):
     H, M, gw, direct, unflat_h = _dense_hessian_and_mixed(p)
     d = 0.7
     expected = unflat_h(direct - M.T @ torch.linalg.solve(H + d * torch.eye(H.shape[0]), gw))
-    got = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "cg",
-                                max_steps=200, tol=1e-13, damping=d)
+    got = hg.implicit_hypergrad(
+        p.inner_loss, p.outer_loss, p.params, p.hparams, "cg", max_steps=200, tol=1e-13, damping=d
+    )
     assert relative_error(got, expected) < 1e-8
 
 
@@ -222,6 +257,7 @@ def test_module_as_function_matches_closed_form():
 
 # ----------------------------------------------------------------------------- bad input
 
+
 def _ridge():
     return ridge_problem()
 
@@ -229,25 +265,31 @@ def _ridge():
 def test_error_non_scalar_loss():
     p = _ridge()
     with pytest.raises(hg.HypergradientError, match=r"implicit_hypergrad.*scalar loss.*shape"):
-        hg.implicit_hypergrad(lambda w, h: w["w"] * h["log_l2"], p.outer_loss, p.params,
-                              p.hparams)
+        hg.implicit_hypergrad(lambda w, h: w["w"] * h["log_l2"], p.outer_loss, p.params, p.hparams)
 
 
 def test_error_dtype_mismatch_between_params_and_loss():
     p = _ridge()
     with pytest.raises(hg.HypergradientError, match=r"returned dtype torch.float32.*float64"):
-        hg.implicit_hypergrad(lambda w, h: p.inner_loss(w, h).float(), p.outer_loss,
-                              p.params, p.hparams)
+        hg.implicit_hypergrad(
+            lambda w, h: p.inner_loss(w, h).float(), p.outer_loss, p.params, p.hparams
+        )
     with pytest.raises(hg.HypergradientError, match=r"hparams\['log_l2'\] has dtype"):
-        hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params,
-                              {"log_l2": p.hparams["log_l2"].float()})
+        hg.implicit_hypergrad(
+            p.inner_loss, p.outer_loss, p.params, {"log_l2": p.hparams["log_l2"].float()}
+        )
 
 
 def test_error_shape_mismatch_fixed_point():
     p = _ridge()
     with pytest.raises(hg.HypergradientError, match=r"phi\(params, hparams\)\['w'\] has shape"):
-        hg.implicit_hypergrad(hg.FixedPoint(lambda w, h: {"w": w["w"][:3]}), p.outer_loss,
-                              p.params, p.hparams, "exact")
+        hg.implicit_hypergrad(
+            hg.FixedPoint(lambda w, h: {"w": w["w"][:3]}),
+            p.outer_loss,
+            p.params,
+            p.hparams,
+            "exact",
+        )
 
 
 def test_error_ignored_hparam():
@@ -269,8 +311,15 @@ def test_error_neumann_divergence_names_lambda_max():
     H = torch.func.hessian(lambda w: p.inner_loss({"w": w}, p.hparams))(p.params["w"])
     lam_max = float(torch.linalg.eigvalsh(H).max())
     with pytest.raises(hg.HypergradientError, match=r"diverged.*lambda_max=") as info:
-        hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "neumann",
-                              max_steps=1000, alpha=2.5 / lam_max)
+        hg.implicit_hypergrad(
+            p.inner_loss,
+            p.outer_loss,
+            p.params,
+            p.hparams,
+            "neumann",
+            max_steps=1000,
+            alpha=2.5 / lam_max,
+        )
     reported = float(str(info.value).split("lambda_max=")[1].split(",")[0])
     assert math.isclose(reported, lam_max, rel_tol=1e-2)
 
@@ -290,8 +339,9 @@ def test_error_nan_inputs(where):
 def test_error_nan_loss():
     p = _ridge()
     with pytest.raises(hg.HypergradientError, match=r"outer_loss.*not finite"):
-        hg.implicit_hypergrad(p.inner_loss, lambda w, h: torch.tensor(float("inf")),
-                              p.params, p.hparams)
+        hg.implicit_hypergrad(
+            p.inner_loss, lambda w, h: torch.tensor(float("inf")), p.params, p.hparams
+        )
 
 
 @pytest.mark.parametrize(
@@ -327,8 +377,9 @@ def test_cg_breakdown_is_raised_not_silent():
     outer = lambda w, h: w["w"].sum()  # noqa: E731
     with pytest.raises(hg.ConvergenceError, match=r"broke down.*damping"):
         hg.implicit_hypergrad(inner, outer, {"w": torch.zeros(2)}, {"a": torch.ones(2)}, "cg")
-    got = hg.implicit_hypergrad(inner, outer, {"w": torch.zeros(2)}, {"a": torch.ones(2)},
-                                "minres", tol=1e-12)
+    got = hg.implicit_hypergrad(
+        inner, outer, {"w": torch.zeros(2)}, {"a": torch.ones(2)}, "minres", tol=1e-12
+    )
     # w* = (a0, -a1) so d(sum w*)/da = (1, -1)
     assert torch.allclose(got["a"], torch.tensor([1.0, -1.0]))
 
@@ -336,5 +387,6 @@ def test_cg_breakdown_is_raised_not_silent():
 def test_cg_max_steps_warns():
     p = logistic_problem()
     with pytest.warns(hg.ConvergenceWarning, match=r"did not converge"):
-        hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "cg",
-                              max_steps=2, tol=1e-12)
+        hg.implicit_hypergrad(
+            p.inner_loss, p.outer_loss, p.params, p.hparams, "cg", max_steps=2, tol=1e-12
+        )

@@ -29,8 +29,9 @@ def _quadratic_unrolled_exact(data, lam, w0, steps, lr, mom):
 def test_quadratic_closed_form(mode, mom):
     p = quadratic_problem()
     w0 = torch.linspace(-1, 1, 6)
-    got = hg.unrolled_hypergrad(p.inner_loss, p.outer_loss, {"w": w0}, p.hparams, steps=25,
-                                lr=0.1, momentum=mom, mode=mode)
+    got = hg.unrolled_hypergrad(
+        p.inner_loss, p.outer_loss, {"w": w0}, p.hparams, steps=25, lr=0.1, momentum=mom, mode=mode
+    )
     exact = _quadratic_unrolled_exact(p.data, p.hparams["lam"], w0, 25, 0.1, mom)
     assert torch.allclose(got["lam"], exact, rtol=1e-10, atol=1e-12)
 
@@ -75,9 +76,11 @@ def test_reverse_equals_forward_equals_fd_with_lr_and_momentum_schedules(truncat
     # forward and reverse compute the same derivative in a different order: ~1e-14 apart
     assert relative_error(fwd, rev) < 1e-10
     if truncate is None:
+
         def response(h):
-            _, w = hg.unrolled_hypergrad(inner, outer, params0, h, mode="reverse",
-                                         return_params=True, **kwargs)
+            _, w = hg.unrolled_hypergrad(
+                inner, outer, params0, h, mode="reverse", return_params=True, **kwargs
+            )
             return outer(w, h)
 
         fd = finite_difference_hypergrad(response, hparams, eps=1e-6)
@@ -95,8 +98,7 @@ def test_truncation_equals_its_definition():
     inner, outer, params0 = _mlp_problem(1)
     T, K, lr, mom = 10, 4, 0.3, 0.8
     hp = {"log_l2": torch.full((4, 6), -1.0)}
-    got = hg.unrolled_hypergrad(inner, outer, params0, hp, steps=T, lr=lr, momentum=mom,
-                                truncate=K)
+    got = hg.unrolled_hypergrad(inner, outer, params0, hp, steps=T, lr=lr, momentum=mom, truncate=K)
 
     w = {k: v.clone() for k, v in params0.items()}
     b = {k: torch.zeros_like(v) for k, v in w.items()}
@@ -130,12 +132,14 @@ def test_lr_as_callable_of_log_hparam():
 def test_unrolled_converges_to_implicit_on_strongly_convex_problem():
     # Franceschi 2018: as T grows the unrolled hypergradient tends to the implicit one.
     p = quadratic_problem()
-    got = hg.unrolled_hypergrad(p.inner_loss, p.outer_loss, {"w": torch.zeros(6)}, p.hparams,
-                                steps=400, lr=0.2)
+    got = hg.unrolled_hypergrad(
+        p.inner_loss, p.outer_loss, {"w": torch.zeros(6)}, p.hparams, steps=400, lr=0.2
+    )
     assert relative_error(got, p.hypergrad) < 1e-8
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
@@ -169,12 +173,17 @@ def test_error_unused_hparam(mode):
     p = quadratic_problem()
     hp = dict(p.hparams, junk=torch.ones(2))
     with pytest.raises(hg.HypergradientError, match=r"\['junk'\].*silently zero"):
-        hg.unrolled_hypergrad(p.inner_loss, p.outer_loss, p.params, hp, steps=3, lr=0.1,
-                              mode=mode)
+        hg.unrolled_hypergrad(p.inner_loss, p.outer_loss, p.params, hp, steps=3, lr=0.1, mode=mode)
 
 
 def test_error_loss_dtype():
     p = quadratic_problem()
     with pytest.raises(hg.HypergradientError, match=r"inner_loss.*dtype torch.float32"):
-        hg.unrolled_hypergrad(lambda w, h: p.inner_loss(w, h).float(), p.outer_loss,
-                              p.params, p.hparams, steps=3, lr=0.1)
+        hg.unrolled_hypergrad(
+            lambda w, h: p.inner_loss(w, h).float(),
+            p.outer_loss,
+            p.params,
+            p.hparams,
+            steps=3,
+            lr=0.1,
+        )

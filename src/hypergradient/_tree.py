@@ -11,11 +11,10 @@ allocate one new tree.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Union
 
 import torch
 
-Tree = Union[torch.Tensor, Mapping[str, torch.Tensor]]
+Tree = torch.Tensor | Mapping[str, torch.Tensor]
 
 
 def tree_map(fn: Callable[..., torch.Tensor], tree: Tree, *rest: Tree) -> Tree:

@@ -2,7 +2,8 @@ r"""Implicit hypergradients: differentiate the *optimality condition*, not the t
 
 At an inner optimum :math:`w^*(\lambda)` of the training loss :math:`L`,
 :math:`\nabla_w L(w^*, \lambda) = 0`.  Differentiating this identity (implicit function
-theorem) gives :math:`\partial w^*/\partial\lambda = -H^{-1}\,\partial^2 L/\partial w\,\partial\lambda`
+theorem) gives
+:math:`\partial w^*/\partial\lambda = -H^{-1}\,\partial^2 L/\partial w\,\partial\lambda`
 with :math:`H = \nabla^2_{ww} L`, so for the validation loss :math:`E(w, \lambda)`
 
 .. math::
@@ -236,9 +237,11 @@ def implicit_hypergrad(
     with torch.enable_grad():
         outer_value = check_scalar_loss(_WHERE, "outer_loss", outer_loss(w, hp))
         check_loss_dtype(_WHERE, "outer_loss", outer_value, dtype)
-        grads = torch.autograd.grad(
-            outer_value, [*w.values(), *hp.values()], allow_unused=True
-        ) if outer_value.requires_grad else [None] * (len(w) + len(hp))
+        grads = (
+            torch.autograd.grad(outer_value, [*w.values(), *hp.values()], allow_unused=True)
+            if outer_value.requires_grad
+            else [None] * (len(w) + len(hp))
+        )
     v = {k: torch.zeros_like(w[k]) if g is None else g for k, g in zip(param_keys, grads)}
     direct_grads = grads[len(w) :]
     outer_uses = {k: g is not None for k, g in zip(hparam_keys, direct_grads)}

@@ -201,28 +201,51 @@ def unrolled_hypergrad(
 
     if mode == "reverse":
         result, w_final = _reverse(
-            inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, first_tracked, steps,
-            use_momentum, dtype,
+            inner_loss,
+            outer_loss,
+            w,
+            buf,
+            hparams,
+            lr_fn,
+            mom_fn,
+            first_tracked,
+            steps,
+            use_momentum,
+            dtype,
         )
     else:
         result, w_final = _forward(
-            inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, first_tracked, steps,
-            use_momentum, dtype, forward_chunk_size,
+            inner_loss,
+            outer_loss,
+            w,
+            buf,
+            hparams,
+            lr_fn,
+            mom_fn,
+            first_tracked,
+            steps,
+            use_momentum,
+            dtype,
+            forward_chunk_size,
         )
     if return_params:
         return result, w_final
     return result
 
 
-def _reverse(inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, start, steps,
-             use_momentum, dtype):
+def _reverse(
+    inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, start, steps, use_momentum, dtype
+):
     keys = list(w)
     hp = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
     with torch.enable_grad():
         w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
         for t in range(start, steps):
-            loss = check_scalar_loss(_WHERE, "inner_loss", inner_loss(w, hp)) if t == start \
+            loss = (
+                check_scalar_loss(_WHERE, "inner_loss", inner_loss(w, hp))
+                if t == start
                 else inner_loss(w, hp)
+            )
             if t == start:
                 check_loss_dtype(_WHERE, "inner_loss", loss, dtype)
             g = dict(zip(keys, torch.autograd.grad(loss, list(w.values()), create_graph=True)))
@@ -237,9 +260,20 @@ def _reverse(inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, start, step
     return result, {k: v.detach() for k, v in w.items()}
 
 
-def _forward(inner_loss, outer_loss, w0, buf0, hparams, lr_fn, mom_fn, start, steps,
-             use_momentum, dtype, chunk_size):
-    keys = list(w0)
+def _forward(
+    inner_loss,
+    outer_loss,
+    w0,
+    buf0,
+    hparams,
+    lr_fn,
+    mom_fn,
+    start,
+    steps,
+    use_momentum,
+    dtype,
+    chunk_size,
+):
     hkeys = list(hparams)
     w0 = {k: v.detach() for k, v in w0.items()}
     buf0 = None if buf0 is None else {k: v.detach() for k, v in buf0.items()}
@@ -281,17 +315,41 @@ def _forward(inner_loss, outer_loss, w0, buf0, hparams, lr_fn, mom_fn, start, st
     # usage structurally with one cheap reverse pass over the outer loss only when needed.
     zero_keys = [k for k in hkeys if not bool(result[k].any())]
     if zero_keys:
-        _check_usage_reverse(inner_loss, outer_loss, w0, buf0, hparams, lr_fn, mom_fn, start,
-                             steps, use_momentum, dtype, zero_keys)
+        _check_usage_reverse(
+            inner_loss,
+            outer_loss,
+            w0,
+            buf0,
+            hparams,
+            lr_fn,
+            mom_fn,
+            start,
+            steps,
+            use_momentum,
+            dtype,
+            zero_keys,
+        )
     return result, {k: v.detach() for k, v in w_final.items()}
 
 
-def _check_usage_reverse(inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, start, steps,
-                         use_momentum, dtype, keys):
+def _check_usage_reverse(
+    inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, start, steps, use_momentum, dtype, keys
+):
     """Raise if ``keys`` are structurally unused (a real zero gradient is allowed)."""
     try:
-        _reverse(inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, start, steps,
-                 use_momentum, dtype)
+        _reverse(
+            inner_loss,
+            outer_loss,
+            w,
+            buf,
+            hparams,
+            lr_fn,
+            mom_fn,
+            start,
+            steps,
+            use_momentum,
+            dtype,
+        )
     except HypergradientError as err:
         if any(repr(k) in str(err) for k in keys):
             raise

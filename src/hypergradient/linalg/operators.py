@@ -109,7 +109,7 @@ class HessianOperator(_GraphOperator):
     __call__ = matvec
 
     def mixed_vjp(self, q: Tree) -> tuple[dict[str, torch.Tensor], list[str]]:
-        r"""``(\partial^2 L / \partial\lambda\,\partial w)\, q`` and the keys L's gradient ignores."""
+        r"""``(\partial^2 L / \partial\lambda\,\partial w)\, q``, plus ignored keys."""
         q_list = [q[k] for k in self.param_keys]
         out, unused = _grad_or_zeros(self.grads, self._hp_list, q_list)
         ignored = [k for k, u in zip(self.hparam_keys, unused) if u]
@@ -160,7 +160,9 @@ class FixedPointOperator(_GraphOperator):
 
     def residual_norm(self) -> float:
         """``||\\Phi(w) - w||``: how far ``params`` is from a fixed point."""
-        sq = sum(torch.sum((o.detach() - w.detach()) ** 2) for o, w in zip(self.outputs, self._w_list))
+        sq = sum(
+            torch.sum((o.detach() - w.detach()) ** 2) for o, w in zip(self.outputs, self._w_list)
+        )
         return float(torch.sqrt(sq))
 
     def matvec(self, u: Tree) -> dict[str, torch.Tensor]:
@@ -218,11 +220,15 @@ class GaussNewtonOperator(_GraphOperator):
             # graph for J u: d/d(dummy) of (J^T dummy) . u
             self._dummy = torch.zeros_like(outputs, requires_grad=True)
             self._jt_dummy = torch.autograd.grad(
-                outputs, self._w_list, grad_outputs=self._dummy, create_graph=True,
+                outputs,
+                self._w_list,
+                grad_outputs=self._dummy,
+                create_graph=True,
                 allow_unused=True,
             )
             self._jt_dummy = [
-                torch.zeros_like(w) if g is None else g for g, w in zip(self._jt_dummy, self._w_list)
+                torch.zeros_like(w) if g is None else g
+                for g, w in zip(self._jt_dummy, self._w_list)
             ]
             (self._dl_dout,) = torch.autograd.grad(data_loss, outputs, create_graph=True)
             self.reg_grads = (

@@ -164,8 +164,8 @@ def logistic_problem(
     r"""Multinomial logistic regression with one log-L2 penalty per weight.
 
     Inner: mean cross-entropy of softmax(X W + b) plus
-    :math:`\frac12\sum_{ij} e^{\lambda_{ij}} W_{ij}^2 + 0.005\|b\|^2`; solved by damped Newton with the
-    dense Hessian (``jacrev(jacrev(.))``) to machine precision.
+    :math:`\frac12\sum_{ij} e^{\lambda_{ij}} W_{ij}^2 + 0.005\|b\|^2`; solved by Newton with
+    the dense Hessian (``jacrev(jacrev(.))``) to machine precision.
     Exact hypergradient: with the flattened Hessian :math:`H` and mixed Jacobian
     :math:`M = \partial(\nabla_w L)/\partial\lambda` both formed densely,
     :math:`dE/d\lambda = -M^\top H^{-1}\nabla_w E` (no direct term).

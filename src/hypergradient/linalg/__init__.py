@@ -1,0 +1,39 @@
+"""Linear solvers for ``A x = b`` given only ``matvec(x) = A x`` (tensors or dicts of tensors).
+
+See :mod:`hypergradient.linalg._base` for the solver contract and the registry, and
+:mod:`hypergradient.linalg.solvers` for the solvers themselves.
+"""
+
+from ._base import AbstractLinearSolver as AbstractLinearSolver
+from ._base import MatVec as MatVec
+from ._base import Preconditioner as Preconditioner
+from ._base import available_solvers as available_solvers
+from ._base import get_solver as get_solver
+from ._base import register_solver as register_solver
+from ._base import solve as solve
+from .solvers import CG as CG
+from .solvers import GMRES as GMRES
+from .solvers import MINRES as MINRES
+from .solvers import Dense as Dense
+from .solvers import Identity as Identity
+from .solvers import Neumann as Neumann
+from .solvers import diagonal_preconditioner as diagonal_preconditioner
+from .solvers import estimate_lambda_max as estimate_lambda_max
+
+__all__ = [
+    "CG",
+    "GMRES",
+    "MINRES",
+    "AbstractLinearSolver",
+    "Dense",
+    "Identity",
+    "MatVec",
+    "Neumann",
+    "Preconditioner",
+    "available_solvers",
+    "diagonal_preconditioner",
+    "estimate_lambda_max",
+    "get_solver",
+    "register_solver",
+    "solve",
+]
