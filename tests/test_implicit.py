@@ -29,7 +29,6 @@ PROBLEMS = {
 
 @pytest.fixture(scope="module")
 def problems():
-    torch.set_default_dtype(torch.float64)
     return {name: make() for name, make in PROBLEMS.items()}
 
 
