@@ -23,12 +23,14 @@ through :math:`\eta_t` and :math:`\mu_t` when they are hyperparameters.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
 from .._errors import HypergradientError, check_scalar_loss
+from .._tree import tree_detach, tree_size, tree_unflatten_vector
 from ._checks import (
     check_callable,
     check_loss_dtype,
@@ -191,6 +193,17 @@ def unrolled_hypergrad(
     keep = steps if truncate is None else truncate
     first_tracked = steps - keep
 
+    run = _Unroll(
+        inner_loss,
+        outer_loss,
+        dict(hparams),
+        lr_fn,
+        mom_fn,
+        first_tracked,
+        steps,
+        use_momentum,
+        dtype,
+    )
     # The untracked prefix (truncation) is the same for both modes.
     w = {k: v.detach() for k, v in params0.items()}
     buf = {k: torch.zeros_like(v) for k, v in w.items()} if use_momentum else None
@@ -198,60 +211,57 @@ def unrolled_hypergrad(
         w, buf = _run_detached(
             inner_loss, w, buf, hparams, lr_fn, mom_fn, 0, first_tracked, use_momentum
         )
-
     if mode == "reverse":
-        result, w_final = _reverse(
-            inner_loss,
-            outer_loss,
-            w,
-            buf,
-            hparams,
-            lr_fn,
-            mom_fn,
-            first_tracked,
-            steps,
-            use_momentum,
-            dtype,
-        )
+        result, w_final = _reverse(run, w, buf)
     else:
-        result, w_final = _forward(
-            inner_loss,
-            outer_loss,
-            w,
-            buf,
-            hparams,
-            lr_fn,
-            mom_fn,
-            first_tracked,
-            steps,
-            use_momentum,
-            dtype,
-            forward_chunk_size,
-        )
+        result, w_final = _forward(run, w, buf, forward_chunk_size)
     if return_params:
         return result, w_final
     return result
 
 
-def _reverse(
-    inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, start, steps, use_momentum, dtype
-):
+@dataclass(frozen=True)
+class _Unroll:
+    """The differentiated part of an unrolled run: steps ``start..steps-1`` then the outer loss."""
+
+    inner_loss: Callable
+    outer_loss: Callable
+    hparams: dict[str, torch.Tensor]
+    lr_fn: Callable
+    mom_fn: Callable
+    start: int
+    steps: int
+    use_momentum: bool
+    dtype: torch.dtype
+
+    def step(self, w, buf, grads, hp, t):
+        momentum = self.mom_fn(hp, t) if self.use_momentum else 0.0
+        return _sgd_step(w, buf, grads, self.lr_fn(hp, t), momentum)
+
+    def check_outer(self, value) -> torch.Tensor:
+        value = check_scalar_loss(_WHERE, "outer_loss", value)
+        check_loss_dtype(_WHERE, "outer_loss", value, self.dtype)
+        return value
+
+    def check_inner(self, value) -> torch.Tensor:
+        value = check_scalar_loss(_WHERE, "inner_loss", value)
+        check_loss_dtype(_WHERE, "inner_loss", value, self.dtype)
+        return value
+
+
+def _reverse(run: _Unroll, w, buf):
+    """Reverse-HG: build the graph of every step (``create_graph``), one backward at the end."""
     keys = list(w)
-    hp = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
+    hp = {k: v.detach().requires_grad_(True) for k, v in run.hparams.items()}
     with torch.enable_grad():
         w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
-        for t in range(start, steps):
-            loss = (
-                check_scalar_loss(_WHERE, "inner_loss", inner_loss(w, hp))
-                if t == start
-                else inner_loss(w, hp)
-            )
-            if t == start:
-                check_loss_dtype(_WHERE, "inner_loss", loss, dtype)
+        for t in range(run.start, run.steps):
+            loss = run.inner_loss(w, hp)
+            if t == run.start:
+                run.check_inner(loss)
             g = dict(zip(keys, torch.autograd.grad(loss, list(w.values()), create_graph=True)))
-            w, buf = _sgd_step(w, buf, g, lr_fn(hp, t), mom_fn(hp, t) if use_momentum else 0.0)
-        value = check_scalar_loss(_WHERE, "outer_loss", outer_loss(w, hp))
-        check_loss_dtype(_WHERE, "outer_loss", value, dtype)
+            w, buf = run.step(w, buf, g, hp, t)
+        value = run.check_outer(run.outer_loss(w, hp))
         grads = torch.autograd.grad(value, list(hp.values()), allow_unused=True)
     unused = [k for k, g in zip(hp, grads) if g is None]
     if unused:
@@ -260,96 +270,43 @@ def _reverse(
     return result, {k: v.detach() for k, v in w.items()}
 
 
-def _forward(
-    inner_loss,
-    outer_loss,
-    w0,
-    buf0,
-    hparams,
-    lr_fn,
-    mom_fn,
-    start,
-    steps,
-    use_momentum,
-    dtype,
-    chunk_size,
-):
-    hkeys = list(hparams)
+def _forward(run: _Unroll, w0, buf0, chunk_size):
+    """Forward-HG: one JVP of the whole run per scalar hyperparameter, batched by vmap."""
     w0 = {k: v.detach() for k, v in w0.items()}
     buf0 = None if buf0 is None else {k: v.detach() for k, v in buf0.items()}
-    primal = {k: v.detach() for k, v in hparams.items()}
-
+    primal = {k: v.detach() for k, v in run.hparams.items()}
     # Validate the losses once on plain tensors (clear errors before torch.func tracing).
-    value = check_scalar_loss(_WHERE, "inner_loss", inner_loss(w0, primal))
-    check_loss_dtype(_WHERE, "inner_loss", value, dtype)
+    run.check_inner(run.inner_loss(w0, primal))
 
     def objective(hp):
         w, buf = w0, buf0
-        for t in range(start, steps):
-            g = func_grad(inner_loss)(w, hp)
-            w, buf = _sgd_step(w, buf, g, lr_fn(hp, t), mom_fn(hp, t) if use_momentum else 0.0)
-        return outer_loss(w, hp), w
+        for t in range(run.start, run.steps):
+            w, buf = run.step(w, buf, func_grad(run.inner_loss)(w, hp), hp, t)
+        return run.outer_loss(w, hp), w
 
     value, w_final = objective(primal)
-    check_scalar_loss(_WHERE, "outer_loss", value)
-    check_loss_dtype(_WHERE, "outer_loss", value, dtype)
-
-    sizes = [primal[k].numel() for k in hkeys]
-    total = sum(sizes)
-    basis = torch.eye(total, dtype=dtype, device=next(iter(primal.values())).device)
+    run.check_outer(value)
 
     def directional(direction):
-        tangent, start_i = {}, 0
-        for k, n in zip(hkeys, sizes):
-            tangent[k] = direction[start_i : start_i + n].reshape(primal[k].shape)
-            start_i += n
-        _, dvalue = jvp(lambda h: objective(h)[0], (primal,), (tangent,))
-        return dvalue
+        tangent = tree_unflatten_vector(direction, primal)
+        return jvp(lambda h: objective(h)[0], (primal,), (tangent,))[1]
 
+    total = tree_size(primal)
+    basis = torch.eye(total, dtype=run.dtype, device=next(iter(primal.values())).device)
     flat = vmap(directional, chunk_size=chunk_size)(basis).reshape(total)
-    result, start_i = {}, 0
-    for k, n in zip(hkeys, sizes):
-        result[k] = flat[start_i : start_i + n].reshape(primal[k].shape).detach()
-        start_i += n
-    # A zero tangent everywhere is how forward mode shows an unused hyperparameter; check
-    # usage structurally with one cheap reverse pass over the outer loss only when needed.
-    zero_keys = [k for k in hkeys if not bool(result[k].any())]
+    result = tree_detach(tree_unflatten_vector(flat, primal))
+    # An all-zero tangent is how forward mode shows an unused hyperparameter; tell it apart
+    # from a true zero gradient with one structural reverse pass, only in that rare case.
+    zero_keys = [k for k in primal if not bool(result[k].any())]
     if zero_keys:
-        _check_usage_reverse(
-            inner_loss,
-            outer_loss,
-            w0,
-            buf0,
-            hparams,
-            lr_fn,
-            mom_fn,
-            start,
-            steps,
-            use_momentum,
-            dtype,
-            zero_keys,
-        )
+        _check_usage_reverse(run, w0, buf0, zero_keys)
     return result, {k: v.detach() for k, v in w_final.items()}
 
 
-def _check_usage_reverse(
-    inner_loss, outer_loss, w, buf, hparams, lr_fn, mom_fn, start, steps, use_momentum, dtype, keys
-):
+def _check_usage_reverse(run: _Unroll, w, buf, keys):
     """Raise if ``keys`` are structurally unused (a real zero gradient is allowed)."""
     try:
-        _reverse(
-            inner_loss,
-            outer_loss,
-            w,
-            buf,
-            hparams,
-            lr_fn,
-            mom_fn,
-            start,
-            steps,
-            use_momentum,
-            dtype,
-        )
+        _reverse(run, w, buf)
     except HypergradientError as err:
         if any(repr(k) in str(err) for k in keys):
             raise
