@@ -62,6 +62,23 @@ class _GraphOperator:
     def _as_dict(self, keys, values) -> dict[str, torch.Tensor]:
         return dict(zip(keys, values))
 
+    def _mixed_outputs(self) -> list[torch.Tensor]:
+        """The first-order quantity (a gradient, or phi's output) differentiated w.r.t. lambda."""
+        return self.grads
+
+    def mixed_vjp(self, q: Tree) -> tuple[dict[str, torch.Tensor], list[str]]:
+        r"""Mixed product and the hyperparameters it ignores.
+
+        ``(\partial^2 L / \partial\lambda\,\partial w)\, q`` for a loss, or
+        ``(\partial\Phi/\partial\lambda)^\top q`` for a fixed-point map: one backward
+        through the retained graph.  Keys whose product is structurally absent (the first-order
+        quantity does not depend on them) are returned so callers can refuse silent zeros.
+        """
+        q_list = [q[k] for k in self.param_keys]
+        out, unused = _grad_or_zeros(self._mixed_outputs(), self._hp_list, q_list)
+        ignored = [k for k, u in zip(self.hparam_keys, unused) if u]
+        return self._as_dict(self.hparam_keys, out), ignored
+
 
 class HessianOperator(_GraphOperator):
     r"""``u -> (\nabla^2_{ww} L(w, \lambda) + \delta I) u`` by reuse of one gradient graph.
@@ -108,13 +125,6 @@ class HessianOperator(_GraphOperator):
 
     __call__ = matvec
 
-    def mixed_vjp(self, q: Tree) -> tuple[dict[str, torch.Tensor], list[str]]:
-        r"""``(\partial^2 L / \partial\lambda\,\partial w)\, q``, plus ignored keys."""
-        q_list = [q[k] for k in self.param_keys]
-        out, unused = _grad_or_zeros(self.grads, self._hp_list, q_list)
-        ignored = [k for k, u in zip(self.hparam_keys, unused) if u]
-        return self._as_dict(self.hparam_keys, out), ignored
-
 
 class FixedPointOperator(_GraphOperator):
     r"""For ``w = \Phi(w, \lambda)``: ``u -> (I - \partial\Phi/\partial w)^\top u``.
@@ -158,6 +168,9 @@ class FixedPointOperator(_GraphOperator):
                 )
         self.outputs = [out[k] for k in self.param_keys]
 
+    def _mixed_outputs(self) -> list[torch.Tensor]:
+        return self.outputs
+
     def residual_norm(self) -> float:
         """``||\\Phi(w) - w||``: how far ``params`` is from a fixed point."""
         sq = sum(
@@ -173,13 +186,6 @@ class FixedPointOperator(_GraphOperator):
         return self._as_dict(self.param_keys, out)
 
     __call__ = matvec
-
-    def mixed_vjp(self, q: Tree) -> tuple[dict[str, torch.Tensor], list[str]]:
-        r"""``(\partial\Phi/\partial\lambda)^\top q`` and the keys ``\Phi`` ignores."""
-        q_list = [q[k] for k in self.param_keys]
-        out, unused = _grad_or_zeros(self.outputs, self._hp_list, q_list)
-        ignored = [k for k, u in zip(self.hparam_keys, unused) if u]
-        return self._as_dict(self.hparam_keys, out), ignored
 
 
 class GaussNewtonOperator(_GraphOperator):
@@ -256,12 +262,6 @@ class GaussNewtonOperator(_GraphOperator):
         return self._as_dict(self.param_keys, out)
 
     __call__ = matvec
-
-    def mixed_vjp(self, q: Tree) -> tuple[dict[str, torch.Tensor], list[str]]:
-        q_list = [q[k] for k in self.param_keys]
-        out, unused = _grad_or_zeros(self.grads, self._hp_list, q_list)
-        ignored = [k for k, u in zip(self.hparam_keys, unused) if u]
-        return self._as_dict(self.hparam_keys, out), ignored
 
 
 class GaussNewtonLoss:
