@@ -37,9 +37,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,7 +59,6 @@ except ImportError:  # a checkout without `pip install -e .`
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
-MIB = 1024 * 1024
 
 # Problem A settings (the brief of the benchmark).
 HIDDEN = (256, 256)
@@ -128,7 +128,8 @@ class ProblemA:
     outer_loss: Callable
 
 
-def make_problem_a() -> ProblemA:
+def make_problem_a(trained: dict[str, torch.Tensor] | None = None) -> ProblemA:
+    """The MLP problem; ``trained`` skips the inner training (memory probes reuse it)."""
     (x_tr, y_tr), (x_val, y_val), _ = digits_split((1200, 300), torch.float32)
 
     def inner_loss(p, h):
@@ -142,8 +143,11 @@ def make_problem_a() -> ProblemA:
     params = mlp_init((64, *HIDDEN, 10))
     hparams = {f"log_wd_{k}": torch.full_like(v, LOG_WD) for k, v in params.items()}
     per_tensor = {f"log_wd_{k}": torch.tensor(LOG_WD) for k in params}
-    for _ in range(INNER_TRAIN_STEPS):
-        params = sgd_step(inner_loss, params, hparams)
+    if trained is not None:
+        params = trained
+    else:
+        for _ in range(INNER_TRAIN_STEPS):
+            params = sgd_step(inner_loss, params, hparams)
     return ProblemA(params, hparams, per_tensor, inner_loss, outer_loss)
 
 
@@ -356,9 +360,7 @@ def verify_problem_a(prob: ProblemA, rows: dict[str, Row]) -> dict[str, float]:
         f"log_wd_{k}": -torch.exp(prob.hparams[f"log_wd_{k}"]) * prob.params[k] * vk
         for k, vk in zip(w, v)
     }
-    checks["implicit_identity vs closed form"] = rel_diff(
-        results["implicit_identity"], closed_form
-    )
+    checks["implicit_identity vs closed form"] = rel_diff(results["implicit_identity"], closed_form)
     # Forward mode (per-tensor hparams) against the reverse-mode baseline on the same hparams.
     checks["unrolled_forward_T10_per_tensor vs baseline reverse"] = rel_diff(
         results["unrolled_forward_T10_per_tensor"],
@@ -376,7 +378,12 @@ def verify_problem_a(prob: ProblemA, rows: dict[str, Row]) -> dict[str, float]:
 
 
 def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int) -> dict[str, list]:
-    """Seconds per call of every function, repetitions interleaved, order rotating."""
+    """Seconds per call of every function, repetitions interleaved.
+
+    The order rotates every repeat and runs backwards every other repeat: a call is slowed
+    or sped up by what ran just before it (e.g. whether the allocator still holds the
+    pages a big graph needs), so a library row must not always follow the same neighbour.
+    """
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -384,7 +391,8 @@ def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int) -> dic
     samples = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
+        order = names[shift:] + names[:shift]
+        for name in order[::-1] if r % 2 else order:
             gc.collect()  # a collection inside a timed call would land on whoever is unlucky
             start = time.perf_counter()
             fns[name]()
@@ -419,15 +427,17 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def memory_probe(method: str) -> dict:
-    """Peak RSS increase of one call of ``method`` over the RSS right before it.
+def memory_probe(method: str, weights: Path | None) -> dict:
+    """Peak RSS increase during the first call of ``method`` over the RSS right before it.
 
-    ``ru_maxrss`` alone cannot do this in a child process: it starts at the *parent's* peak
-    (the kernel carries the high-water mark across fork/exec), so a method smaller than
-    the benchmark process reads as 0.  We therefore reset the kernel's high-water mark
-    (``VmHWM``) right before the call and read it after; ``ru_maxrss`` is recorded too.
+    ``ru_maxrss`` cannot do this in a child process: it never goes down, and it starts at
+    the *parent's* peak (the kernel carries the high-water mark across fork/exec), so any
+    method smaller than the benchmark process would read as 0.  On Linux we instead reset
+    the kernel's high-water mark (``VmHWM``) right before the call and read it after; the
+    ``ru_maxrss`` difference is only the fallback elsewhere.
     """
-    rows = {row.name: row for row in problem_a_rows(make_problem_a())}
+    trained = torch.load(weights) if weights else None
+    rows = {row.name: row for row in problem_a_rows(make_problem_a(trained))}
     fn = rows[method].fn
     gc.collect()
     rss_before = _status_kib("VmRSS")
@@ -436,21 +446,19 @@ def memory_probe(method: str) -> dict:
     fn()
     hwm_after = _status_kib("VmHWM")
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {
-        "method": method,
-        "ru_maxrss_delta_mib": (maxrss_after - maxrss_before) / 1024,
-        "rss_before_mib": None if rss_before is None else rss_before / 1024,
-    }
     if reset and rss_before is not None and hwm_after is not None:
-        out["peak_increase_mib"] = (hwm_after - rss_before) / 1024
-        out["how"] = "VmHWM (reset before the call) - VmRSS before the call"
+        peak, how = hwm_after - rss_before, "VmHWM (reset right before) - VmRSS before"
     else:
-        out["peak_increase_mib"] = out["ru_maxrss_delta_mib"]
-        out["how"] = "ru_maxrss after - before (0 if the parent's peak was higher)"
-    return out
+        peak, how = maxrss_after - maxrss_before, "ru_maxrss after - before (a lower bound)"
+    return {
+        "method": method,
+        "peak_increase_mib": peak / 1024,
+        "rss_before_mib": None if rss_before is None else rss_before / 1024,
+        "how": how,
+    }
 
 
-def run_memory_probes(methods: list[str]) -> dict[str, dict]:
+def run_memory_probes(methods: list[str], trained: dict[str, torch.Tensor]) -> dict[str, dict]:
     # Tensors above 64 KiB get their own mmap, returned to the OS when freed: the RSS right
     # before the call is then live memory, not glibc's cache of the setup's garbage.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -458,17 +466,20 @@ def run_memory_probes(methods: list[str]) -> dict[str, dict]:
         [str(HERE.parents[1] / "src"), *filter(None, [env.get("PYTHONPATH")])]
     )
     results = {}
-    for method in methods:
-        proc = subprocess.run(
-            [sys.executable, str(HERE), "--memory-probe", method],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=False,
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory probe {method} failed:\n{proc.stderr}")
-        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.pt"  # the children skip the 200 training steps
+        torch.save(trained, weights)
+        for method in methods:
+            proc = subprocess.run(
+                [sys.executable, str(HERE), "--memory-probe", method, "--weights", str(weights)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"memory probe {method} failed:\n{proc.stderr}")
+            results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
     return results
 
 
@@ -477,16 +488,23 @@ def run_memory_probes(methods: list[str]) -> dict[str, dict]:
 # ======================================================================================
 
 
-def run_problem_a(repeats: int, warmup: int, memory: bool, console: Console) -> dict:
+def paired_ratio(a: list[float], b: list[float]) -> float:
+    """Median over repeats of a/b, each pair timed back to back in the same repeat.
+
+    More robust than a ratio of medians when the machine's speed drifts during the run.
+    """
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def run_problem_a(repeats: int, warmup: int, memory: str, console: Console) -> dict:
     console.print("[bold]A[/bold]: training the MLP (200 SGD steps) ...")
     prob = make_problem_a()
     rows = {row.name: row for row in problem_a_rows(prob)}
     checks = verify_problem_a(prob, rows)
     console.print(f"   agreement checks passed (max rel. diff {max(checks.values()):.1e})")
-    mem = {}
-    if memory:
-        console.print(f"   memory: {len(rows)} fresh subprocesses ...")
-        mem = run_memory_probes(list(rows))
+    probe = {"all": list(rows), "some": ["train_step", "implicit_cg10"], "none": []}[memory]
+    console.print(f"   memory: {len(probe)} fresh subprocesses ...")
+    mem = run_memory_probes(probe, prob.params) if probe else {}
     console.print(f"   timing: {repeats} interleaved repeats after {warmup} warm-up ...")
     samples = time_interleaved({n: r.fn for n, r in rows.items()}, repeats, warmup)
     medians = {n: statistics.median(s) for n, s in samples.items()}
@@ -500,6 +518,9 @@ def run_problem_a(repeats: int, warmup: int, memory: bool, console: Console) -> 
             "x_train_step": medians[name] / unit,
             "baseline": row.baseline,
             "vs_baseline": medians[name] / medians[row.baseline] if row.baseline else None,
+            "vs_baseline_paired": (
+                paired_ratio(samples[name], samples[row.baseline]) if row.baseline else None
+            ),
             "peak_mib": mem.get(name, {}).get("peak_increase_mib"),
             "note": row.note,
             "samples_s": samples[name],
@@ -650,6 +671,8 @@ def machine_info(repeats: int) -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "repeats": repeats,
+        # Other jobs on a 2-core box slow torch's threads badly: check this before trusting.
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -674,38 +697,44 @@ def _opt(value, fmt: str) -> str:
 
 def markdown_report(result: dict) -> str:
     m, a, b = result["machine"], result["problem_a"], result["problem_b"]
+    load = m["load_average_at_start"][0] if m["load_average_at_start"] else None
     lines = [
         "### Hypergradient cost (`benchmarks/hypergrad_cost.py`)",
         "",
         f"{m['date']}; {m['cpu_model'] or m['processor']}, {m['cpu_count']} CPUs, "
         f"{m['platform']}; torch {m['torch']} ({m['torch_threads']} threads), "
-        f"Python {m['python']}. Median of {m['repeats']} interleaved repeats.",
+        f"Python {m['python']}. Median of {m['repeats']} interleaved repeats; 1-minute load "
+        f"average at the start {_opt(load, '.2f')}.",
         "",
         f"**A.** {a['setup']['model']}; {a['setup']['hparams']}; "
         f"weights after {a['setup']['inner_weights']}.",
         "",
-        "| method | median | × train step | library / baseline | peak memory (MiB) | note |",
-        "|---|---:|---:|---:|---:|---|",
+        "| method | median | × train step | library / baseline | paired | peak memory (MiB) "
+        "| note |",
+        "|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in a["rows"]:
         name = f"`{r['method']}`" if r["library"] else r["method"]
         lines.append(
             f"| {name} | {_ms(r['median_s'])} | {r['x_train_step']:.1f} | "
-            f"{_opt(r['vs_baseline'], '.2f')} | {_opt(r['peak_mib'], '.1f')} | {r['note']} |"
+            f"{_opt(r['vs_baseline'], '.2f')} | {_opt(r['vs_baseline_paired'], '.2f')} | "
+            f"{_opt(r['peak_mib'], '.1f')} | {r['note']} |"
         )
     lines += [
         "",
         f"`implicit_cg10` / `plain_cg10_recompute` = "
         f"{a['implicit_cg10_vs_plain_recompute']:.2f} (graph reuse vs recomputed HVPs). "
         f"Library rows in `code`; baselines are hand-written `torch.autograd` (double "
-        f"backward, one retained gradient graph). Every library result agrees with its "
-        f"baseline to a relative difference < {RTOL_AGREE:g} (checked before timing). "
-        f"Peak memory: one fresh subprocess per method, peak RSS during one call minus the "
-        f"RSS right before it.",
+        f"backward, one retained gradient graph). library / baseline is the ratio of the "
+        f"medians; *paired* is the median of the per-repeat ratios (the two calls run back "
+        f"to back), less sensitive to a drifting machine. Every library result agrees with "
+        f"its baseline to a relative difference < {RTOL_AGREE:g} (checked before timing). "
+        f"Peak memory: one fresh subprocess per method, peak RSS during its first call minus "
+        f"the RSS right before it.",
         "",
         f"**B.** {b['setup']['model']}, log_l2 = {b['setup']['log_l2']:g} per weight; inner "
         f"problem solved by Newton (final gradient norm "
-        f"{b['setup']['newton_grad_norms'][-1]:.1e}); reference = `solver=\"exact\"` "
+        f'{b["setup"]["newton_grad_norms"][-1]:.1e}); reference = `solver="exact"` '
         f"({_ms(b['exact_s'])}).",
         "",
         "| CG steps k | ours (graph reuse) | rel. error | plain (recomputed HVP) | rel. error |",
@@ -727,16 +756,15 @@ def markdown_report(result: dict) -> str:
     else:
         lines.append(f"Relative error < {s['target_rel_err']:g} not reached: {s}. ")
     n = b["neumann50"]
-    lines[-1] += (
-        f"Neumann, 50 terms, default alpha: {_ms(n['s'])}, rel. error {n['rel_err']:.1e}."
-    )
+    lines[-1] += f"Neumann, 50 terms, default alpha: {_ms(n['s'])}, rel. error {n['rel_err']:.1e}."
     return "\n".join(lines) + "\n"
 
 
 def print_rich(result: dict, console: Console) -> None:
     a, b = result["problem_a"], result["problem_b"]
     t = Table(title="A. MLP 64-256-256-10 (tanh), 85k per-weight hparams, float32")
-    for col in ("method", "median", "x train step", "lib / baseline", "peak MiB", "note"):
+    cols = ("method", "median", "x train step", "lib / baseline", "paired", "peak MiB", "note")
+    for col in cols:
         t.add_column(col, justify="left" if col in ("method", "note") else "right")
     for r in a["rows"]:
         ratio = r["vs_baseline"]
@@ -748,6 +776,7 @@ def print_rich(result: dict, console: Console) -> None:
             _ms(r["median_s"]),
             f"{r['x_train_step']:.1f}",
             ratio_txt,
+            _opt(r["vs_baseline_paired"], ".2f"),
             _opt(r["peak_mib"], ".1f"),
             r["note"],
         )
@@ -775,24 +804,28 @@ def print_rich(result: dict, console: Console) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 11)")
-    parser.add_argument("--quick", action="store_true", help="3 repeats: a smoke test")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 repeats, 2 memory probes: a smoke test"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     parser.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
     parser.add_argument("--memory-probe", metavar="METHOD", help=argparse.SUPPRESS)
+    parser.add_argument("--weights", type=Path, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.memory_probe:
-        print(json.dumps(memory_probe(args.memory_probe)))
+        print(json.dumps(memory_probe(args.memory_probe, args.weights)))
         return 0
     repeats = args.repeats or (3 if args.quick else 11)
     warmup = 1 if args.quick else 2
-    console = Console()
+    console = Console(width=max(Console().width, 150))  # wide tables even in a pipe
     started = time.perf_counter()
     result = {"machine": machine_info(repeats)}
-    result["problem_a"] = run_problem_a(repeats, warmup, not args.skip_memory, console)
+    memory = "none" if args.skip_memory else ("some" if args.quick else "all")
+    result["problem_a"] = run_problem_a(repeats, warmup, memory, console)
     result["problem_b"] = run_problem_b(repeats, warmup, console)
     result["wall_s"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
