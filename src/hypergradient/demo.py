@@ -258,7 +258,10 @@ def run_demo(config: DemoConfig, *, show_progress: bool = True, console=None) ->
     from rich.table import Table
 
     config.validate()
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or logged: don't squeeze the table to 80 columns
+            console = Console(width=110)
     torch.manual_seed(config.seed)
     data = load_digits_split(config.n_train, config.n_val, seed=config.seed)
     out = Path(config.out)
