@@ -14,6 +14,8 @@ Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
 (problems with exact hypergradients).
 """
 
+from . import data as data
+from . import hparams as hparams
 from . import linalg as linalg
 from . import optim as optim
 from . import testing as testing
@@ -24,15 +26,23 @@ from ._results import Solution as Solution
 from ._results import SolveStats as SolveStats
 from .hypergrad import ConvergenceWarning as ConvergenceWarning
 from .hypergrad import FixedPoint as FixedPoint
+from .hypergrad import Implicit as Implicit
+from .hypergrad import Unrolled as Unrolled
 from .hypergrad import implicit_hypergrad as implicit_hypergrad
 from .hypergrad import unrolled_hypergrad as unrolled_hypergrad
 from .linalg.operators import GaussNewtonLoss as GaussNewtonLoss
 from .problem import as_function as as_function
 from .problem import params_of as params_of
+from .train import BilevelTrainer as BilevelTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BilevelTrainer",
+    "Implicit",
+    "Unrolled",
+    "data",
+    "hparams",
     "ConvergenceError",
     "ConvergenceWarning",
     "FixedPoint",

@@ -3,6 +3,19 @@
 from .implicit import ConvergenceWarning as ConvergenceWarning
 from .implicit import FixedPoint as FixedPoint
 from .implicit import implicit_hypergrad as implicit_hypergrad
+from .methods import AbstractHypergradientMethod as AbstractHypergradientMethod
+from .methods import Implicit as Implicit
+from .methods import Unrolled as Unrolled
+from .methods import get_method as get_method
 from .unrolled import unrolled_hypergrad as unrolled_hypergrad
 
-__all__ = ["ConvergenceWarning", "FixedPoint", "implicit_hypergrad", "unrolled_hypergrad"]
+__all__ = [
+    "AbstractHypergradientMethod",
+    "ConvergenceWarning",
+    "FixedPoint",
+    "Implicit",
+    "Unrolled",
+    "get_method",
+    "implicit_hypergrad",
+    "unrolled_hypergrad",
+]

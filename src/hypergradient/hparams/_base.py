@@ -1,0 +1,68 @@
+"""The hyperparameter-kind interface: what is tuned and how it enters the training loss.
+
+A *kind* owns three decisions and nothing else:
+
+* :meth:`~AbstractHyperparameter.init` - the hyperparameter tensors, in unconstrained
+  coordinates (log weight decay, logit example weight, network weights...);
+* :meth:`~AbstractHyperparameter.training_loss` - the inner loss they define, as a pure
+  function of ``(params, hparams, batch)`` so any hypergradient method can differentiate it;
+* :meth:`~AbstractHyperparameter.project` - an optional projection after each hyper-step.
+
+How the inner problem is solved (the user's ``torch.optim`` optimizer) and how it is
+differentiated (:class:`~hypergradient.hypergrad.methods.AbstractHypergradientMethod`) are
+separate arguments of the training loop.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]
+Criterion = Callable[..., torch.Tensor]
+
+
+def per_example_loss(criterion: Criterion, outputs: torch.Tensor, targets) -> torch.Tensor:
+    """``criterion(outputs, targets, reduction="none")``: one loss per example, shape ``(B,)``."""
+    return criterion(outputs, targets, reduction="none")
+
+
+class AbstractHyperparameter(abc.ABC):
+    """A kind of hyperparameter the bilevel training loop knows how to differentiate.
+
+    Contract: :meth:`training_loss` must be a pure function of its tensor arguments (no
+    in-place updates of ``hparams``, no ``.item()``) so that implicit, unrolled and forward
+    hypergradients can all differentiate it; it receives the hyperparameters as given
+    (unconstrained coordinates) and returns a scalar.  ``batch`` is whatever the training data
+    loader yields (``(x, y)``; kinds that need example indices say so).
+    """
+
+    #: Does the training loss read the real training batch?  (Distilled data does not.)
+    uses_training_data: bool = True
+
+    @abc.abstractmethod
+    def init(self, params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Initial hyperparameter tensors, given the model's parameters (names, shapes, dtype)."""
+
+    @abc.abstractmethod
+    def training_loss(
+        self,
+        forward: Forward,
+        params: Mapping[str, torch.Tensor],
+        hparams: Mapping[str, torch.Tensor],
+        batch: Any,
+        criterion: Criterion = F.cross_entropy,
+    ) -> torch.Tensor:
+        """The inner (training) loss defined by these hyperparameters; see the class docstring."""
+
+    def project(self, hparams: Mapping[str, torch.Tensor]) -> None:  # noqa: B027
+        """Project ``hparams`` in place onto their feasible set after a hyper-step (default:
+        unconstrained, nothing to do)."""
+
+    def describe(self, hparams: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """A few numbers worth logging about the current values (default: none)."""
+        return {}

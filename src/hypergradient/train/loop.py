@@ -1,0 +1,437 @@
+"""``BilevelTrainer``: alternate inner steps of a user's optimizer with hyper-steps.
+
+One loop serves every recipe::
+
+    trainer = hg.BilevelTrainer(model, hg.hparams.WeightDecay("per_weight"),
+                                train_loader, val_loader,
+                                torch.optim.SGD(model.parameters(), lr=0.1))
+    history = trainer.fit(hyper_steps=200)
+
+* **warm start** (default, Lorraine et al. 2020 Alg. 1): the weights keep training; every
+  ``hyper_every`` inner steps one hyper-step differentiates the validation loss at the current
+  weights and updates the hyperparameters;
+* **cold start** (``warm_start=False``, Vicol et al. 2022): before every hyper-step the model
+  *and the optimizer state* are reset to their initial values and retrained for
+  ``cold_start_steps`` inner steps.
+
+Both levels use mini-batches from the loaders (one fresh training and one fresh validation
+batch per hyper-step).  Batches are drawn in a reproducible order (each epoch's shuffle is
+seeded from ``seed``), which is what makes :meth:`BilevelTrainer.fit` with a checkpoint resume
+to the same result as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import HypergradientError
+from ..hparams._base import AbstractHyperparameter
+from ..hypergrad.methods import AbstractHypergradientMethod, Implicit
+from ..problem import as_function
+
+_WHERE = "hypergradient.BilevelTrainer"
+
+
+class BatchStream:
+    """Endless, reproducible batches from a data loader (or any re-iterable).
+
+    Epoch ``e`` is iterated with the global torch RNG temporarily seeded to ``seed + e`` (so a
+    ``DataLoader(shuffle=True)`` draws the same permutation every time), and the position is
+    ``(epoch, batches consumed)``: enough to restore the stream exactly after a restart.
+    """
+
+    def __init__(self, loader: Iterable, seed: int = 0):
+        self.loader = loader
+        self.seed = seed
+        self.epoch = 0
+        self.consumed = 0
+        self._iter = None
+
+    def _start_epoch(self):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed * 100_003 + self.epoch)
+            it = iter(self.loader)
+            # a sampler draws its seed lazily, on the first batch: take it inside the fork
+            try:
+                first = next(it)
+            except StopIteration:
+                raise HypergradientError(
+                    f"{_WHERE}: a data loader yielded no batch; give it at least one example."
+                ) from None
+        self._iter = it
+        return first
+
+    def next(self):
+        if self._iter is None:
+            # fresh start or restored position: replay the epoch's order up to `consumed`
+            batch = self._start_epoch()
+            try:
+                for _ in range(self.consumed):
+                    batch = next(self._iter)
+            except StopIteration:
+                self.epoch, self.consumed = self.epoch + 1, 0
+                batch = self._start_epoch()
+            self.consumed += 1
+            return batch
+        try:
+            batch = next(self._iter)
+        except StopIteration:
+            self.epoch += 1
+            self.consumed = 0
+            batch = self._start_epoch()
+        self.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        self.epoch, self.consumed, self._iter = int(state["epoch"]), int(state["consumed"]), None
+
+
+def _default_hyper_optimizer(hparams: list[torch.Tensor]) -> torch.optim.Optimizer:
+    return torch.optim.Adam(hparams, lr=1e-2)
+
+
+class BilevelTrainer:
+    """Bilevel training of ``model`` and the hyperparameters of ``hyper``.
+
+    Args:
+        model: the user's ``nn.Module`` (its parameters are the inner variables).
+        hyper: an :class:`~hypergradient.hparams.AbstractHyperparameter` (weight decay,
+            distilled data, augmentation network, example weights, ...).
+        train_loader: yields training batches ``(x, y, ...)`` (may be ``None`` when the
+            hyperparameters replace the training data, e.g. dataset distillation).
+        val_loader: yields validation batches ``(x, y)``.
+        optimizer: a ``torch.optim`` optimizer over ``model.parameters()`` (the inner solver).
+            Its first parameter group's ``lr`` (and ``momentum``) are what unrolled methods
+            differentiate through and what Neumann uses as its step.
+        hyper_optimizer: ``factory(list_of_hparam_tensors) -> torch.optim.Optimizer``
+            (default ``Adam(lr=1e-2)``).
+        method: how to differentiate: ``hg.Implicit(...)`` (default: Neumann, 10 terms) or
+            ``hg.Unrolled(steps=K, mode="reverse"|"forward")``.
+        hyper_every: inner steps between hyper-steps (warm start).
+        warm_start: ``False`` for cold start: reset model and optimizer, then train
+            ``cold_start_steps`` inner steps before every hyper-step.
+        cold_start_steps: inner steps per cold-start retraining (default ``hyper_every``).
+        criterion: ``criterion(outputs, targets, reduction=...)`` (default cross-entropy); the
+            validation loss is its mean over a validation batch.
+        callbacks: ``callback(trainer, record)`` called after every hyper-step with the
+            logged record (a dict).
+        log_dir: if given, every hyper-step is appended to ``log_dir/hyper_steps.jsonl`` (and
+            to TensorBoard when the ``tensorboard`` package is installed).
+        seed: seeds the order of the batches.
+
+    Cost per hyper-step: ``hyper_every`` ordinary training steps plus one hypergradient (see
+    the method); memory: the model, one hyperparameter tensor per hyperparameter and the
+    method's working set (one retained gradient graph for implicit methods).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        hyper: AbstractHyperparameter,
+        train_loader: Iterable | None,
+        val_loader: Iterable,
+        optimizer: torch.optim.Optimizer,
+        *,
+        hyper_optimizer: Callable[[list[torch.Tensor]], torch.optim.Optimizer] | None = None,
+        method: AbstractHypergradientMethod | None = None,
+        hyper_every: int = 10,
+        warm_start: bool = True,
+        cold_start_steps: int | None = None,
+        criterion: Callable[..., torch.Tensor] = F.cross_entropy,
+        callbacks: Iterable[Callable[[BilevelTrainer, dict], None]] = (),
+        log_dir: str | os.PathLike | None = None,
+        seed: int = 0,
+    ):
+        if not isinstance(model, nn.Module):
+            raise HypergradientError(
+                f"{_WHERE}(model=...): expected an nn.Module, got {type(model).__name__}."
+            )
+        if not isinstance(hyper, AbstractHyperparameter):
+            raise HypergradientError(
+                f"{_WHERE}(hyper=...): expected a hyperparameter kind such as "
+                f"hg.hparams.WeightDecay(), got {type(hyper).__name__}."
+            )
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise HypergradientError(
+                f"{_WHERE}(optimizer=...): expected a torch.optim.Optimizer over "
+                f"model.parameters(), got {type(optimizer).__name__}."
+            )
+        if train_loader is None and hyper.uses_training_data:
+            raise HypergradientError(
+                f"{_WHERE}(train_loader=None): {type(hyper).__name__} trains on real data; "
+                f"pass a training data loader."
+            )
+        for name, value in (("hyper_every", hyper_every), ("cold_start_steps", cold_start_steps)):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
+                raise HypergradientError(f"{_WHERE}({name}={value!r}): expected an int >= 1.")
+        method = Implicit() if method is None else method
+        if not isinstance(method, AbstractHypergradientMethod):
+            raise HypergradientError(
+                f"{_WHERE}(method=...): expected hg.Implicit(...) or hg.Unrolled(...), got "
+                f"{type(method).__name__}."
+            )
+        self.model = model
+        self.hyper = hyper
+        self.optimizer = optimizer
+        self.method = method
+        self.hyper_every = hyper_every
+        self.warm_start = warm_start
+        self.cold_start_steps = cold_start_steps or hyper_every
+        self.criterion = criterion
+        self.callbacks = list(callbacks)
+        self.forward = as_function(model)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        self.hparams = {
+            k: v.detach().clone().requires_grad_(True) for k, v in hyper.init(params).items()
+        }
+        factory = hyper_optimizer or _default_hyper_optimizer
+        self.hyper_optimizer = factory(list(self.hparams.values()))
+        self.train_stream = BatchStream(train_loader, seed) if train_loader is not None else None
+        self.val_stream = BatchStream(val_loader, seed + 1)
+        self._initial_model = copy.deepcopy(model.state_dict())
+        self._initial_optimizer = copy.deepcopy(optimizer.state_dict())
+        self.inner_step = 0
+        self.hyper_step = 0
+        self.history: list[dict[str, Any]] = []
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self._tensorboard = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            try:  # optional: only when the tensorboard package is installed
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.log_dir / "tensorboard"))
+            except ImportError:
+                self._tensorboard = None
+
+    # ------------------------------------------------------------------ inner level
+    def _train_batch(self):
+        return self.train_stream.next() if self.train_stream is not None else None
+
+    def _detached_hparams(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.hparams.items()}
+
+    def inner_steps(self, steps: int) -> float:
+        """``steps`` ordinary optimizer steps on the training loss; returns the last loss."""
+        hp = self._detached_hparams()
+        loss_value = math.nan
+        self.model.train()
+        for _ in range(steps):
+            batch = self._train_batch()
+            self.optimizer.zero_grad(set_to_none=True)
+            params = dict(self.model.named_parameters())
+            loss = self.hyper.training_loss(self.forward, params, hp, batch, self.criterion)
+            loss.backward()
+            self.optimizer.step()
+            self.inner_step += 1
+            loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            raise HypergradientError(
+                f"{_WHERE}: the training loss became {loss_value} at inner step "
+                f"{self.inner_step}. Lower the inner learning rate or the hyper learning rate."
+            )
+        return loss_value
+
+    def reset_inner(self) -> None:
+        """Cold start: the model's initial weights and a fresh optimizer state."""
+        self.model.load_state_dict(self._initial_model)
+        self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer))
+
+    # ------------------------------------------------------------------ outer level
+    def _optimizer_lr_momentum(self) -> tuple[float, float]:
+        group = self.optimizer.param_groups[0]
+        lr = group.get("lr", 0.0)
+        lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
+        return lr, float(group.get("momentum", 0.0) or 0.0)
+
+    def hypergradient(self) -> tuple[dict[str, torch.Tensor], float]:
+        """The method's hypergradient at the current weights on fresh batches; and val loss."""
+        train_batch = self._train_batch()
+        val_batch = self.val_stream.next()
+        xv, yv = val_batch[0], val_batch[1]
+        forward, criterion, hyper = self.forward, self.criterion, self.hyper
+
+        def inner_loss(p, h):
+            return hyper.training_loss(forward, p, h, train_batch, criterion)
+
+        def outer_loss(p, h):
+            return criterion(forward(p, xv), yv, reduction="none").mean()
+
+        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        lr, momentum = self._optimizer_lr_momentum()
+        grads = self.method.hypergrad(
+            inner_loss, outer_loss, params, self._detached_hparams(), lr=lr, momentum=momentum
+        )
+        with torch.no_grad():
+            val_loss = float(outer_loss(params, {}))
+        return grads, val_loss
+
+    def step(self) -> dict[str, Any]:
+        """One outer iteration: inner training (warm or cold start), then one hyper-step."""
+        start = time.perf_counter()
+        if self.warm_start:
+            train_loss = self.inner_steps(self.hyper_every)
+        else:
+            self.reset_inner()
+            train_loss = self.inner_steps(self.cold_start_steps)
+        grads, val_loss = self.hypergradient()
+        self.hyper_optimizer.zero_grad(set_to_none=True)
+        for k, v in self.hparams.items():
+            v.grad = grads[k].to(v.dtype)
+        self.hyper_optimizer.step()
+        with torch.no_grad():
+            self.hyper.project(self.hparams)
+        self.hyper_step += 1
+        grad_norm = math.sqrt(sum(float(torch.sum(g.double() ** 2)) for g in grads.values()))
+        record = {
+            "hyper_step": self.hyper_step,
+            "inner_step": self.inner_step,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "hypergrad_norm": grad_norm,
+            "seconds": time.perf_counter() - start,
+            **self.hyper.describe(self.hparams),
+        }
+        self.history.append(record)
+        self._log(record)
+        for callback in self.callbacks:
+            callback(self, record)
+        return record
+
+    def fit(
+        self,
+        hyper_steps: int,
+        *,
+        checkpoint: str | os.PathLike | None = None,
+        resume: bool = False,
+        progress: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Run until ``hyper_steps`` hyper-steps are done in total; return the history.
+
+        With ``checkpoint=path`` the full state is saved (atomically) after every hyper-step,
+        so a killed run loses at most one hyper-step; ``resume=True`` first loads ``path`` if
+        it exists and continues from there to the same result as an uninterrupted run.
+        """
+        if not isinstance(hyper_steps, int) or hyper_steps < 0:
+            raise HypergradientError(
+                f"{_WHERE}.fit(hyper_steps={hyper_steps!r}): expected an int >= 0."
+            )
+        if resume and checkpoint is None:
+            raise HypergradientError(
+                f"{_WHERE}.fit(resume=True): resuming needs checkpoint=<path> to read from."
+            )
+        if resume and checkpoint is not None and Path(checkpoint).exists():
+            self.load_checkpoint(checkpoint)
+        bar = None
+        if progress:
+            from rich.progress import Progress
+
+            bar = Progress()
+            bar.start()
+            task = bar.add_task("hyper-steps", total=hyper_steps, completed=self.hyper_step)
+        try:
+            while self.hyper_step < hyper_steps:
+                self.step()
+                if checkpoint is not None:
+                    self.save_checkpoint(checkpoint)
+                if bar is not None:
+                    bar.update(task, completed=self.hyper_step)
+        finally:
+            if bar is not None:
+                bar.stop()
+        return self.history
+
+    # ------------------------------------------------------------------ evaluation, logs
+    @torch.no_grad()
+    def evaluate(self, loader: Iterable) -> dict[str, float]:
+        """Mean loss and accuracy of the current model over a whole loader."""
+        self.model.eval()
+        total, loss_sum, correct = 0, 0.0, 0
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            out = self.model(x)
+            loss_sum += float(self.criterion(out, y, reduction="sum"))
+            if out.dim() == 2 and y.dim() == 1:
+                correct += int((out.argmax(1) == y).sum())
+            total += len(y)
+        self.model.train()
+        return {"loss": loss_sum / max(total, 1), "accuracy": correct / max(total, 1)}
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.log_dir is not None:
+            with open(self.log_dir / "hyper_steps.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            for key, value in record.items():
+                if key != "hyper_step" and isinstance(value, (int, float)):
+                    self._tensorboard.add_scalar(key, value, record["hyper_step"])
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "hparams": self._detached_hparams(),
+            "hyper_optimizer": self.hyper_optimizer.state_dict(),
+            "inner_step": self.inner_step,
+            "hyper_step": self.hyper_step,
+            "history": self.history,
+            "train_stream": self.train_stream.state_dict() if self.train_stream else None,
+            "val_stream": self.val_stream.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():
+            for k, v in self.hparams.items():
+                if k not in state["hparams"] or state["hparams"][k].shape != v.shape:
+                    raise HypergradientError(
+                        f"{_WHERE}.load_state_dict: the checkpoint's hyperparameters "
+                        f"{sorted(state['hparams'])} do not match this trainer's "
+                        f"{sorted(self.hparams)} (different recipe or config?)."
+                    )
+                v.copy_(state["hparams"][k])
+        self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
+        self.inner_step = int(state["inner_step"])
+        self.hyper_step = int(state["hyper_step"])
+        self.history = list(state["history"])
+        if self.train_stream is not None and state["train_stream"] is not None:
+            self.train_stream.load_state_dict(state["train_stream"])
+        self.val_stream.load_state_dict(state["val_stream"])
+        torch.set_rng_state(state["rng"])
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the state to ``path`` atomically (a kill mid-write leaves the old file)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> None:
+        try:
+            state = torch.load(Path(path), weights_only=False)
+        except Exception as err:  # a truncated or foreign file: say which
+            raise HypergradientError(
+                f"{_WHERE}.load_checkpoint({str(path)!r}): could not read the checkpoint "
+                f"({type(err).__name__}: {err}). Delete it to start over."
+            ) from None
+        self.load_state_dict(state)
