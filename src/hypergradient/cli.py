@@ -1,10 +1,25 @@
-"""Command line: ``hypergradient demo [options]``."""
+"""Command line: ``hypergradient demo [options]`` and ``hypergradient <recipe> [options]``.
+
+Every registered recipe (see :mod:`hypergradient.recipes`) is a sub-command::
+
+    hypergradient <recipe> [--config file.toml] [--set key=value ...] [--out DIR]
+                           [--resume] [--no-progress]
+
+The config is built as defaults <- TOML file <- ``--set`` overrides (type-checked, then the
+recipe's ``validate()``); ``config.toml`` is written to the run folder before the run starts.
+Every :class:`~hypergradient.HypergradientError` (a bad option, a missing file, a diverging
+run) becomes one line ``error: ...`` on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
+import textwrap
+import typing
 from dataclasses import fields
+from pathlib import Path
 
 from ._errors import HypergradientError
 
@@ -46,7 +61,110 @@ def _demo_parser(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+def _type_name(typ) -> str:
+    """``int``, ``list[float]``, ``str | None``: a config field's type as the help shows it."""
+    if isinstance(typ, type) and typing.get_origin(typ) is None:
+        return typ.__name__
+    return str(typ).replace("typing.", "").replace("NoneType", "None")
+
+
+def _default_text(value) -> str:
+    from .recipes._config import _toml_value
+
+    return "none" if value is None else _toml_value(value)
+
+
+def recipe_options_help(config_cls) -> str:
+    """Every option of a recipe config: name, type, default and help (the ``--help`` epilog)."""
+    from .recipes._config import option_help
+
+    hints = typing.get_type_hints(config_cls)
+    lines = ["options (set in the --config TOML file or with --set key=value):"]
+    for name, text, default in option_help(config_cls):
+        lines.append(f"  {name} ({_type_name(hints[name])}, default {_default_text(default)})")
+        indent = " " * 6
+        lines.extend(textwrap.wrap(text, width=88, initial_indent=indent, subsequent_indent=indent))
+    lines.append("")
+    lines.append(
+        "lists: --set key=1,2,3 (or a TOML array); none: --set key=none; booleans: true/false."
+    )
+    return "\n".join(lines)
+
+
+def _recipe_parser(sub, name: str, recipe_cls) -> None:
+    doc = inspect.cleandoc(recipe_cls.__doc__ or recipe_cls.help)
+    p = sub.add_parser(
+        name,
+        help=recipe_cls.help,
+        description=doc,
+        epilog=recipe_options_help(recipe_cls.config_cls),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", metavar="FILE.toml", help="TOML file of options (key = value)")
+    p.add_argument(
+        "--set",
+        metavar="KEY=VALUE",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="override options: --set a=1 b=2 (repeatable; applied after --config)",
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help=f"run folder for config.toml, checkpoints, results.json and plots "
+        f"(default hypergradient-runs/{name})",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint in the run folder; without --config the options "
+        "start from the run folder's config.toml",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def _one_line(err: BaseException) -> str:
+    # messages may list files on several lines; the contract is ONE line on stderr
+    return " ".join(part.strip() for part in str(err).splitlines() if part.strip())
+
+
+def _console():
+    from rich.console import Console
+
+    console = Console()
+    if not console.is_terminal:  # piped or logged: don't squeeze tables to 80 columns
+        console = Console(width=120)
+    return console
+
+
+def _run_recipe(name: str, recipe_cls, args) -> int:
+    from .recipes import build_config
+    from .recipes._config import to_toml
+
+    run_dir = Path(args.out if args.out is not None else Path("hypergradient-runs") / name)
+    config_file = args.config
+    saved = run_dir / "config.toml"
+    if args.resume and config_file is None and saved.is_file():
+        config_file = saved  # resuming continues the run as it was configured
+    config = build_config(recipe_cls.config_cls, config_file, args.set)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise HypergradientError(f"--out {str(run_dir)!r}: is a file, expected a folder.")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    console = _console()
+    if args.resume and saved.is_file() and saved.read_text() != to_toml(config):
+        console.print(f"note: resuming {run_dir} with options changed from its config.toml")
+    saved.write_text(to_toml(config))
+    recipe_cls().run(
+        config, run_dir, resume=args.resume, progress=not args.no_progress, console=console
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .recipes import available_recipes
+
     parser = argparse.ArgumentParser(
         prog="hypergradient",
         description="Fit hyperparameters by gradient descent (implicit and unrolled "
@@ -54,10 +172,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _demo_parser(sub)
+    recipes = {k: v for k, v in available_recipes().items() if k != "demo"}
+    for name, recipe_cls in recipes.items():
+        _recipe_parser(sub, name, recipe_cls)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command in recipes:
+        try:
+            return _run_recipe(args.command, recipes[args.command], args)
+        except HypergradientError as err:
+            print(f"error: {_one_line(err)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(
+                f"interrupted; continue with: hypergradient {args.command} --resume "
+                f"(and the same --out)",
+                file=sys.stderr,
+            )
+            return 130
     if args.command == "demo":
         from .demo import DemoConfig, run_demo
 

@@ -2,6 +2,30 @@
 
 from ._base import AbstractHyperparameter as AbstractHyperparameter
 from ._base import per_example_loss as per_example_loss
+from .distill import DistilledData as DistilledData
+from .distill import evaluate_distilled as evaluate_distilled
+from .distill import fresh_params as fresh_params
+from .distill import retrain_on_distilled as retrain_on_distilled
+from .example_weights import ExampleWeights as ExampleWeights
+from .example_weights import IndexedBatches as IndexedBatches
+from .example_weights import IndexedDataset as IndexedDataset
+from .example_weights import indexed_loader as indexed_loader
+from .reweight_net import LossReweightNet as LossReweightNet
+from .task_weights import TaskWeights as TaskWeights
 from .weight_decay import WeightDecay as WeightDecay
 
-__all__ = ["AbstractHyperparameter", "WeightDecay", "per_example_loss"]
+__all__ = [
+    "AbstractHyperparameter",
+    "DistilledData",
+    "ExampleWeights",
+    "IndexedBatches",
+    "IndexedDataset",
+    "LossReweightNet",
+    "TaskWeights",
+    "WeightDecay",
+    "evaluate_distilled",
+    "fresh_params",
+    "indexed_loader",
+    "per_example_loss",
+    "retrain_on_distilled",
+]

@@ -391,7 +391,8 @@ class BilevelTrainer:
             "hyper_optimizer": self.hyper_optimizer.state_dict(),
             "inner_step": self.inner_step,
             "hyper_step": self.hyper_step,
-            "history": self.history,
+            # one JSON string: pickling thousands of small dicts on every save is quadratic
+            "history": json.dumps(self.history),
             "train_stream": self.train_stream.state_dict() if self.train_stream else None,
             "val_stream": self.val_stream.state_dict(),
             "rng": torch.get_rng_state(),
@@ -412,7 +413,8 @@ class BilevelTrainer:
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
         self.inner_step = int(state["inner_step"])
         self.hyper_step = int(state["hyper_step"])
-        self.history = list(state["history"])
+        history = state["history"]
+        self.history = json.loads(history) if isinstance(history, str) else list(history)
         if self.train_stream is not None and state["train_stream"] is not None:
             self.train_stream.load_state_dict(state["train_stream"])
         self.val_stream.load_state_dict(state["val_stream"])

@@ -1,0 +1,530 @@
+"""What does tuning every weight decay cost, next to training the model once?
+
+A full hyper-training run of the ``weight-decay`` recipe (per-weight decay: as many
+hyperparameters as weights; warm start, one hyper-step every 10 mini-batch SGD steps;
+implicit hypergradient, Neumann series with 10 terms; Adam on the log decays) against plain
+training of the same model with ``torch.optim.SGD(weight_decay=...)`` for the same number of
+SGD steps, on the same mini-batches.  Both runs build their model and optimizer inside the
+measured part.  Setups:
+
+* ``digits``: the recipe's defaults (MLP 64-128-10, batch 64, 300 validation examples);
+* ``mnist``: MLP 784-256-10, mini-batches of 128 at both levels (training and validation;
+  1000 validation examples), only where the MNIST files are found (``--data-dir`` or
+  ``$HYPERGRADIENT_DATA``).
+
+Time: one process, repeats of the two runs interleaved (the order alternates), medians; the
+ratio is reported both as a ratio of medians and as the median of per-repeat ratios.  A
+breakdown of the hyper-training run (inner SGD steps / hypergradients / the rest) says where
+the time goes.  Peak memory: one fresh subprocess per run kind; a warm-up run first (lazy
+imports and allocator pools are not the method's cost), then the kernel's RSS high-water mark
+is reset (``echo 5 > /proc/self/clear_refs``) and ``VmHWM`` is read after the measured run.
+``ru_maxrss`` cannot do this in a child: it is inherited across fork and never goes down.
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/joint_training_cost.py          # ~3 minutes
+    PYTHONPATH=src python benchmarks/joint_training_cost.py --quick  # smoke test
+
+Writes ``<out>/joint_training_cost.json`` and ``<out>/joint_training_cost.md``.
+Targets: time ratio <= 3x, memory ratio <= 2x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+try:
+    import hypergradient as hg
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import hypergradient as hg
+
+from hypergradient.recipes import weight_decay as recipe
+from hypergradient.recipes.weight_decay import WeightDecayConfig
+
+HERE = Path(__file__).resolve()
+DEFAULT_OUT = HERE.parent / "results"
+TIME_TARGET, MEMORY_TARGET = 3.0, 2.0
+
+# The measured setting: what the brief of the benchmark fixes, on top of each setup.
+FIXED = {
+    "granularity": "per_weight",
+    "hyper_every": 10,
+    "method": "implicit",
+    "solver": "neumann",
+    "solver_steps": 10,
+    "val_sizes": [],
+}
+SETUPS = {
+    "digits": {},  # the recipe's defaults
+    "mnist": {"dataset": "mnist", "hidden": 256, "batch_size": 128, "n_train": 10_000,
+              "n_val": 1_000, "val_batch_size": 128},
+}  # fmt: skip
+
+
+def make_config(setup: str, hyper_steps: int, data_dir: str | None) -> WeightDecayConfig:
+    config = WeightDecayConfig(**FIXED, **SETUPS[setup], hyper_steps=hyper_steps)
+    if config.dataset != "digits":
+        config.data_dir = data_dir
+    config.validate()
+    return config
+
+
+def mnist_available(data_dir: str | None) -> bool:
+    try:
+        make_config("mnist", 1, data_dir)
+        hg.data.load_mnist(data_dir, split="test", limit=1)
+        return True
+    except hg.HypergradientError:
+        return False
+
+
+# ======================================================================================
+# The two runs
+# ======================================================================================
+
+
+def plain_run(config: WeightDecayConfig, data, keep: list | None = None) -> dict:
+    """Plain training: the same model, SGD with one global decay, the same batches.
+
+    ``keep``: a list that receives the run's objects (to measure what stays allocated).
+    """
+    model = recipe.build_model(config, data)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.inner_lr, weight_decay=config.init_weight_decay
+    )
+    stream = hg.train.BatchStream(recipe.train_loader(config, data), config.seed)
+    for _ in range(config.inner_budget):
+        x, y = stream.next()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    if keep is not None:
+        keep.extend([model, optimizer])
+    return {}
+
+
+def joint_run(
+    config: WeightDecayConfig, data, folder: Path | None = None, keep: list | None = None
+) -> dict:
+    """The recipe's tuned run; ``folder``: also checkpoint + JSONL log every hyper-step.
+
+    Returns the seconds spent inside ``inner_steps`` and ``hypergradient`` (the rest: Adam
+    on the hyperparameters, the projection, bookkeeping, checkpoints).
+    """
+    trainer = recipe.build_trainer(config, data, config.n_val, log_dir=folder)
+    spent = {"inner_steps": 0.0, "hypergradient": 0.0}
+
+    def timed(name):
+        method = getattr(trainer, name)
+
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - start
+
+        return wrapper
+
+    trainer.inner_steps = timed("inner_steps")
+    trainer.hypergradient = timed("hypergradient")
+    checkpoint = None if folder is None else folder / "checkpoint.pt"
+    trainer.fit(config.hyper_steps, checkpoint=checkpoint)
+    assert trainer.inner_step == config.inner_budget
+    if keep is not None:
+        keep.append(trainer)
+    return spent
+
+
+def time_setup(config: WeightDecayConfig, data, repeats: int, warmup: int) -> dict:
+    """Interleaved repeats of plain / joint / joint with checkpoints; medians."""
+    names = ("plain", "joint", "joint_checkpointed")
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    parts: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(warmup + repeats):
+            for name in names if i % 2 == 0 else reversed(names):
+                gc.collect()
+                start = time.perf_counter()
+                if name == "plain":
+                    plain_run(config, data)
+                elif name == "joint":
+                    spent = joint_run(config, data)
+                else:
+                    joint_run(config, data, Path(tmp) / f"run{i}")
+                seconds = time.perf_counter() - start
+                if i >= warmup:
+                    samples[name].append(seconds)
+                    if name == "joint":
+                        parts.append(spent)
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    breakdown = {
+        key: statistics.median(p[key] for p in parts) for key in ("inner_steps", "hypergradient")
+    }
+    breakdown["rest"] = medians["joint"] - breakdown["inner_steps"] - breakdown["hypergradient"]
+    return {
+        "samples_s": samples,
+        "median_s": medians,
+        "ratio": medians["joint"] / medians["plain"],
+        "paired_ratio": statistics.median(
+            j / p for j, p in zip(samples["joint"], samples["plain"])
+        ),
+        "ratio_checkpointed": medians["joint_checkpointed"] / medians["plain"],
+        "paired_ratio_checkpointed": statistics.median(
+            j / p for j, p in zip(samples["joint_checkpointed"], samples["plain"])
+        ),
+        "breakdown_s": breakdown,
+        # one plain SGD step, and the recipe's inner step (functional call + penalty)
+        "plain_step_ms": 1e3 * medians["plain"] / config.inner_budget,
+        "joint_inner_step_ms": 1e3 * breakdown["inner_steps"] / config.inner_budget,
+        "hypergradient_ms": 1e3 * breakdown["hypergradient"] / config.hyper_steps,
+    }
+
+
+# ======================================================================================
+# Peak memory, one fresh subprocess per run kind
+# ======================================================================================
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def memory_probe(kind: str, setup: str, hyper_steps: int, data_dir: str | None) -> dict:
+    """Peak RSS of one run of ``kind`` over the RSS right before it (data already loaded)."""
+    config = make_config(setup, hyper_steps, data_dir)
+    data = recipe.load_data(config)
+    run = {"plain": plain_run, "joint": joint_run}[kind]
+    run(dataclasses.replace(config, hyper_steps=2), data)  # warm-up: lazy imports, pools
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    if not _reset_peak_rss() or rss_before is None:
+        return {"kind": kind, "peak_increase_mib": None, "how": "no /proc/self/clear_refs"}
+    keep: list = []
+    run(config, data, keep=keep)
+    hwm, rss_after = _status_kib("VmHWM"), _status_kib("VmRSS")
+    return {
+        "kind": kind,
+        "peak_increase_mib": (hwm - rss_before) / 1024,
+        # what the run's objects still hold at its end (model, optimizer state, decays...)
+        "held_after_mib": (rss_after - rss_before) / 1024,
+        "rss_before_mib": rss_before / 1024,
+        "peak_rss_mib": hwm / 1024,
+        "how": "VmHWM (reset right before the run) - VmRSS before",
+    }
+
+
+def run_memory_probes(setup: str, hyper_steps: int, data_dir: str | None) -> dict:
+    # Tensors above 64 KiB get their own mmap, returned to the OS when freed: the RSS before
+    # the run is then live memory, not glibc's cache of the warm-up's garbage.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE.parents[1] / "src"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    results = {}
+    for kind in ("plain", "joint"):
+        argv = [sys.executable, str(HERE), "--memory-probe", kind, "--setup", setup,
+                "--hyper-steps", str(hyper_steps),
+                "--threads", str(torch.get_num_threads())]  # fmt: skip
+        if data_dir is not None:
+            argv += ["--data-dir", data_dir]
+        proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe {kind}/{setup} failed:\n{proc.stderr}")
+        results[kind] = json.loads(proc.stdout.strip().splitlines()[-1])
+    plain, joint = results["plain"]["peak_increase_mib"], results["joint"]["peak_increase_mib"]
+    results["ratio"] = None if not plain or joint is None else joint / plain
+    if joint is not None:
+        results["process_peak_ratio"] = (
+            results["joint"]["peak_rss_mib"] / results["plain"]["peak_rss_mib"]
+        )
+    return results
+
+
+# ======================================================================================
+# Reporting
+# ======================================================================================
+
+
+def machine_info(repeats: int) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "repeats": repeats,
+        # other jobs on a 2-core box slow torch's threads badly: check this before trusting
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _verdict(value, target) -> str:
+    return "-" if value is None else ("yes" if value <= target else "NO")
+
+
+def _rows(result: dict) -> dict[str, list[list[str]]]:
+    """The three tables (time, memory, time breakdown) as rows of strings."""
+    time_rows, memory_rows, where_rows = [], [], []
+    for name, row in result["setups"].items():
+        t, mem = row["time"], row["memory"]
+        time_rows.append([
+            name, f"{row['num_weights']:,}", str(row["inner_steps"]),
+            f"{t['median_s']['plain']:.2f} s", f"{t['median_s']['joint']:.2f} s",
+            f"{t['ratio']:.2f}", f"{t['paired_ratio']:.2f}",
+            f"{t['paired_ratio_checkpointed']:.2f}", _verdict(t["paired_ratio"], TIME_TARGET),
+        ])  # fmt: skip
+        plain, joint = mem.get("plain", {}), mem.get("joint", {})
+        memory_rows.append([
+            name, f"{4 * row['num_weights'] / 2**20:.2f}",
+            _fmt(plain.get("peak_increase_mib"), ".1f"),
+            _fmt(joint.get("peak_increase_mib"), ".1f"),
+            _fmt(mem.get("ratio"), ".2f"), _verdict(mem.get("ratio"), MEMORY_TARGET),
+            _fmt(plain.get("held_after_mib"), ".1f"), _fmt(joint.get("held_after_mib"), ".1f"),
+            _fmt(plain.get("peak_rss_mib"), ".0f"), _fmt(joint.get("peak_rss_mib"), ".0f"),
+            _fmt(mem.get("process_peak_ratio"), ".2f"),
+        ])  # fmt: skip
+        b, total = t["breakdown_s"], t["median_s"]["joint"]
+        where_rows.append([
+            name, f"{t['plain_step_ms']:.2f} ms", f"{t['joint_inner_step_ms']:.2f} ms",
+            f"{t['hypergradient_ms']:.1f} ms",
+            f"{t['hypergradient_ms'] / t['plain_step_ms']:.1f}",
+            f"{100 * b['inner_steps'] / total:.0f}%", f"{100 * b['hypergradient'] / total:.0f}%",
+            f"{100 * b['rest'] / total:.0f}%",
+        ])  # fmt: skip
+    return {"time": time_rows, "memory": memory_rows, "where": where_rows}
+
+
+TIME_COLUMNS = ("setup", "weights", "SGD steps", "plain", "hyper-training", "ratio of medians",
+                "paired ratio", "paired, with checkpoints", "<= 3x")  # fmt: skip
+MEMORY_COLUMNS = ("setup", "model MiB", "plain peak +MiB", "hyper peak +MiB", "ratio", "<= 2x",
+                  "plain held +MiB", "hyper held +MiB", "plain process peak MiB",
+                  "hyper process peak MiB", "process ratio")  # fmt: skip
+WHERE_COLUMNS = ("setup", "plain SGD step", "recipe inner step", "hypergradient",
+                 "hypergradient / plain step", "inner steps", "hypergradients",
+                 "rest")  # fmt: skip
+
+
+def _md_table(columns, rows) -> list[str]:
+    align = ["---"] + ["---:"] * (len(columns) - 1)
+    out = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
+    return out + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _memory_notes(result: dict) -> list[str]:
+    """Memory in units of the model's size: what is held, what one hypergradient adds."""
+    notes = []
+    for name, row in result["setups"].items():
+        mem, model_mib = row["memory"], 4 * row["num_weights"] / 2**20
+        plain, joint = mem.get("plain", {}), mem.get("joint", {})
+        if joint.get("held_after_mib") is None or model_mib < 0.5:
+            continue  # below ~0.5 MiB the page-granular RSS says little in model units
+        notes.append(
+            f"{name}: at its end the hyper-training run holds "
+            f"{joint['held_after_mib'] / model_mib:.1f} model sizes (weights, gradients, the "
+            f"copy of the initial weights BilevelTrainer keeps for cold start, the decays, "
+            f"their gradient, Adam's two moments: 7), plain training "
+            f"{plain['held_after_mib'] / model_mib:.1f} (weights, gradients: 2); the peak "
+            f"adds {(joint['peak_increase_mib'] - joint['held_after_mib']) / model_mib:.0f} "
+            f"model sizes for one hypergradient (the create_graph gradient graph and the "
+            f"Neumann vectors)."
+        )
+    return [*notes, ""] if notes else []
+
+
+def markdown_report(result: dict) -> str:
+    m = result["machine"]
+    load = m["load_average_at_start"][0] if m["load_average_at_start"] else None
+    rows = _rows(result)
+    lines = [
+        "### Joint training cost (`benchmarks/joint_training_cost.py`)",
+        "",
+        f"{m['date']}; {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}; torch "
+        f"{m['torch']} (torch threads: {m['torch_threads']}), Python {m['python']}. Median of "
+        f"{m['repeats']} interleaved repeats; 1-minute load average at the start "
+        f"{_fmt(load, '.2f')}. Command: `{result.get('command', '?')}`.",
+        "",
+        "Per-weight decay (one hyperparameter per weight), a hyper-step every 10 mini-batch SGD "
+        "steps, implicit hypergradient with a 10-term Neumann series, Adam on the log decays "
+        "(the `weight-decay` recipe's run); against plain `torch.optim.SGD(weight_decay=1e-3)` "
+        "training of the same model for the same SGD steps on the same batches.",
+        "",
+        *[f"* **{name}**: {row['description']}" for name, row in result["setups"].items()],
+        "",
+        *_md_table(TIME_COLUMNS, rows["time"]),
+        "",
+        "*paired ratio* = median of the per-repeat ratios (the runs of one repeat back to "
+        "back): robust to a machine whose speed drifts, so the target is judged on it. *with "
+        "checkpoints* = the recipe's run as it is, a checkpoint and a JSONL line per "
+        "hyper-step.",
+        "",
+        "Where the hyper-training time goes (medians):",
+        "",
+        *_md_table(WHERE_COLUMNS, rows["where"]),
+        "",
+        "*recipe inner step* = one SGD step of the hyper-training run (functional call plus "
+        "the per-weight penalty); *hypergradient* = one implicit hypergradient (a fresh "
+        "training batch, a validation batch, 10 Hessian-vector products through one retained "
+        "gradient graph, the mixed term); *rest* = Adam on the decays and bookkeeping.",
+        "",
+        "Memory (one fresh subprocess per run, after a warm-up run):",
+        "",
+        *_md_table(MEMORY_COLUMNS, rows["memory"]),
+        "",
+        *_memory_notes(result),
+        "*peak +MiB* = the run's peak RSS over the RSS right before it (data loaded; the "
+        "model, optimizers, decays and their Adam state are built inside the run); the target "
+        "is judged on their ratio. *held +MiB* = what the run's objects still hold at its "
+        "end; *process peak* = the whole process's peak RSS (torch itself included).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def print_rich(result: dict, console: Console) -> None:
+    rows = _rows(result)
+    titles = {
+        "time": "Hyper-training (per-weight decay, implicit Neumann-10) vs plain training",
+        "where": "Where the hyper-training time goes",
+        "memory": "Memory",
+    }
+    columns = {"time": TIME_COLUMNS, "where": WHERE_COLUMNS, "memory": MEMORY_COLUMNS}
+    for key in ("time", "where", "memory"):
+        table = Table(title=titles[key])
+        for col in columns[key]:
+            table.add_column(col, justify="left" if col == "setup" else "right")
+        for row in rows[key]:
+            table.add_row(*row)
+        console.print(table)
+
+
+# ======================================================================================
+# Entry point
+# ======================================================================================
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="20 hyper-steps, 3 repeats")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5)")
+    parser.add_argument(
+        "--hyper-steps", type=int, default=None, help="hyper-steps per run (default 100)"
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="folder with mnist/ (default $HYPERGRADIENT_DATA)"
+    )
+    parser.add_argument(
+        "--setups", nargs="+", choices=sorted(SETUPS), default=None, help="default: all found"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's choice)"
+    )
+    parser.add_argument("--skip-memory", action="store_true", help="no memory subprocesses")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--memory-probe", choices=("plain", "joint"), help=argparse.SUPPRESS)
+    parser.add_argument("--setup", choices=sorted(SETUPS), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    hyper_steps = args.hyper_steps or (20 if args.quick else 100)
+    if args.memory_probe:
+        probe = memory_probe(args.memory_probe, args.setup, hyper_steps, args.data_dir)
+        print(json.dumps(probe))
+        return 0
+    repeats = args.repeats or (3 if args.quick else 5)
+    warmup = 1
+    console = Console(width=max(Console().width, 130))  # wide tables even in a pipe
+    setups = args.setups or [s for s in SETUPS if s == "digits" or mnist_available(args.data_dir)]
+    started = time.perf_counter()
+    result = {"machine": machine_info(repeats), "hyper_steps": hyper_steps, "setups": {}}
+    result["command"] = " ".join(["python benchmarks/joint_training_cost.py", *sys.argv[1:]])
+    for setup in setups:
+        config = make_config(setup, hyper_steps, args.data_dir)
+        data = recipe.load_data(config)
+        num_weights = sum(p.numel() for p in recipe.build_model(config, data).parameters())
+        sizes = [data.num_features, config.hidden, data.num_classes]
+        val_batch = config.val_batch_size or config.n_val
+        description = (
+            f"{setup} MLP {'-'.join(map(str, sizes))}, batch {config.batch_size}, "
+            f"validation batch {val_batch}"
+        )
+        console.print(f"[bold]{description}[/bold]: {repeats} interleaved repeats ...")
+        timing = time_setup(config, data, repeats, warmup)
+        memory = {}
+        if not args.skip_memory:
+            console.print("   memory: 2 fresh subprocesses ...")
+            memory = run_memory_probes(setup, hyper_steps, args.data_dir)
+        result["setups"][setup] = {
+            "description": description,
+            "config": dataclasses.asdict(config),
+            "num_weights": num_weights,
+            "inner_steps": config.inner_budget,
+            "time": timing,
+            "memory": memory,
+        }
+    result["wall_s"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "joint_training_cost.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "joint_training_cost.md").write_text(markdown_report(result))
+    print_rich(result, console)
+    console.print(f"wrote {args.out}/joint_training_cost.{{json,md}} in {result['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
