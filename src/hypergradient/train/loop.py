@@ -204,8 +204,9 @@ class BilevelTrainer:
         self.hyper_optimizer = factory(list(self.hparams.values()))
         self.train_stream = BatchStream(train_loader, seed) if train_loader is not None else None
         self.val_stream = BatchStream(val_loader, seed + 1)
-        self._initial_model = copy.deepcopy(model.state_dict())
-        self._initial_optimizer = copy.deepcopy(optimizer.state_dict())
+        # cold start resets to these; warm start never does, so it keeps no extra model copy
+        self._initial_model = None if warm_start else copy.deepcopy(model.state_dict())
+        self._initial_optimizer = None if warm_start else copy.deepcopy(optimizer.state_dict())
         self.inner_step = 0
         self.hyper_step = 0
         self.history: list[dict[str, Any]] = []
@@ -250,6 +251,11 @@ class BilevelTrainer:
 
     def reset_inner(self) -> None:
         """Cold start: the model's initial weights and a fresh optimizer state."""
+        if self._initial_model is None:
+            raise HypergradientError(
+                f"{_WHERE}.reset_inner(): this trainer was built with warm_start=True and kept "
+                f"no copy of the initial state; build it with warm_start=False to reset."
+            )
         self.model.load_state_dict(self._initial_model)
         self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer))
 
@@ -309,9 +315,9 @@ class BilevelTrainer:
             **self.hyper.describe(self.hparams),
         }
         self.history.append(record)
-        self._log(record)
-        for callback in self.callbacks:
+        for callback in self.callbacks:  # callbacks may add keys (e.g. test metrics) to log
             callback(self, record)
+        self._log(record)
         return record
 
     def fit(
