@@ -2,6 +2,7 @@
 
 from ._base import AbstractHyperparameter as AbstractHyperparameter
 from ._base import per_example_loss as per_example_loss
+from .augment import AugmentationNet as AugmentationNet
 from .distill import DistilledData as DistilledData
 from .distill import evaluate_distilled as evaluate_distilled
 from .distill import fresh_params as fresh_params
@@ -16,6 +17,7 @@ from .weight_decay import WeightDecay as WeightDecay
 
 __all__ = [
     "AbstractHyperparameter",
+    "AugmentationNet",
     "DistilledData",
     "ExampleWeights",
     "IndexedBatches",
