@@ -95,7 +95,7 @@ def _recipe_parser(sub, name: str, recipe_cls) -> None:
     doc = inspect.cleandoc(recipe_cls.__doc__ or recipe_cls.help)
     p = sub.add_parser(
         name,
-        help=recipe_cls.help,
+        help=recipe_cls.help.replace("%", "%%"),  # argparse %-formats help text
         description=doc,
         epilog=recipe_options_help(recipe_cls.config_cls),
         formatter_class=argparse.RawDescriptionHelpFormatter,
