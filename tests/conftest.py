@@ -2,8 +2,12 @@
 
 Warnings are errors (pyproject ``filterwarnings``), so a test that expects one must say so
 with ``pytest.warns``.
+
+``HYPERGRADIENT_TEST_DEVICE=cuda`` runs the tests with that default device (every tensor a
+test makes without naming a device lands there): the portability check on a GPU machine.
 """
 
+import os
 import random
 
 import numpy as np
@@ -19,6 +23,11 @@ def _strict_numerics():
     np.random.seed(0)
     random.seed(0)
     torch.use_deterministic_algorithms(True)
+    device = os.environ.get("HYPERGRADIENT_TEST_DEVICE")
+    if device:
+        torch.set_default_device(device)
     yield
+    if device:
+        torch.set_default_device(None)
     torch.use_deterministic_algorithms(False)
     torch.set_default_dtype(old_dtype)

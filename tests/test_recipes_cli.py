@@ -108,6 +108,32 @@ def test_trainer_resume_after_exception_mid_run_matches(tmp_path, uninterrupted)
 # ----------------------------------------------------------------------------- (b) exactness
 
 
+class _UnsplitWeightDecay(hg.hparams.WeightDecay):
+    """The same kind without the closed-form fast path: the trainer back-propagates the whole
+    training loss, penalty included."""
+
+    def split_training_loss(self, hparams):
+        return None
+
+
+@pytest.mark.parametrize("granularity", ["global", "per_tensor", "per_weight"])
+def test_split_training_loss_takes_the_same_steps_as_the_whole_loss(granularity):
+    runs = []
+    for kind in (hg.hparams.WeightDecay, _UnsplitWeightDecay):
+        trainer = _trainer()
+        trainer.hyper = kind(granularity, initial=0.05)
+        trainer.hparams = {
+            k: (v + 0.3 * torch.randn(v.shape, generator=torch.Generator().manual_seed(4)))
+            for k, v in trainer.hyper.init(dict(trainer.model.named_parameters())).items()
+        }
+        loss = trainer.inner_steps(7)
+        runs.append((loss, [p.detach().clone() for p in trainer.model.parameters()]))
+    (loss_split, w_split), (loss_whole, w_whole) = runs
+    assert loss_split == pytest.approx(loss_whole, rel=1e-12)
+    for a, b in zip(w_split, w_whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_trainer_hypergradient_equals_functional_core():
     gen = torch.Generator().manual_seed(2)
     x, y = torch.randn(12, 4, generator=gen), torch.randint(0, 3, (12,), generator=gen)

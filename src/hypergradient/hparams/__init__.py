@@ -1,6 +1,7 @@
 """Hyperparameter kinds the bilevel training loop knows how to differentiate."""
 
 from ._base import AbstractHyperparameter as AbstractHyperparameter
+from ._base import SplitTrainingLoss as SplitTrainingLoss
 from ._base import per_example_loss as per_example_loss
 from .augment import AugmentationNet as AugmentationNet
 from .distill import DistilledData as DistilledData
@@ -23,6 +24,7 @@ __all__ = [
     "IndexedBatches",
     "IndexedDataset",
     "LossReweightNet",
+    "SplitTrainingLoss",
     "TaskWeights",
     "WeightDecay",
     "evaluate_distilled",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +29,22 @@ Criterion = Callable[..., torch.Tensor]
 def per_example_loss(criterion: Criterion, outputs: torch.Tensor, targets) -> torch.Tensor:
     """``criterion(outputs, targets, reduction="none")``: one loss per example, shape ``(B,)``."""
     return criterion(outputs, targets, reduction="none")
+
+
+class SplitTrainingLoss(NamedTuple):
+    """The training loss at *fixed* hyperparameters, split as ``data_loss + penalty``.
+
+    Ordinary training steps (where the hyperparameters are constants) may back-propagate only
+    ``data_loss`` and then call ``add_penalty_gradient(params)``, which adds
+    :math:`\nabla_w \text{penalty}` to every ``param.grad`` in place from a closed form.  The
+    step is the same as back-propagating :meth:`AbstractHyperparameter.training_loss`, minus the
+    autograd graph of the penalty (for per-weight decay that graph costs as much as the
+    model's own backward pass).  ``penalty(params)`` gives its value (for logging).
+    """
+
+    data_loss: Callable[[Forward, Mapping[str, torch.Tensor], Any, Criterion], torch.Tensor]
+    add_penalty_gradient: Callable[[Mapping[str, torch.Tensor]], None]
+    penalty: Callable[[Mapping[str, torch.Tensor]], torch.Tensor]
 
 
 class AbstractHyperparameter(abc.ABC):
@@ -62,6 +78,15 @@ class AbstractHyperparameter(abc.ABC):
     def project(self, hparams: Mapping[str, torch.Tensor]) -> None:  # noqa: B027
         """Project ``hparams`` in place onto their feasible set after a hyper-step (default:
         unconstrained, nothing to do)."""
+
+    def split_training_loss(self, hparams: Mapping[str, torch.Tensor]) -> SplitTrainingLoss | None:
+        """Optional fast path for training steps at these fixed ``hparams`` (default: none).
+
+        Kinds whose training loss is a data loss plus a penalty with a cheap closed-form
+        gradient return a :class:`SplitTrainingLoss`; the training loop then uses it for its
+        ordinary steps.  Hypergradients always differentiate :meth:`training_loss` itself.
+        """
+        return None
 
     def describe(self, hparams: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """A few numbers worth logging about the current values (default: none)."""

@@ -36,6 +36,9 @@ class AbstractHypergradientMethod(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: Does the method evaluate ``outer_loss`` at the given ``params`` (so a caller that wants
+    #: the validation loss there can record it instead of paying another forward pass)?
+    outer_at_params: ClassVar[bool] = False
 
     @abc.abstractmethod
     def hypergrad(
@@ -80,6 +83,7 @@ class Implicit(AbstractHypergradientMethod):
     """
 
     name: ClassVar[str] = "implicit"
+    outer_at_params: ClassVar[bool] = True
     solver: str = "neumann"
     max_steps: int = 10
     tol: float = 0.0

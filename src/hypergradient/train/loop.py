@@ -229,16 +229,34 @@ class BilevelTrainer:
         return {k: v.detach() for k, v in self.hparams.items()}
 
     def inner_steps(self, steps: int) -> float:
-        """``steps`` ordinary optimizer steps on the training loss; returns the last loss."""
+        """``steps`` ordinary optimizer steps on the training loss; returns the last loss.
+
+        The hyperparameters are constants here, so a kind that offers
+        :meth:`~hypergradient.hparams.AbstractHyperparameter.split_training_loss` gets its
+        penalty's gradient added in closed form (the same step, without the penalty's graph).
+        """
         hp = self._detached_hparams()
+        split = self.hyper.split_training_loss(hp)
+        params = dict(self.model.named_parameters())
+
+        def forward(p, x):
+            # the model's own parameters: call it directly (functional_call would swap them in)
+            return self.model(x) if p is params else self.forward(p, x)
+
         loss_value = math.nan
         self.model.train()
-        for _ in range(steps):
+        for i in range(steps):
             batch = self._train_batch()
             self.optimizer.zero_grad(set_to_none=True)
-            params = dict(self.model.named_parameters())
-            loss = self.hyper.training_loss(self.forward, params, hp, batch, self.criterion)
-            loss.backward()
+            if split is None:
+                loss = self.hyper.training_loss(forward, params, hp, batch, self.criterion)
+                loss.backward()
+            else:
+                loss = split.data_loss(forward, params, batch, self.criterion)
+                loss.backward()
+                split.add_penalty_gradient(params)
+                if i == steps - 1:  # log the same training loss as the unsplit path
+                    loss = loss + split.penalty(params)
             self.optimizer.step()
             self.inner_step += 1
             loss_value = float(loss.detach())
@@ -276,16 +294,23 @@ class BilevelTrainer:
         def inner_loss(p, h):
             return hyper.training_loss(forward, p, h, train_batch, criterion)
 
+        outer_values: list[float] = []
+
         def outer_loss(p, h):
-            return criterion(forward(p, xv), yv, reduction="none").mean()
+            value = criterion(forward(p, xv), yv, reduction="none").mean()
+            outer_values.append(float(value.detach()))
+            return value
 
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         lr, momentum = self._optimizer_lr_momentum()
         grads = self.method.hypergrad(
             inner_loss, outer_loss, params, self._detached_hparams(), lr=lr, momentum=momentum
         )
-        with torch.no_grad():
-            val_loss = float(outer_loss(params, {}))
+        if self.method.outer_at_params and outer_values:
+            val_loss = outer_values[0]  # already evaluated there: no second forward pass
+        else:
+            with torch.no_grad():
+                val_loss = float(criterion(forward(params, xv), yv, reduction="none").mean())
         return grads, val_loss
 
     def step(self) -> dict[str, Any]:
