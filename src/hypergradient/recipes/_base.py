@@ -10,16 +10,28 @@ there and calls :meth:`AbstractRecipe.run`, which must:
   continue from the last checkpoint (losing at most one hyper-step);
 * write ``results.json`` and at least one PNG plot into ``run_dir``;
 * return the results dict (also printed as a table by the recipe).
+
+The helpers below are what every recipe needs for that: the progress bar, atomic checkpoint
+and JSON writes, the resume check, the thread count, the plotting backend and the machine
+description that goes into ``results.json``.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import json
+import os
+import platform
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from .._errors import HypergradientError
 
 _RECIPES: dict[str, type[AbstractRecipe]] = {}
 
@@ -51,3 +63,127 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
     path = Path(run_dir) / "results.json"
     path.write_text(json.dumps(results, indent=2, default=float))
     return path
+
+
+# ----------------------------------------------------------------------------- run helpers
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured, for ``results.json``: platform, torch, threads."""
+    return {
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """``torch.set_num_threads(n)`` inside the ``with`` block (``n = 0``: torch's setting is
+    left alone); the previous count is restored afterwards, also after an exception.
+
+    Recipes run small models: one thread is about as fast, and on a busy machine extra
+    threads spin-wait and make every step several times slower.
+    """
+    old = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def progress_bar(console: Console, progress: bool) -> Progress:
+    """The recipes' rich progress bar: description, bar, ``done/total``, elapsed time
+    (``progress`` false: nothing is shown, the tasks are still counted)."""
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+    )
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend, imported on first use (only the
+    plots need matplotlib, and it is slow to import)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` to ``path.tmp``, then ``os.replace``: a kill mid-write keeps the old file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as JSON (numbers it cannot write as floats), replacing ``path`` atomically."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, default=float))
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, where: str) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint; a truncated or foreign file raises a
+    :class:`~hypergradient.HypergradientError` that starts with ``where`` and says which."""
+    try:
+        return torch.load(path, weights_only=False)
+    except Exception as err:
+        raise HypergradientError(
+            f"{where}: could not read the checkpoint {str(path)!r} ({type(err).__name__}: "
+            f"{err}). Delete it to start over."
+        ) from None
+
+
+def check_resumable(meta_path: Path, meta: dict[str, Any]) -> None:
+    """Refuse to resume a checkpoint made with other options: ``meta`` (this run's) against
+    those saved in ``meta_path`` (nothing to compare when that file does not exist)."""
+    if not meta_path.is_file():
+        return
+    saved = json.loads(meta_path.read_text())
+    changed = [k for k in meta if saved.get(k) != meta[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {meta[k]!r}" for k in changed)
+        raise HypergradientError(
+            f"--resume: the checkpoint in {str(meta_path.parent)!r} was made with other options "
+            f"({diffs}); resume with the run folder's config.toml (--config), or start over "
+            f"without --resume or in a new --out folder."
+        )
+
+
+def resume_or_start_over(
+    folder: Path, meta: dict[str, Any], *, resume: bool, stale: Iterable[str] = ()
+) -> bool:
+    """Prepare ``folder`` for a run that checkpoints into ``folder/checkpoint.pt``.
+
+    Resuming (``resume`` and the checkpoint exists): :func:`check_resumable` against the
+    options saved next to it.  Starting over: the checkpoint and the ``stale`` files of an
+    earlier run in this folder are deleted, so that nothing of it mixes in.  Either way
+    ``meta`` (the options a resume must agree with) is saved in
+    ``folder/checkpoint_options.json``.  Returns whether the run resumes.
+    """
+    checkpoint = folder / "checkpoint.pt"
+    meta_path = folder / "checkpoint_options.json"
+    resuming = resume and checkpoint.is_file()
+    if resuming:
+        check_resumable(meta_path, meta)
+    else:
+        for name in ("checkpoint.pt", *stale):
+            (folder / name).unlink(missing_ok=True)
+    meta_path.write_text(json.dumps(meta))
+    return resuming

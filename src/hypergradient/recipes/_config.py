@@ -25,6 +25,11 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
+def help_text(text: str) -> dict[str, str]:
+    """A config field's metadata: ``field(default=..., metadata=help_text("..."))``."""
+    return {"help": text}
+
+
 def option_help(cls) -> list[tuple[str, str, Any]]:
     """``(name, help, default)`` for every field of a config dataclass."""
     out = []
@@ -196,3 +201,17 @@ def check_fraction(option: str, value, *, open_right: bool = True) -> None:
     if not ok:
         bound = "[0, 1)" if open_right else "[0, 1]"
         raise HypergradientError(f"option {option!r}: expected a number in {bound}, got {value!r}.")
+
+
+def check_data_dir(value, *, holds: str) -> None:
+    """``data_dir`` is none or a folder path (not an existing file); ``holds`` names what the
+    folder should contain, for the message."""
+    if value is None:
+        return
+    if not isinstance(value, str) or not value.strip():
+        raise HypergradientError(f"option 'data_dir': expected a folder path, got {value!r}.")
+    path = Path(value).expanduser()
+    if path.exists() and not path.is_dir():
+        raise HypergradientError(
+            f"option 'data_dir': {value!r} is a file, expected a folder (the one holding {holds})."
+        )

@@ -52,7 +52,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,7 +59,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -70,8 +68,25 @@ from ..data import Split, load_mnist, to_float_split
 from ..hparams.augment import AugmentationNet
 from ..hypergrad.methods import Implicit
 from ..train import BatchStream, BilevelTrainer
-from ._base import AbstractRecipe, register_recipe, write_results
-from ._config import check_choice, check_fraction, check_positive, check_positive_int
+from ._base import (
+    AbstractRecipe,
+    machine,
+    progress_bar,
+    pyplot,
+    register_recipe,
+    resume_or_start_over,
+    torch_threads,
+    write_json_atomic,
+    write_results,
+)
+from ._config import (
+    check_choice,
+    check_data_dir,
+    check_fraction,
+    check_positive,
+    check_positive_int,
+    help_text,
+)
 
 _MNIST_TRAIN_TOTAL, _MNIST_TEST_TOTAL = 60_000, 10_000
 _MODELS = ("cnn", "mlp")
@@ -81,126 +96,137 @@ _SCHEDULES = ("cosine", "constant")
 _LR_FLOOR = 0.05  # the cosine schedule ends at this fraction of inner_lr (Neumann needs > 0)
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class AugmentConfig:
     """Options of ``hypergradient augment`` (defaults: about 3 minutes on 2 CPU cores)."""
 
     data_dir: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=help_text(
             "folder holding mnist/ with the original IDX files (default: $HYPERGRADIENT_DATA, "
             "else ~/.cache/hypergradient)"
         ),
     )
-    download: bool = field(default=False, metadata=_help("fetch missing MNIST files (md5-checked)"))
-    n_train: int = field(default=500, metadata=_help("training images (from MNIST's train split)"))
+    download: bool = field(
+        default=False, metadata=help_text("fetch missing MNIST files (md5-checked)")
+    )
+    n_train: int = field(
+        default=500, metadata=help_text("training images (from MNIST's train split)")
+    )
     n_val: int = field(
-        default=2000, metadata=_help("validation images (train split, disjoint from training)")
+        default=2000, metadata=help_text("validation images (train split, disjoint from training)")
     )
     n_test: int = field(
-        default=10_000, metadata=_help("test images: the first n_test of the official test split")
+        default=10_000,
+        metadata=help_text("test images: the first n_test of the official test split"),
     )
     model: str = field(
         default="cnn",
-        metadata=_help(
+        metadata=help_text(
             "classifier: cnn (two strided 5x5 convolutions 16 -> 32, linear head) or mlp "
             "(784 -> 256 -> 10)"
         ),
     )
-    batch_size: int = field(default=100, metadata=_help("training mini-batch size"))
+    batch_size: int = field(default=100, metadata=help_text("training mini-batch size"))
     val_batch_size: int = field(
-        default=200, metadata=_help("validation batch per hyper-step (clean images)")
+        default=200, metadata=help_text("validation batch per hyper-step (clean images)")
     )
     inner_lr: float = field(
-        default=0.05, metadata=_help("SGD learning rate of the classifier (also the Neumann step)")
+        default=0.05,
+        metadata=help_text("SGD learning rate of the classifier (also the Neumann step)"),
     )
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum of the classifier, [0, 1)"))
+    momentum: float = field(
+        default=0.9, metadata=help_text("SGD momentum of the classifier, [0, 1)")
+    )
     lr_schedule: str = field(
         default="cosine",
-        metadata=_help(
+        metadata=help_text(
             "inner learning rate per hyper-step: cosine (from inner_lr down to 5% of it) or "
             "constant; the same schedule in every run"
         ),
     )
-    hyper_every: int = field(default=10, metadata=_help("SGD steps between two hyper-steps"))
+    hyper_every: int = field(default=10, metadata=help_text("SGD steps between two hyper-steps"))
     hyper_steps: int = field(
         default=200,
-        metadata=_help(
+        metadata=help_text(
             "hyper-steps of the learned run; every run trains hyper_steps * hyper_every"
         ),
     )
     transform: str = field(
         default="affine",
-        metadata=_help(
+        metadata=help_text(
             "augmentation net: affine (learned spatial transformer: noise + 7x7 thumbnail -> "
             "per-image affine warp), residual (3-layer conv net adding a bounded residual), both"
         ),
     )
     noise_dim: int = field(
-        default=4, metadata=_help("noise inputs of the augmentation net (0: deterministic)")
+        default=4, metadata=help_text("noise inputs of the augmentation net (0: deterministic)")
     )
     aug_hidden: int = field(
-        default=32, metadata=_help("width of the augmentation net (hidden units / channels)")
+        default=32, metadata=help_text("width of the augmentation net (hidden units / channels)")
     )
     max_warp: float = field(
-        default=0.5, metadata=_help("bound of every learned affine coefficient (tanh), > 0")
+        default=0.5, metadata=help_text("bound of every learned affine coefficient (tanh), > 0")
     )
     max_change: float = field(
-        default=0.5, metadata=_help("bound of the learned residual per pixel (tanh), > 0")
+        default=0.5, metadata=help_text("bound of the learned residual per pixel (tanh), > 0")
     )
     clean_weight: float = field(
         default=0.5,
-        metadata=_help("weight of the clean term in the training loss, [0, 1) (augmented: rest)"),
+        metadata=help_text(
+            "weight of the clean term in the training loss, [0, 1) (augmented: rest)"
+        ),
     )
     hyper_lr: float = field(
-        default=0.003, metadata=_help("Adam learning rate of the augmentation net's weights")
+        default=0.003, metadata=help_text("Adam learning rate of the augmentation net's weights")
     )
     hyper_clip: float = field(
         default=3.0,
-        metadata=_help(
+        metadata=help_text(
             "clip every hypergradient to this total norm before Adam (0: no clipping); one "
             "outlier would otherwise inflate Adam's second moment and freeze the net"
         ),
     )
     solver: str = field(
         default="neumann",
-        metadata=_help(
+        metadata=help_text(
             "implicit linear solver: neumann (stable on the indefinite Hessian of a CNN in "
             "mid-training: it is solver_steps look-ahead SGD steps) or cg (needs damping > 0 "
             "to make that Hessian positive definite; biased by it)"
         ),
     )
     solver_steps: int = field(
-        default=10, metadata=_help("Neumann terms / CG iterations (Hessian-vector products)")
+        default=10, metadata=help_text("Neumann terms / CG iterations (Hessian-vector products)")
     )
     damping: float = field(
-        default=0.0, metadata=_help("damping added to the Hessian (cg needs > 0; neumann: 0)")
+        default=0.0, metadata=help_text("damping added to the Hessian (cg needs > 0; neumann: 0)")
     )
     hand_baseline: bool = field(
-        default=True, metadata=_help("also train with the hand-designed random affine augmentation")
+        default=True,
+        metadata=help_text("also train with the hand-designed random affine augmentation"),
     )
-    hand_shift: float = field(default=2.0, metadata=_help("hand-designed: max shift in pixels"))
+    hand_shift: float = field(default=2.0, metadata=help_text("hand-designed: max shift in pixels"))
     hand_rotation: float = field(
-        default=10.0, metadata=_help("hand-designed: max rotation in degrees")
+        default=10.0, metadata=help_text("hand-designed: max rotation in degrees")
     )
-    hand_scale: float = field(default=0.1, metadata=_help("hand-designed: max relative scaling"))
+    hand_scale: float = field(
+        default=0.1, metadata=help_text("hand-designed: max relative scaling")
+    )
     retrain: bool = field(
         default=False,
-        metadata=_help("also re-train a fresh model with the final learned augmentation frozen"),
+        metadata=help_text(
+            "also re-train a fresh model with the final learned augmentation frozen"
+        ),
     )
     eval_every: int = field(
-        default=20, metadata=_help("hyper-steps between two test-accuracy points of the curves")
+        default=20, metadata=help_text("hyper-steps between two test-accuracy points of the curves")
     )
     seed: int = field(
-        default=0, metadata=_help("seed of the data split, the inits, noise and batch order")
+        default=0, metadata=help_text("seed of the data split, the inits, noise and batch order")
     )
     threads: int = field(
         default=1,
-        metadata=_help(
+        metadata=help_text(
             "torch intra-op threads during the run (0: leave torch's setting); on a busy "
             "2-core machine two threads spin-wait and slow every step down"
         ),
@@ -221,16 +247,7 @@ class AugmentConfig:
         return hyper_step % self.eval_every == 0 or hyper_step == self.hyper_steps
 
     def validate(self) -> None:
-        if self.data_dir is not None:
-            if not isinstance(self.data_dir, str) or not self.data_dir.strip():
-                raise HypergradientError(
-                    f"option 'data_dir': expected a folder path, got {self.data_dir!r}."
-                )
-            if Path(self.data_dir).expanduser().exists() and not Path(self.data_dir).is_dir():
-                raise HypergradientError(
-                    f"option 'data_dir': {self.data_dir!r} is a file, expected a folder (the "
-                    f"one holding mnist/)."
-                )
+        check_data_dir(self.data_dir, holds="mnist/")
         for name in ("download", "hand_baseline", "retrain"):
             if not isinstance(getattr(self, name), bool):
                 raise HypergradientError(
@@ -459,9 +476,7 @@ class _PlainCache:
     def get(self, key: str, compute) -> dict:
         if key not in self.runs:
             self.runs[key] = compute()
-            tmp = self.path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"signature": self.signature, "runs": self.runs}))
-            tmp.replace(self.path)
+            write_json_atomic(self.path, {"signature": self.signature, "runs": self.runs})
         return self.runs[key]
 
 
@@ -501,20 +516,6 @@ class ClippedAdam(torch.optim.Adam):
         return super().step(closure)
 
 
-def _check_resumable(meta_path: Path, meta: dict) -> None:
-    if not meta_path.is_file():
-        return
-    saved = json.loads(meta_path.read_text())
-    changed = [k for k in meta if saved.get(k) != meta[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {meta[k]!r}" for k in changed)
-        raise HypergradientError(
-            f"--resume: the checkpoint in {str(meta_path.parent)!r} was made with other options "
-            f"({diffs}); resume with the run folder's config.toml (--config), or start over "
-            f"without --resume or in a new --out folder."
-        )
-
-
 def build_trainer(
     config: AugmentConfig, data: Split, *, log_dir: Path | None = None, callbacks=()
 ) -> BilevelTrainer:
@@ -542,14 +543,8 @@ def run_learned(
 ) -> tuple[BilevelTrainer, dict[str, Any]]:
     """The bilevel run; checkpoint after every hyper-step in ``run_dir/checkpoint.pt``."""
     checkpoint = run_dir / "checkpoint.pt"
-    meta_path = run_dir / "checkpoint_options.json"
     meta = {k: getattr(config, k) for k in _RESUME_KEYS}
-    if resume and checkpoint.is_file():
-        _check_resumable(meta_path, meta)
-    else:  # a fresh run: stale files of an earlier run in this folder would mix in
-        for stale in (checkpoint, run_dir / "hyper_steps.jsonl"):
-            stale.unlink(missing_ok=True)
-    meta_path.write_text(json.dumps(meta))
+    resume_or_start_over(run_dir, meta, resume=resume, stale=["hyper_steps.jsonl"])
 
     def schedule_and_evaluate(trainer: BilevelTrainer, record: dict) -> None:
         # the record is the one kept in trainer.history: it lands in the checkpoint
@@ -660,14 +655,10 @@ class AugmentRecipe(AbstractRecipe):
 
     def run(self, config, run_dir, *, resume, progress, console):
         config.validate()
-        old_threads = torch.get_num_threads()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        try:
-            run_dir = Path(run_dir)
-            return self._run(config, run_dir, resume=resume, progress=progress, console=console)
-        finally:
-            torch.set_num_threads(old_threads)
+        with torch_threads(config.threads):
+            return self._run(
+                config, Path(run_dir), resume=resume, progress=progress, console=console
+            )
 
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -676,14 +667,8 @@ class AugmentRecipe(AbstractRecipe):
         if resume and not (run_dir / "checkpoint.pt").is_file():
             console.print(f"no checkpoint in {run_dir}: starting from the beginning")
         cache = _PlainCache(config, run_dir, resume)
-        columns = (
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
         runs: dict[str, dict] = {}
-        with Progress(*columns, console=console, disable=not progress) as bar:
+        with progress_bar(console, progress) as bar:
 
             def advance(task):
                 return lambda n: bar.advance(task, n)
@@ -720,11 +705,7 @@ class AugmentRecipe(AbstractRecipe):
         results = {
             "recipe": self.name,
             "config": asdict(config),
-            "machine": {
-                "platform": platform.platform(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-            },
+            "machine": machine(),
             "data": {
                 "n_train": len(data.y_train),
                 "n_val": len(data.y_val),
@@ -776,19 +757,10 @@ def results_table(results: dict) -> Table:
     return table
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 @torch.no_grad()
 def _plot_examples(config, kind, hparams, data: Split, path: Path) -> None:
     """One training image per class: clean, three learned draws, one hand-designed draw."""
-    plt = _pyplot()
+    plt = pyplot()
     idx = [int((data.y_train == c).nonzero()[0]) for c in range(10) if (data.y_train == c).any()]
     x = data.x_train[idx]
     generator = torch.Generator().manual_seed(config.seed + 3)
@@ -812,7 +784,7 @@ def _plot_examples(config, kind, hparams, data: Split, path: Path) -> None:
 
 
 def _plot_curves(results: dict, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
     styles = {"none": "k", "hand": "0.55", "learned": "C0", "retrain": "C1"}
     for key, run in results["runs"].items():

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -53,8 +51,19 @@ from ..hypergrad.methods import Unrolled
 from ..hypergrad.unrolled import unrolled_hypergrad
 from ..problem import as_function
 from ..train.loop import BilevelTrainer
-from ._base import AbstractRecipe, register_recipe, write_results
-from ._config import check_choice, check_positive, check_positive_int
+from ._base import (
+    AbstractRecipe,
+    check_resumable,
+    load_checkpoint,
+    machine,
+    progress_bar,
+    pyplot,
+    register_recipe,
+    save_atomic,
+    torch_threads,
+    write_results,
+)
+from ._config import check_choice, check_positive, check_positive_int, help_text
 
 _DATASETS = ("mnist", "digits")
 _MODELS = ("linear", "mlp")
@@ -84,6 +93,18 @@ class _Data:
     @property
     def features(self) -> int:
         return self.x_train.shape[1]
+
+    def synthetic(self, **options: Any) -> DistilledData:
+        """A :class:`~hypergradient.hparams.DistilledData` of flattened images and these
+        classes, initialised from (or compared with) this training set; ``options`` are its
+        keyword arguments (``per_class``, ``init_from``, ``seed``, ...)."""
+        return DistilledData(
+            self.num_classes,
+            (self.features,),
+            real_x=self.x_train,
+            real_y=self.y_train,
+            **options,
+        )
 
 
 def _load(dataset: str, data_dir: str | None, fallback: bool, seed: int, console) -> _Data:
@@ -152,33 +173,7 @@ class _Batches:
             yield self.x[idx], self.y[idx]
 
 
-def _machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
 # ============================================================================ cold start
-
-
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to ``path.tmp`` then ``os.replace``: a kill mid-write keeps the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        return torch.load(path, weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which
-        raise HypergradientError(
-            f"distill: could not read the checkpoint {str(path)!r} ({type(err).__name__}: "
-            f"{err}). Delete it to start over."
-        ) from None
 
 
 class ColdStartDistiller:
@@ -324,13 +319,13 @@ class ColdStartDistiller:
         what it adds to ``self.history[-1]`` is saved too).
         """
         if resume and checkpoint is not None and Path(checkpoint).exists():
-            self.load_state_dict(_load_checkpoint(Path(checkpoint)))
+            self.load_state_dict(load_checkpoint(Path(checkpoint), "distill"))
         while self.step < hyper_steps:
             self.hyper_step()
             if on_step is not None:  # may annotate self.history[-1] before it is saved
                 on_step(self)
             if checkpoint is not None:
-                _save_atomic(self.state_dict(), Path(checkpoint))
+                save_atomic(self.state_dict(), Path(checkpoint))
         return self.history
 
 
@@ -339,32 +334,10 @@ def _check_resume(run_dir: Path, cfg, free: tuple[str, ...], resume: bool) -> No
     more hyper-steps, another evaluation); record this run's options for the next resume."""
     path = run_dir / "resume_options.json"
     options = {k: v for k, v in asdict(cfg).items() if k not in free and k != "threads"}
-    if resume and path.is_file():
-        saved = json.loads(path.read_text())
-        changed = [k for k in options if saved.get(k) != options[k]]
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {options[k]!r}" for k in changed)
-            raise HypergradientError(
-                f"--resume: the checkpoint in {str(run_dir)!r} was made with other options "
-                f"({diffs}); resume with the run folder's config.toml (--config), or start "
-                f"over without --resume or in a new --out folder."
-            )
+    if resume:
+        check_resumable(path, options)
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(options, indent=1))
-
-
-class _Threads:
-    """``torch.set_num_threads(n)`` for a ``with`` block (``n = 0``: unchanged)."""
-
-    def __init__(self, n: int):
-        self.n, self.old = n, torch.get_num_threads()
-
-    def __enter__(self):
-        if self.n > 0:
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.old)
 
 
 def _fit_trainer(trainer: BilevelTrainer, hyper_steps: int, path: Path, resume: bool) -> None:
@@ -372,14 +345,14 @@ def _fit_trainer(trainer: BilevelTrainer, hyper_steps: int, path: Path, resume: 
     JSON string (``BilevelTrainer.save_checkpoint`` pickles it record by record, which costs
     O(steps) per save and dominated a 2000-step run)."""
     if resume and path.is_file():
-        state = _load_checkpoint(path)
+        state = load_checkpoint(path, "distill")
         state["history"] = json.loads(state["history"])
         trainer.load_state_dict(state)
     while trainer.hyper_step < hyper_steps:
         trainer.step()
         state = trainer.state_dict()
         state["history"] = json.dumps(trainer.history)
-        _save_atomic(state, path)
+        save_atomic(state, path)
 
 
 # ============================================================================ plots
@@ -388,11 +361,7 @@ def _fit_trainer(trainer: BilevelTrainer, hyper_steps: int, path: Path, resume: 
 def _plot_images(hyper: DistilledData, hparams, side: int, path: Path, title: str) -> None:
     """The synthetic images as one grid (10 per row), each scaled to its own range, titled
     with its soft label's arg-max and probability."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     images = hparams[IMAGES].detach().double().reshape(-1, side, side)
     probs = (
         torch.softmax(hparams[LABELS].detach().double(), -1)
@@ -439,11 +408,7 @@ def _plot_comparison(
 ) -> None:
     """Bars of test accuracy; and per run, its outer loss (running mean over 20 hyper-steps)
     and, where recorded (``"test_acc"``), the test accuracy along the way."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.4))
     ax1.bar(range(len(bars)), [b[1] for b in bars], yerr=[b[2] for b in bars], capsize=4)
     for i, b in enumerate(bars):
@@ -484,19 +449,6 @@ def _plot_comparison(
     plt.close(fig)
 
 
-def _progress(progress: bool, console: Console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    return Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not progress,
-    )
-
-
 def _check_common(cfg, where: str) -> None:
     check_choice("dataset", cfg.dataset, _DATASETS)
     check_positive_int("seed", cfg.seed, minimum=0)
@@ -517,71 +469,71 @@ class DistillConfig:
     """Options of ``hypergradient distill`` (defaults: about a minute on 2 CPU cores)."""
 
     dataset: str = field(
-        default="mnist", metadata={"help": "real data: 'mnist' (from data_dir) or 'digits' (8x8)"}
+        default="mnist", metadata=help_text("real data: 'mnist' (from data_dir) or 'digits' (8x8)")
     )
     data_dir: str | None = field(
         default=None,
-        metadata={"help": "folder holding mnist/ (default: hypergradient's data folder)"},
+        metadata=help_text("folder holding mnist/ (default: hypergradient's data folder)"),
     )
     fallback_to_digits: bool = field(
-        default=False, metadata={"help": "use digits when the MNIST files are not found"}
+        default=False, metadata=help_text("use digits when the MNIST files are not found")
     )
     images_per_class: int = field(
-        default=1, metadata={"help": "synthetic images per class (10 classes)"}
+        default=1, metadata=help_text("synthetic images per class (10 classes)")
     )
     init_images: str = field(
         default="real",
-        metadata={"help": "start the synthetic images from random 'real' images or 'noise'"},
+        metadata=help_text("start the synthetic images from random 'real' images or 'noise'"),
     )
     learn_labels: bool = field(
-        default=True, metadata={"help": "learn soft labels (logits) along with the pixels"}
+        default=True, metadata=help_text("learn soft labels (logits) along with the pixels")
     )
     model: str = field(
-        default="linear", metadata={"help": "'linear' (softmax regression) or 'mlp' (one hidden)"}
+        default="linear", metadata=help_text("'linear' (softmax regression) or 'mlp' (one hidden)")
     )
-    hidden: int = field(default=128, metadata={"help": "hidden width of the mlp"})
+    hidden: int = field(default=128, metadata=help_text("hidden width of the mlp"))
     param_init: str = field(
         default="random",
-        metadata={
-            "help": "inner initialisation per hyper-step: 'random' (fresh draw every step), "
+        metadata=help_text(
+            "inner initialisation per hyper-step: 'random' (fresh draw every step), "
             "'fixed' (one draw) or 'zeros'"
-        },
+        ),
     )
     method: str = field(
         default="cold",
-        metadata={
-            "help": "'cold': differentiate through inner_steps SGD steps from a fresh init "
+        metadata=help_text(
+            "'cold': differentiate through inner_steps SGD steps from a fresh init "
             "every hyper-step (the standard); 'warm': BilevelTrainer warm start"
-        },
+        ),
     )
     inner_steps: int = field(
         default=10,
-        metadata={
-            "help": "SGD steps on the synthetic data: unrolled per hyper-step (cold), the "
+        metadata=help_text(
+            "SGD steps on the synthetic data: unrolled per hyper-step (cold), the "
             "look-ahead (warm), and the retraining that evaluates the data"
-        },
+        ),
     )
-    inner_lr: float = field(default=0.2, metadata={"help": "SGD learning rate of those steps"})
-    hyper_steps: int = field(default=1000, metadata={"help": "hyper-steps (Adam on the pixels)"})
-    hyper_lr: float = field(default=0.05, metadata={"help": "Adam learning rate of hyper-steps"})
+    inner_lr: float = field(default=0.2, metadata=help_text("SGD learning rate of those steps"))
+    hyper_steps: int = field(default=1000, metadata=help_text("hyper-steps (Adam on the pixels)"))
+    hyper_lr: float = field(default=0.05, metadata=help_text("Adam learning rate of hyper-steps"))
     batch_size: int = field(
-        default=512, metadata={"help": "real training examples per hyper-step (outer loss)"}
+        default=512, metadata=help_text("real training examples per hyper-step (outer loss)")
     )
     hyper_every: int = field(
-        default=1, metadata={"help": "method='warm' only: inner SGD steps between hyper-steps"}
+        default=1, metadata=help_text("method='warm' only: inner SGD steps between hyper-steps")
     )
     eval_seeds: int = field(
         default=5,
-        metadata={"help": "fresh random inits retrained on each data set (for evaluation)"},
+        metadata=help_text("fresh random inits retrained on each data set (for evaluation)"),
     )
     baseline_draws: int = field(
-        default=5, metadata={"help": "draws of random real images for the baseline"}
+        default=5, metadata=help_text("draws of random real images for the baseline")
     )
     eval_every: int = field(
-        default=50, metadata={"help": "hyper-steps between test-accuracy evaluations (curve)"}
+        default=50, metadata=help_text("hyper-steps between test-accuracy evaluations (curve)")
     )
-    seed: int = field(default=0, metadata={"help": "random seed (data order, initialisations)"})
-    threads: int = field(default=1, metadata={"help": _THREADS_HELP})
+    seed: int = field(default=0, metadata=help_text("random seed (data order, initialisations)"))
+    threads: int = field(default=1, metadata=help_text(_THREADS_HELP))
 
     def validate(self) -> None:
         _check_common(self, "distill")
@@ -626,13 +578,9 @@ def _real_baseline(cfg, data: _Data, model, *, steps: int, init: str, seeds) -> 
     """Random real images (images_per_class per class, hard labels), same training."""
     per_draw = []
     for draw in range(cfg.baseline_draws):
-        real = DistilledData(
-            data.num_classes,
-            (data.features,),
+        real = data.synthetic(
             per_class=cfg.images_per_class,
             init_from="real",
-            real_x=data.x_train,
-            real_y=data.y_train,
             learn_labels=False,
             seed=10_000 + 100 * cfg.seed + draw,
         )
@@ -689,7 +637,7 @@ class DistillRecipe(AbstractRecipe):
         _check_resume(
             run_dir, config, ("hyper_steps", "eval_seeds", "baseline_draws", "eval_every"), resume
         )
-        with _Threads(config.threads):
+        with torch_threads(config.threads):
             return self._run(config, run_dir, resume, progress, console or Console())
 
     def _run(
@@ -700,13 +648,9 @@ class DistillRecipe(AbstractRecipe):
         model = _make_model(cfg.model, data, cfg.hidden, cfg.seed)
         init_for_step, eval_init, eval_seeds = _init_schedule(cfg, model)
         train_start = time.perf_counter()
-        hyper = DistilledData(
-            data.num_classes,
-            (data.features,),
+        hyper = data.synthetic(
             per_class=cfg.images_per_class,
             init_from=cfg.init_images,
-            real_x=data.x_train,
-            real_y=data.y_train,
             learn_labels=cfg.learn_labels,
             seed=cfg.seed,
         )
@@ -740,7 +684,7 @@ class DistillRecipe(AbstractRecipe):
             )
 
         online: dict[str, Any] | None = None
-        with _progress(progress, console) as bar:
+        with progress_bar(console, progress) as bar:
             task = bar.add_task(f"distill ({cfg.method} start)", total=cfg.hyper_steps)
             if cfg.method == "cold":
                 distiller = ColdStartDistiller(
@@ -820,7 +764,7 @@ class DistillRecipe(AbstractRecipe):
         results = {
             "recipe": "distill",
             "config": asdict(cfg),
-            "machine": _machine(),
+            "machine": machine(),
             "dataset": {
                 "name": data.name,
                 "train": len(data.x_train),
@@ -897,39 +841,41 @@ class WarmColdConfig:
     """Options of ``hypergradient distill-warm-cold`` (Vicol et al. 2022 at CPU scale)."""
 
     dataset: str = field(
-        default="digits", metadata={"help": "real data: 'digits' (8x8, the CPU target) or 'mnist'"}
+        default="digits", metadata=help_text("real data: 'digits' (8x8, the CPU target) or 'mnist'")
     )
     data_dir: str | None = field(
-        default=None, metadata={"help": "folder holding mnist/ (dataset='mnist' only)"}
+        default=None, metadata=help_text("folder holding mnist/ (dataset='mnist' only)")
     )
     fallback_to_digits: bool = field(
-        default=False, metadata={"help": "use digits when the MNIST files are not found"}
+        default=False, metadata=help_text("use digits when the MNIST files are not found")
     )
-    per_class: int = field(default=1, metadata={"help": "synthetic examples per class"})
+    per_class: int = field(default=1, metadata=help_text("synthetic examples per class"))
     num_examples: int | None = field(
         default=None,
-        metadata={"help": "total synthetic examples instead of per_class (1: a single one)"},
+        metadata=help_text("total synthetic examples instead of per_class (1: a single one)"),
     )
     init_images: str = field(
-        default="real", metadata={"help": "initial synthetic examples: 'real' or 'noise'"}
+        default="real", metadata=help_text("initial synthetic examples: 'real' or 'noise'")
     )
-    inner_lr: float = field(default=0.1, metadata={"help": "SGD learning rate of the linear model"})
-    hyper_lr: float = field(default=0.01, metadata={"help": "Adam learning rate on the data"})
+    inner_lr: float = field(
+        default=0.1, metadata=help_text("SGD learning rate of the linear model")
+    )
+    hyper_lr: float = field(default=0.01, metadata=help_text("Adam learning rate on the data"))
     warm_steps: int = field(
-        default=2000, metadata={"help": "warm start: hyper-steps (one inner step each)"}
+        default=2000, metadata=help_text("warm start: hyper-steps (one inner step each)")
     )
     lookahead: int = field(
-        default=1, metadata={"help": "warm start: unrolled look-ahead steps per hypergradient"}
+        default=1, metadata=help_text("warm start: unrolled look-ahead steps per hypergradient")
     )
-    cold_steps: int = field(default=300, metadata={"help": "cold start: hyper-steps"})
+    cold_steps: int = field(default=300, metadata=help_text("cold start: hyper-steps"))
     cold_inner_steps: int = field(
-        default=20, metadata={"help": "cold start: SGD steps from zero, unrolled, per hyper-step"}
+        default=20, metadata=help_text("cold start: SGD steps from zero, unrolled, per hyper-step")
     )
     retrain_steps: int = field(
-        default=200, metadata={"help": "SGD steps from zero when retraining on warm-start data"}
+        default=200, metadata=help_text("SGD steps from zero when retraining on warm-start data")
     )
-    seed: int = field(default=0, metadata={"help": "random seed"})
-    threads: int = field(default=1, metadata={"help": _THREADS_HELP})
+    seed: int = field(default=0, metadata=help_text("random seed"))
+    threads: int = field(default=1, metadata=help_text(_THREADS_HELP))
 
     def validate(self) -> None:
         _check_common(self, "distill-warm-cold")
@@ -980,7 +926,7 @@ class WarmColdRecipe(AbstractRecipe):
         config.validate()
         run_dir = Path(run_dir)
         _check_resume(run_dir, config, ("warm_steps", "cold_steps", "retrain_steps"), resume)
-        with _Threads(config.threads):
+        with torch_threads(config.threads):
             return self._run(config, run_dir, resume, progress, console or Console())
 
     def _run(
@@ -990,14 +936,10 @@ class WarmColdRecipe(AbstractRecipe):
         data = _load(cfg.dataset, cfg.data_dir, cfg.fallback_to_digits, cfg.seed, console)
 
         def kind() -> DistilledData:
-            return DistilledData(
-                data.num_classes,
-                (data.features,),
+            return data.synthetic(
                 per_class=cfg.per_class,
                 num_examples=cfg.num_examples,
                 init_from=cfg.init_images,
-                real_x=data.x_train,
-                real_y=data.y_train,
                 noise_std=0.1,
                 seed=cfg.seed,
             )
@@ -1025,7 +967,7 @@ class WarmColdRecipe(AbstractRecipe):
 
         # full batch on digits (as the CPU target), batches of 1000 on MNIST
         loader = _Batches(data.x_train, data.y_train, 1000 if data.name == "mnist" else 10**9)
-        with _progress(progress, console) as bar:
+        with progress_bar(console, progress) as bar:
             task = bar.add_task("warm start", total=cfg.warm_steps)
             trainer = BilevelTrainer(
                 model,
@@ -1106,7 +1048,7 @@ class WarmColdRecipe(AbstractRecipe):
         results = {
             "recipe": "distill-warm-cold",
             "config": asdict(cfg),
-            "machine": _machine(),
+            "machine": machine(),
             "dataset": {"name": data.name, "train": len(data.x_train), "test": len(xt)},
             "num_examples": warm_kind.size,
             "rows": table_rows,

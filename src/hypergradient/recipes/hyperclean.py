@@ -46,36 +46,37 @@ Adam state, step, history, RNG; written atomically after every hyper-step) and
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from .._errors import HypergradientError
 from ..data import Split, add_label_noise, load_digits_split, load_mnist, to_float_split
 from ..hparams.example_weights import ExampleWeights
 from ..hypergrad.unrolled import unrolled_hypergrad
-from ._base import AbstractRecipe, register_recipe, write_results
-from ._config import check_choice, check_fraction, check_positive, check_positive_int
+from ._base import (
+    AbstractRecipe,
+    load_checkpoint,
+    machine,
+    progress_bar,
+    pyplot,
+    register_recipe,
+    resume_or_start_over,
+    save_atomic,
+    write_results,
+)
+from ._config import check_choice, check_fraction, check_positive, check_positive_int, help_text
 
 _DATASETS = ("mnist", "digits")
 _DIGITS_TOTAL, _DIGITS_MIN_TEST = 1797, 100
 _MNIST_TRAIN_TOTAL, _MNIST_TEST_TOTAL = 60_000, 10_000
 # dataset -> (n_train, n_val, n_test) when the options are none (n_test None: all the rest)
 DEFAULT_SIZES = {"mnist": (5000, 1000, 10_000), "digits": (600, 200, None)}
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
 
 
 # ----------------------------------------------------------------------------- shared data
@@ -88,6 +89,45 @@ class NoisyData:
     split: Split  # split.y_train holds the NOISY labels
     clean: torch.Tensor
     flipped: torch.Tensor  # bool (n_train,)
+
+
+@dataclass
+class NoisyDataOptions:
+    """The data options of the noisy-label recipes (``hyper-clean``, ``reweight``): what
+    :func:`check_data_options` checks and :func:`load_noisy_data` reads.  The defaults are
+    hyper-clean's; a recipe with other default sizes or noise re-declares those fields (a
+    re-declared field keeps its place, so the options list in the same order)."""
+
+    dataset: str = field(
+        default="mnist",
+        metadata=help_text(
+            "mnist (original IDX files in data_dir) or digits (scikit-learn's 8x8 digits, "
+            "shipped, no download)"
+        ),
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata=help_text(
+            "folder holding mnist/ (default: $HYPERGRADIENT_DATA, else ~/.cache/hypergradient)"
+        ),
+    )
+    download: bool = field(
+        default=False, metadata=help_text("fetch missing MNIST files (md5-checked)")
+    )
+    n_train: int | None = field(
+        default=None, metadata=help_text("training examples (none: 5000 mnist, 600 digits)")
+    )
+    n_val: int | None = field(
+        default=None,
+        metadata=help_text("clean validation examples (none: 1000 mnist, 200 digits)"),
+    )
+    n_test: int | None = field(
+        default=None,
+        metadata=help_text("test examples (none: the 10000 MNIST test images; the rest of digits)"),
+    )
+    noise: float = field(
+        default=0.5, metadata=help_text("fraction of training labels flipped to another class")
+    )
 
 
 def dataset_sizes(
@@ -222,102 +262,35 @@ def detection_scores(flagged: torch.Tensor, flipped: torch.Tensor) -> dict[str, 
     }
 
 
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def progress_bar(console, progress: bool) -> Progress:
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    return Progress(*columns, console=console, disable=not progress)
-
-
-def check_resumable(meta_path: Path, meta: dict) -> None:
-    """Refuse to resume a checkpoint made with other options (``meta`` vs the saved ones)."""
-    if not meta_path.is_file():
-        return
-    saved = json.loads(meta_path.read_text())
-    changed = [k for k in meta if saved.get(k) != meta[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {meta[k]!r}" for k in changed)
-        raise HypergradientError(
-            f"--resume: the checkpoint in {str(meta_path.parent)!r} was made with other options "
-            f"({diffs}); resume with the run folder's config.toml (--config), or start over "
-            f"without --resume or in a new --out folder."
-        )
-
-
-def machine() -> dict[str, Any]:
-    return {
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
 # ----------------------------------------------------------------------------- config
 
 
 @dataclass
-class HyperCleanConfig:
+class HyperCleanConfig(NoisyDataOptions):
     """Options of ``hypergradient hyper-clean`` (defaults: 1-2 minutes on 2 CPU cores)."""
 
-    dataset: str = field(
-        default="mnist",
-        metadata=_help(
-            "mnist (original IDX files in data_dir; Franceschi et al.'s setup) or digits "
-            "(scikit-learn's 8x8 digits, shipped, no download)"
-        ),
-    )
-    data_dir: str | None = field(
-        default=None,
-        metadata=_help(
-            "folder holding mnist/ (default: $HYPERGRADIENT_DATA, else ~/.cache/hypergradient)"
-        ),
-    )
-    download: bool = field(default=False, metadata=_help("fetch missing MNIST files (md5-checked)"))
-    n_train: int | None = field(
-        default=None, metadata=_help("training examples (none: 5000 mnist, 600 digits)")
-    )
-    n_val: int | None = field(
-        default=None, metadata=_help("clean validation examples (none: 1000 mnist, 200 digits)")
-    )
-    n_test: int | None = field(
-        default=None,
-        metadata=_help("test examples (none: the 10000 MNIST test images; the rest of digits)"),
-    )
-    noise: float = field(
-        default=0.5, metadata=_help("fraction of training labels flipped to another class")
-    )
     hidden: int = field(
         default=0,
-        metadata=_help("hidden width of a tanh MLP; 0: linear softmax regression (the paper's)"),
+        metadata=help_text(
+            "hidden width of a tanh MLP; 0: linear softmax regression (the paper's)"
+        ),
     )
     inner_steps: int = field(
         default=50,
-        metadata=_help("full-batch gradient steps of every training run (T of the unroll)"),
+        metadata=help_text("full-batch gradient steps of every training run (T of the unroll)"),
     )
-    inner_lr: float = field(default=0.5, metadata=_help("gradient-descent step of the model"))
+    inner_lr: float = field(default=0.5, metadata=help_text("gradient-descent step of the model"))
     l2: float = field(
-        default=1e-3, metadata=_help("L2 penalty (mu/2)|W|^2 on the weight matrices (>= 0)")
+        default=1e-3, metadata=help_text("L2 penalty (mu/2)|W|^2 on the weight matrices (>= 0)")
     )
     max_weight: float = field(
         default=2.0,
-        metadata=_help("largest example weight m: w_i = m sigmoid(lambda_i), initially 1"),
+        metadata=help_text("largest example weight m: w_i = m sigmoid(lambda_i), initially 1"),
     )
-    hyper_steps: int = field(default=20, metadata=_help("hyper-steps (one unrolled run each)"))
-    hyper_lr: float = field(default=0.3, metadata=_help("Adam learning rate of the logits"))
+    hyper_steps: int = field(default=20, metadata=help_text("hyper-steps (one unrolled run each)"))
+    hyper_lr: float = field(default=0.3, metadata=help_text("Adam learning rate of the logits"))
     seed: int = field(
-        default=0, metadata=_help("seed of the data split, the label noise and the init")
+        default=0, metadata=help_text("seed of the data split, the label noise and the init")
     )
 
     def validate(self) -> None:
@@ -401,26 +374,6 @@ def accuracy(params, x, y) -> float:
     return float((forward(params, x).argmax(1) == y).double().mean())
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary file, then ``os.replace``: a kill leaves the old file."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict:
-    try:
-        return torch.load(path, weights_only=False)
-    except Exception as err:  # a truncated or foreign file: say which
-        raise HypergradientError(
-            f"--resume: could not read the checkpoint {str(path)!r} ({type(err).__name__}: "
-            f"{err}). Delete it to start over."
-        ) from None
-
-
 # ----------------------------------------------------------------------------- the recipe
 
 
@@ -465,11 +418,9 @@ class HyperCleanRecipe(AbstractRecipe):
         hyper_opt = torch.optim.Adam([lam], lr=config.hyper_lr)
         history: list[dict[str, float]] = []
         checkpoint = run_dir / "checkpoint.pt"
-        meta_path = run_dir / "checkpoint_options.json"
         meta = {k: getattr(config, k) for k in _RESUME_KEYS}
-        if resume and checkpoint.is_file():
-            check_resumable(meta_path, meta)
-            state = load_checkpoint(checkpoint)
+        if resume_or_start_over(run_dir, meta, resume=resume):
+            state = load_checkpoint(checkpoint, "--resume")
             if state["hparams"]["example_weights"].shape != lam.shape:
                 raise HypergradientError(
                     f"--resume: the checkpoint in {str(run_dir)!r} holds "
@@ -481,11 +432,8 @@ class HyperCleanRecipe(AbstractRecipe):
             hyper_opt.load_state_dict(state["hyper_optimizer"])
             history = list(state["history"])
             torch.set_rng_state(state["rng"])
-        else:
-            if resume:
-                console.print(f"no checkpoint in {run_dir}: starting from the beginning")
-            checkpoint.unlink(missing_ok=True)
-        meta_path.write_text(json.dumps(meta))
+        elif resume:
+            console.print(f"no checkpoint in {run_dir}: starting from the beginning")
 
         # ---- hyper-steps: one cold-started unrolled run each
         with progress_bar(console, progress) as bar:
@@ -530,8 +478,7 @@ class HyperCleanRecipe(AbstractRecipe):
                         **described,
                     }
                 )
-                save_checkpoint(
-                    checkpoint,
+                save_atomic(
                     {
                         "hparams": {"example_weights": lam.detach().clone()},
                         "hyper_optimizer": hyper_opt.state_dict(),
@@ -539,6 +486,7 @@ class HyperCleanRecipe(AbstractRecipe):
                         "history": history,
                         "rng": torch.get_rng_state(),
                     },
+                    checkpoint,
                 )
                 bar.update(task, completed=len(history))
 

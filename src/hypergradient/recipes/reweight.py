@@ -30,7 +30,6 @@ learned weight function over the losses of clean and flipped examples), ``checkp
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,21 +46,17 @@ from ..hparams.example_weights import indexed_loader
 from ..hparams.reweight_net import LossReweightNet
 from ..hypergrad.methods import Unrolled
 from ..train import BatchStream, BilevelTrainer
-from ._base import AbstractRecipe, register_recipe, write_results
-from ._config import check_positive, check_positive_int
-from .hyperclean import (
-    check_data_options,
-    check_resumable,
-    load_noisy_data,
+from ._base import (
+    AbstractRecipe,
     machine,
     progress_bar,
     pyplot,
+    register_recipe,
+    resume_or_start_over,
+    write_results,
 )
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
+from ._config import check_positive, check_positive_int, help_text
+from .hyperclean import NoisyDataOptions, check_data_options, load_noisy_data
 
 # dataset -> (n_train, n_val, n_test) when the options are none (n_test None: all the rest).
 # Digits: 600 training examples are memorised (labels and noise) within ~100 SGD steps,
@@ -70,66 +65,50 @@ DEFAULT_SIZES = {"mnist": (5000, 1000, 10_000), "digits": (1200, 300, None)}
 
 
 @dataclass
-class ReweightConfig:
+class ReweightConfig(NoisyDataOptions):
     """Options of ``hypergradient reweight`` (defaults: about a minute on 2 CPU cores)."""
 
-    dataset: str = field(
-        default="mnist",
-        metadata=_help(
-            "mnist (original IDX files in data_dir) or digits (scikit-learn's 8x8 digits, "
-            "shipped, no download)"
-        ),
-    )
-    data_dir: str | None = field(
-        default=None,
-        metadata=_help(
-            "folder holding mnist/ (default: $HYPERGRADIENT_DATA, else ~/.cache/hypergradient)"
-        ),
-    )
-    download: bool = field(default=False, metadata=_help("fetch missing MNIST files (md5-checked)"))
+    # hyper-clean's data options (NoisyDataOptions) with more digits examples and less noise
     n_train: int | None = field(
-        default=None, metadata=_help("training examples (none: 5000 mnist, 1200 digits)")
+        default=None, metadata=help_text("training examples (none: 5000 mnist, 1200 digits)")
     )
     n_val: int | None = field(
-        default=None, metadata=_help("clean validation examples (none: 1000 mnist, 300 digits)")
-    )
-    n_test: int | None = field(
         default=None,
-        metadata=_help("test examples (none: the 10000 MNIST test images; the rest of digits)"),
+        metadata=help_text("clean validation examples (none: 1000 mnist, 300 digits)"),
     )
     noise: float = field(
-        default=0.4, metadata=_help("fraction of training labels flipped to another class")
+        default=0.4, metadata=help_text("fraction of training labels flipped to another class")
     )
     hidden: int = field(
-        default=100, metadata=_help("hidden width of the ReLU MLP classifier; 0: linear")
+        default=100, metadata=help_text("hidden width of the ReLU MLP classifier; 0: linear")
     )
-    batch_size: int = field(default=100, metadata=_help("training and validation mini-batch"))
-    lr: float = field(default=0.1, metadata=_help("SGD learning rate of the classifier"))
-    momentum: float = field(default=0.9, metadata=_help("SGD momentum of the classifier"))
+    batch_size: int = field(default=100, metadata=help_text("training and validation mini-batch"))
+    lr: float = field(default=0.1, metadata=help_text("SGD learning rate of the classifier"))
+    momentum: float = field(default=0.9, metadata=help_text("SGD momentum of the classifier"))
     hyper_steps: int = field(
         default=1000,
-        metadata=_help("hyper-steps; every run takes hyper_steps * hyper_every SGD steps"),
+        metadata=help_text("hyper-steps; every run takes hyper_steps * hyper_every SGD steps"),
     )
-    hyper_every: int = field(default=1, metadata=_help("SGD steps between two hyper-steps"))
+    hyper_every: int = field(default=1, metadata=help_text("SGD steps between two hyper-steps"))
     lookahead: int = field(
-        default=1, metadata=_help("virtual SGD steps differentiated per hyper-step")
+        default=1, metadata=help_text("virtual SGD steps differentiated per hyper-step")
     )
     net_hidden: int = field(
-        default=100, metadata=_help("hidden width of the weight network 1 -> h -> 1")
+        default=100, metadata=help_text("hidden width of the weight network 1 -> h -> 1")
     )
     hyper_lr: float = field(
-        default=1e-4, metadata=_help("Adam learning rate of the weight network")
+        default=1e-4, metadata=help_text("Adam learning rate of the weight network")
     )
     normalize: bool = field(
         default=False,
-        metadata=_help("divide the weighted batch loss by the sum of the weights, not by B"),
+        metadata=help_text("divide the weighted batch loss by the sum of the weights, not by B"),
     )
     eval_every: int = field(
-        default=50, metadata=_help("hyper-steps between evaluations on validation and test")
+        default=50, metadata=help_text("hyper-steps between evaluations on validation and test")
     )
     seed: int = field(
         default=0,
-        metadata=_help("seed of the data split, the label noise, the inits and batch order"),
+        metadata=help_text("seed of the data split, the label noise, the inits and batch order"),
     )
 
     @property
@@ -249,15 +228,10 @@ class ReweightRecipe(AbstractRecipe):
             hidden=config.net_hidden, seed=config.seed, normalize=config.normalize
         )
         checkpoint = run_dir / "checkpoint.pt"
-        meta_path = run_dir / "checkpoint_options.json"
         meta = {k: getattr(config, k) for k in _RESUME_KEYS}
-        if resume and checkpoint.is_file():
-            check_resumable(meta_path, meta)
-        else:
-            if resume:
-                console.print(f"no checkpoint in {run_dir}: starting from the beginning")
-            checkpoint.unlink(missing_ok=True)
-        meta_path.write_text(json.dumps(meta))
+        resuming = resume_or_start_over(run_dir, meta, resume=resume)
+        if resume and not resuming:
+            console.print(f"no checkpoint in {run_dir}: starting from the beginning")
 
         with progress_bar(console, progress) as bar:
             task = bar.add_task("Meta-Weight-Net (hyper-steps)", total=config.hyper_steps)

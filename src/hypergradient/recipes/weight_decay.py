@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -43,7 +42,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -53,8 +51,18 @@ from ..data import Split, load_digits_split, load_fashion_mnist, load_mnist, to_
 from ..hparams import WeightDecay
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit, Unrolled
 from ..train import BatchStream, BilevelTrainer
-from ._base import AbstractRecipe, register_recipe, write_results
-from ._config import check_choice, check_positive, check_positive_int
+from ._base import (
+    AbstractRecipe,
+    machine,
+    progress_bar,
+    pyplot,
+    register_recipe,
+    resume_or_start_over,
+    torch_threads,
+    write_json_atomic,
+    write_results,
+)
+from ._config import check_choice, check_data_dir, check_positive, check_positive_int, help_text
 
 _DATASETS = ("digits", "mnist", "fashion-mnist")
 _SOLVERS = ("neumann", "cg", "exact", "identity", "minres", "gmres")
@@ -65,91 +73,98 @@ _MNIST_TRAIN_TOTAL = 60_000
 _CURVE_POINTS = 100
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
 class WeightDecayConfig:
     """Options of ``hypergradient weight-decay`` (defaults: 1-2 minutes on 2 CPU cores)."""
 
     dataset: str = field(
         default="digits",
-        metadata=_help(
+        metadata=help_text(
             "digits (scikit-learn's 8x8 digits, shipped, no download), mnist or fashion-mnist "
             "(original IDX files in data_dir; test set = the official 10000 test images)"
         ),
     )
     data_dir: str | None = field(
         default=None,
-        metadata=_help(
+        metadata=help_text(
             "folder holding the MNIST/Fashion-MNIST files (default: $HYPERGRADIENT_DATA, "
             "else ~/.cache/hypergradient); unused for digits"
         ),
     )
     download: bool = field(
-        default=False, metadata=_help("fetch missing MNIST/Fashion-MNIST files (md5-checked)")
+        default=False, metadata=help_text("fetch missing MNIST/Fashion-MNIST files (md5-checked)")
     )
-    n_train: int = field(default=500, metadata=_help("training examples"))
+    n_train: int = field(default=500, metadata=help_text("training examples"))
     n_val: int = field(
-        default=300, metadata=_help("validation examples of the main run (what the table leads)")
+        default=300,
+        metadata=help_text("validation examples of the main run (what the table leads)"),
     )
     val_sizes: list[int] = field(
         default_factory=lambda: [50, 300],
-        metadata=_help(
+        metadata=help_text(
             "split-size study: validation-set sizes to repeat the tuned run with (the first k "
             "examples of one validation pool; empty list: no study)"
         ),
     )
-    hidden: int = field(default=128, metadata=_help("hidden width of the MLP in -> hidden -> 10"))
+    hidden: int = field(
+        default=128, metadata=help_text("hidden width of the MLP in -> hidden -> 10")
+    )
     granularity: str = field(
         default="per_weight",
-        metadata=_help("tuned decays: global (1), per_tensor (1 per tensor), per_weight (1 each)"),
+        metadata=help_text(
+            "tuned decays: global (1), per_tensor (1 per tensor), per_weight (1 each)"
+        ),
     )
     init_weight_decay: float = field(
-        default=1e-3, metadata=_help("initial value of every tuned decay (> 0)")
+        default=1e-3, metadata=help_text("initial value of every tuned decay (> 0)")
     )
     inner_lr: float = field(
-        default=0.1, metadata=_help("SGD learning rate of the weights (also the Neumann step)")
+        default=0.1, metadata=help_text("SGD learning rate of the weights (also the Neumann step)")
     )
-    batch_size: int = field(default=64, metadata=_help("training mini-batch size"))
+    batch_size: int = field(default=64, metadata=help_text("training mini-batch size"))
     val_batch_size: int | None = field(
         default=None,
-        metadata=_help("validation batch size per hyper-step (none: the whole validation set)"),
+        metadata=help_text("validation batch size per hyper-step (none: the whole validation set)"),
     )
-    hyper_every: int = field(default=10, metadata=_help("SGD steps between two hyper-steps"))
+    hyper_every: int = field(default=10, metadata=help_text("SGD steps between two hyper-steps"))
     hyper_steps: int = field(
         default=300,
-        metadata=_help("hyper-steps per tuned run; inner budget = hyper_steps * hyper_every"),
+        metadata=help_text("hyper-steps per tuned run; inner budget = hyper_steps * hyper_every"),
     )
     method: str = field(
         default="implicit",
-        metadata=_help(
+        metadata=help_text(
             "hypergradient: implicit (at the current weights) or unrolled (reverse-mode "
             "through unroll_steps look-ahead SGD steps)"
         ),
     )
     solver: str = field(
         default="neumann",
-        metadata=_help(
+        metadata=help_text(
             "implicit linear solver: neumann, cg, exact (dense Hessian: tiny models only), "
             "identity, minres, gmres"
         ),
     )
     solver_steps: int = field(
         default=10,
-        metadata=_help("Neumann terms / CG iterations (Hessian-vector products) per hyper-step"),
+        metadata=help_text(
+            "Neumann terms / CG iterations (Hessian-vector products) per hyper-step"
+        ),
     )
-    unroll_steps: int = field(default=5, metadata=_help("look-ahead steps of method=unrolled"))
-    hyper_lr: float = field(default=0.03, metadata=_help("Adam learning rate of the log decays"))
+    unroll_steps: int = field(default=5, metadata=help_text("look-ahead steps of method=unrolled"))
+    hyper_lr: float = field(
+        default=0.03, metadata=help_text("Adam learning rate of the log decays")
+    )
     grid: list[float] = field(
         default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
-        metadata=_help("global weight decays of the baseline grid (>= 0)"),
+        metadata=help_text("global weight decays of the baseline grid (>= 0)"),
     )
-    seed: int = field(default=0, metadata=_help("seed of the data split, the init and batch order"))
+    seed: int = field(
+        default=0, metadata=help_text("seed of the data split, the init and batch order")
+    )
     threads: int = field(
         default=1,
-        metadata=_help(
+        metadata=help_text(
             "torch intra-op threads during the run (0: leave torch's setting). The MLP's "
             "matrices are small: one thread is about as fast, and on a busy 2-core machine 2 "
             "threads spin-wait and made every step several times slower"
@@ -175,16 +190,7 @@ class WeightDecayConfig:
 
     def validate(self) -> None:
         check_choice("dataset", self.dataset, _DATASETS)
-        if self.data_dir is not None:
-            if not isinstance(self.data_dir, str) or not self.data_dir.strip():
-                raise HypergradientError(
-                    f"option 'data_dir': expected a folder path, got {self.data_dir!r}."
-                )
-            if Path(self.data_dir).expanduser().exists() and not Path(self.data_dir).is_dir():
-                raise HypergradientError(
-                    f"option 'data_dir': {self.data_dir!r} is a file, expected a folder (the "
-                    f"one holding mnist/ or fashion-mnist/)."
-                )
+        check_data_dir(self.data_dir, holds="mnist/ or fashion-mnist/")
         if not isinstance(self.download, bool):
             raise HypergradientError(
                 f"option 'download': expected true or false, got {self.download!r}."
@@ -406,9 +412,7 @@ def run_grid(config, data, run_dir: Path, *, resume: bool, on_step=None) -> list
         key = repr(float(wd))
         if key not in cached:
             cached[key] = run_grid_value(config, data, float(wd), on_step)
-            tmp = cache_path.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({"signature": signature, "runs": cached}, default=float))
-            tmp.replace(cache_path)
+            write_json_atomic(cache_path, {"signature": signature, "runs": cached})
         elif on_step is not None:
             on_step(config.inner_budget)
         rows.append(cached[key])
@@ -430,20 +434,6 @@ _RESUME_KEYS = (
 )  # fmt: skip
 
 
-def _check_resumable(meta_path: Path, meta: dict) -> None:
-    if not meta_path.is_file():
-        return
-    saved = json.loads(meta_path.read_text())
-    changed = [k for k in meta if saved.get(k) != meta[k]]
-    if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {meta[k]!r}" for k in changed)
-        raise HypergradientError(
-            f"--resume: the checkpoint in {str(meta_path.parent)!r} was made with other options "
-            f"({diffs}); resume with the run folder's config.toml (--config), or start over "
-            f"without --resume or in a new --out folder."
-        )
-
-
 def run_tuned(
     config: WeightDecayConfig,
     data: Split,
@@ -456,14 +446,8 @@ def run_tuned(
     """One tuned run with validation size ``n_val``; checkpoint and log in ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint = folder / "checkpoint.pt"
-    meta_path = folder / "checkpoint_options.json"
     meta = {k: getattr(config, k) for k in _RESUME_KEYS} | {"n_val": n_val}
-    if resume and checkpoint.is_file():
-        _check_resumable(meta_path, meta)
-    else:  # a fresh run: stale files of an earlier run in this folder would mix in
-        for stale in (checkpoint, folder / "hyper_steps.jsonl"):
-            stale.unlink(missing_ok=True)
-    meta_path.write_text(json.dumps(meta))
+    resume_or_start_over(folder, meta, resume=resume, stale=["hyper_steps.jsonl"])
     x_val, y_val = data.x_val[:n_val], data.y_val[:n_val]
 
     def evaluate_on_curve(trainer: BilevelTrainer, record: dict) -> None:
@@ -540,14 +524,10 @@ class WeightDecayRecipe(AbstractRecipe):
 
     def run(self, config, run_dir, *, resume, progress, console):
         config.validate()
-        old_threads = torch.get_num_threads()
-        if config.threads:
-            torch.set_num_threads(config.threads)
-        try:
-            run_dir = Path(run_dir)
-            return self._run(config, run_dir, resume=resume, progress=progress, console=console)
-        finally:
-            torch.set_num_threads(old_threads)
+        with torch_threads(config.threads):
+            return self._run(
+                config, Path(run_dir), resume=resume, progress=progress, console=console
+            )
 
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -555,13 +535,7 @@ class WeightDecayRecipe(AbstractRecipe):
         sizes = config.run_sizes()
         if resume and not (run_dir / "checkpoint.pt").is_file():
             console.print(f"no checkpoint in {run_dir}: starting from the beginning")
-        columns = (
-            "[progress.description]{task.description}",
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-        )
-        with Progress(*columns, console=console, disable=not progress) as bar:
+        with progress_bar(console, progress) as bar:
             task = bar.add_task(
                 f"grid of {len(config.grid)} global decays (SGD steps)",
                 total=config.inner_budget * len(config.grid),
@@ -592,11 +566,7 @@ class WeightDecayRecipe(AbstractRecipe):
         results = {
             "recipe": self.name,
             "config": asdict(config),
-            "machine": {
-                "platform": platform.platform(),
-                "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
-            },
+            "machine": machine(),
             "data": {
                 "n_train": len(data.y_train),
                 "val_pool": len(data.y_val),
@@ -658,18 +628,9 @@ def results_table(results: dict) -> Table:
     return table
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _plot_losses(results: dict, path: Path) -> None:
     """Validation and test loss per hyper-step: tuned run vs the best global decay."""
-    plt = _pyplot()
+    plt = pyplot()
     main = results["runs"][0]
     hist = main["tuned"]["history"]
     best_wd = main["best_grid"]["weight_decay"]
@@ -694,7 +655,7 @@ def _plot_losses(results: dict, path: Path) -> None:
 
 def _plot_split_sizes(results: dict, path: Path) -> None:
     """Test - validation loss gap per validation-set size (over-fitting of the validation set)."""
-    plt = _pyplot()
+    plt = pyplot()
     runs = sorted(results["runs"], key=lambda r: r["n_val"])
     xs = range(len(runs))
     width = 0.38
