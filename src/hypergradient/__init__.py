@@ -7,7 +7,7 @@ respect to ``hparams`` through the solution ``params`` of a training problem
 * :func:`implicit_hypergrad` - implicit function theorem at an inner optimum, with a
   pluggable linear solver (exact, CG, Neumann, identity, MINRES, GMRES);
 * :func:`unrolled_hypergrad` - through the training run itself (reverse mode, forward mode,
-  truncated).
+  truncated, and exact reversal: :func:`reversible_hypergrad`).
 
 Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
 :mod:`hypergradient.optim` (differentiable optimizers), :mod:`hypergradient.testing`
@@ -29,6 +29,7 @@ from .hypergrad import FixedPoint as FixedPoint
 from .hypergrad import Implicit as Implicit
 from .hypergrad import Unrolled as Unrolled
 from .hypergrad import implicit_hypergrad as implicit_hypergrad
+from .hypergrad import reversible_hypergrad as reversible_hypergrad
 from .hypergrad import unrolled_hypergrad as unrolled_hypergrad
 from .linalg.operators import GaussNewtonLoss as GaussNewtonLoss
 from .problem import as_function as as_function
@@ -56,6 +57,7 @@ __all__ = [
     "linalg",
     "optim",
     "params_of",
+    "reversible_hypergrad",
     "testing",
     "unrolled_hypergrad",
 ]

@@ -1,4 +1,4 @@
-"""Hypergradient methods: implicit (IFT) and unrolled (reverse, forward, truncated)."""
+"""Hypergradient methods: implicit (IFT); unrolled (reverse, forward, truncated, reversible)."""
 
 from .implicit import ConvergenceWarning as ConvergenceWarning
 from .implicit import FixedPoint as FixedPoint
@@ -7,6 +7,8 @@ from .methods import AbstractHypergradientMethod as AbstractHypergradientMethod
 from .methods import Implicit as Implicit
 from .methods import Unrolled as Unrolled
 from .methods import get_method as get_method
+from .reversible import ReversibleResult as ReversibleResult
+from .reversible import reversible_hypergrad as reversible_hypergrad
 from .unrolled import unrolled_hypergrad as unrolled_hypergrad
 
 __all__ = [
@@ -16,6 +18,8 @@ __all__ = [
     "Implicit",
     "Unrolled",
     "get_method",
+    "ReversibleResult",
     "implicit_hypergrad",
+    "reversible_hypergrad",
     "unrolled_hypergrad",
 ]

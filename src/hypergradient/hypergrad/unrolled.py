@@ -18,6 +18,12 @@ through :math:`\eta_t` and :math:`\mu_t` when they are hyperparameters.
   hyperparameter (batched with ``vmap``); the right choice for few hyperparameters.
 * ``truncate=K`` differentiates through the last ``K`` steps only, treating
   :math:`w_{T-K}, b_{T-K}` as constants (truncated back-propagation; biased).
+* ``mode="reversible"`` reverses the run exactly instead of storing it (Maclaurin et al.
+  2015; :mod:`.reversible`): memory O(size of w) plus about :math:`\log_2(1/\mu)` bits per
+  weight and step.
+
+``params0`` may be a callable ``params0(hparams) -> dict`` when the initial weights depend on
+hyperparameters (an initial scale, say); every mode differentiates through it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
-from .._errors import HypergradientError, check_scalar_loss
+from .._errors import HypergradientError, check_scalar_loss, check_tree
 from .._tree import tree_detach, tree_size, tree_unflatten_vector
 from ._checks import (
     check_callable,
@@ -43,14 +49,16 @@ _WHERE = "hypergradient.unrolled_hypergrad(...)"
 StepHParam = float | torch.Tensor | str | Callable[[Mapping[str, torch.Tensor], int], torch.Tensor]
 
 
-def _resolve_step_hparam(name: str, spec: StepHParam, hparams, steps: int, dtype):
+def _resolve_step_hparam(
+    name: str, spec: StepHParam, hparams, steps: int, dtype, where: str = _WHERE
+):
     """Return ``value(hparams, t)`` for the learning rate or the momentum, after validation."""
     if isinstance(spec, bool):
-        raise HypergradientError(f"{_WHERE}: {name}={spec!r}; expected a number, not a bool.")
+        raise HypergradientError(f"{where}: {name}={spec!r}; expected a number, not a bool.")
     if isinstance(spec, str):
         if spec not in hparams:
             raise HypergradientError(
-                f"{_WHERE}: {name}={spec!r} names a hyperparameter, but hparams has only the "
+                f"{where}: {name}={spec!r} names a hyperparameter, but hparams has only the "
                 f"keys {sorted(hparams)}. Add hparams[{spec!r}] (a scalar or a schedule of "
                 f"length steps={steps})."
             )
@@ -60,7 +68,7 @@ def _resolve_step_hparam(name: str, spec: StepHParam, hparams, steps: int, dtype
         if value.dim() == 1 and value.shape[0] == steps:
             return lambda h, t: h[spec][t]
         raise HypergradientError(
-            f"{_WHERE}: hparams[{spec!r}] (used as {name}) has shape {tuple(value.shape)}; "
+            f"{where}: hparams[{spec!r}] (used as {name}) has shape {tuple(value.shape)}; "
             f"expected a scalar or a per-step schedule of shape ({steps},)."
         )
     if callable(spec):
@@ -71,14 +79,14 @@ def _resolve_step_hparam(name: str, spec: StepHParam, hparams, steps: int, dtype
         if spec.dim() == 1 and spec.shape[0] == steps:
             return lambda h, t: spec[t].to(dtype)
         raise HypergradientError(
-            f"{_WHERE}: {name} tensor has shape {tuple(spec.shape)}; expected a scalar or a "
+            f"{where}: {name} tensor has shape {tuple(spec.shape)}; expected a scalar or a "
             f"schedule of shape ({steps},)."
         )
     if isinstance(spec, (int, float)):
         value = float(spec)
         return lambda h, t: value
     raise HypergradientError(
-        f"{_WHERE}: {name} must be a float, a tensor (scalar or schedule), the name of a key "
+        f"{where}: {name} must be a float, a tensor (scalar or schedule), the name of a key "
         f"of hparams, or a callable (hparams, step) -> tensor; got {type(spec).__name__}."
     )
 
@@ -135,14 +143,18 @@ def unrolled_hypergrad(
             For ``mode="forward"`` it must be a pure function that ``torch.func`` can
             transform (no ``.item()``, no in-place updates of captured tensors).
         outer_loss: ``outer_loss(params, hparams) -> scalar`` evaluated at ``w_T``.
-        params0: dict of tensors, the initial weights ``w_0`` (treated as constants).
+        params0: dict of tensors, the initial weights ``w_0`` (treated as constants), or a
+            callable ``params0(hparams) -> dict`` when they depend on hyperparameters, e.g.
+            ``lambda h: {k: h["init_scale"] * v for k, v in w_init.items()}``.
         hparams: dict of tensors, the hyperparameters (same dtype as ``params0``).
         steps: ``T >= 1``, the number of inner steps.
         lr: learning rate ``eta``: a float or tensor (constant), the name of a key of
             ``hparams`` whose value is a scalar or a ``(steps,)`` schedule (differentiated),
             or a callable ``lr(hparams, t) -> tensor`` (e.g. ``lambda h, t: h["log_lr"].exp()``).
         momentum: ``mu``, same forms as ``lr``; ``0.0`` means plain SGD.
-        mode: ``"reverse"`` or ``"forward"``.
+        mode: ``"reverse"``, ``"forward"`` or ``"reversible"`` (exact reversal with the
+            defaults of :func:`~hypergradient.reversible_hypergrad`; momenta in ``[0, 1]``,
+            a deterministic ``inner_loss``; no ``truncate``).
         truncate: ``K`` in ``1..steps`` to back-propagate through the last ``K`` steps only;
             ``None`` for all of them.
         forward_chunk_size: forward mode evaluates one JVP per scalar hyperparameter,
@@ -173,14 +185,31 @@ def unrolled_hypergrad(
     """
     check_callable(_WHERE, "inner_loss", inner_loss)
     check_callable(_WHERE, "outer_loss", outer_loss)
+    init = None
+    if callable(params0) and not isinstance(params0, Mapping):
+        from .reversible import initial_params
+
+        check_tree(_WHERE, "hparams", hparams)
+        init, params0 = params0, initial_params(_WHERE, params0, hparams)
     dtype = check_params_hparams(_WHERE, params0, hparams, params_name="params0")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise HypergradientError(f"{_WHERE}: steps must be an int >= 1, got {steps!r}.")
-    if mode not in ("reverse", "forward"):
+    if mode not in ("reverse", "forward", "reversible"):
         raise HypergradientError(
-            f"{_WHERE}: mode={mode!r}; expected 'reverse' or 'forward'. (Implicit "
-            f"differentiation lives in hg.implicit_hypergrad.)"
+            f"{_WHERE}: mode={mode!r}; expected 'reverse', 'forward' or 'reversible'. "
+            f"(Implicit differentiation lives in hg.implicit_hypergrad.)"
         )
+    if mode == "reversible":
+        if truncate is not None:
+            raise HypergradientError(
+                f"{_WHERE}: truncate={truncate!r} with mode='reversible'; exact reversal "
+                f"differentiates through every step. Use mode='reverse' to truncate."
+            )
+        from .reversible import _reversible
+
+        start = params0 if init is None else init
+        out = _reversible(inner_loss, outer_loss, start, hparams, steps, lr, momentum, where=_WHERE)
+        return (out.hypergrad, out.params) if return_params else out.hypergrad
     if truncate is not None and (
         not isinstance(truncate, int) or isinstance(truncate, bool) or not 1 <= truncate <= steps
     ):
@@ -203,6 +232,7 @@ def unrolled_hypergrad(
         steps,
         use_momentum,
         dtype,
+        init,
     )
     # The untracked prefix (truncation) is the same for both modes.
     w = {k: v.detach() for k, v in params0.items()}
@@ -233,6 +263,14 @@ class _Unroll:
     steps: int
     use_momentum: bool
     dtype: torch.dtype
+    init: Callable | None = None  # w_0 = init(hparams) when untruncated
+
+    def initial(self, w, hp):
+        """``w_0``: ``init(hp)`` (in the graph) when it depends on hparams, else ``w``."""
+        if self.init is None or self.start > 0:
+            return w
+        value = self.init(hp)
+        return {k: value[k] for k in w}
 
     def step(self, w, buf, grads, hp, t):
         momentum = self.mom_fn(hp, t) if self.use_momentum else 0.0
@@ -255,6 +293,10 @@ def _reverse(run: _Unroll, w, buf):
     hp = {k: v.detach().requires_grad_(True) for k, v in run.hparams.items()}
     with torch.enable_grad():
         w = {k: v.detach().requires_grad_(True) for k, v in w.items()}
+        w = {
+            k: v if v.requires_grad else v.requires_grad_(True)
+            for k, v in run.initial(w, hp).items()
+        }
         for t in range(run.start, run.steps):
             loss = run.inner_loss(w, hp)
             if t == run.start:
@@ -279,7 +321,7 @@ def _forward(run: _Unroll, w0, buf0, chunk_size):
     run.check_inner(run.inner_loss(w0, primal))
 
     def objective(hp):
-        w, buf = w0, buf0
+        w, buf = run.initial(w0, hp), buf0
         for t in range(run.start, run.steps):
             w, buf = run.step(w, buf, func_grad(run.inner_loss)(w, hp), hp, t)
         return run.outer_loss(w, hp), w
