@@ -67,11 +67,22 @@ def finite_difference_hypergrad(
 
 
 def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    # a CPU generator whatever the default device: the same numbers on every machine
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _to(device, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The problem's constants, drawn on the CPU, moved to ``device`` (None: left there)."""
+    return tuple(tensors) if device is None else tuple(t.to(device) for t in tensors)
 
 
 def ridge_problem(
-    n_train: int = 60, n_val: int = 40, dim: int = 8, seed: int = 0, dtype=torch.float64
+    n_train: int = 60,
+    n_val: int = 40,
+    dim: int = 8,
+    seed: int = 0,
+    dtype=torch.float64,
+    device: torch.device | str | None = None,
 ) -> BilevelTestProblem:
     r"""Ridge regression with one penalty per feature (log-parametrised).
 
@@ -83,13 +94,14 @@ def ridge_problem(
     :math:`dE/d\lambda_j = -e^{\lambda_j} w^*_j\,(H^{-1}\nabla_w E)_j`.
     """
     g = _gen(seed)
-    scales = torch.logspace(0, -1, dim, dtype=dtype)
-    X = torch.randn(n_train, dim, generator=g, dtype=dtype) * scales
-    w_true = torch.randn(dim, generator=g, dtype=dtype)
-    y = X @ w_true + 0.3 * torch.randn(n_train, generator=g, dtype=dtype)
-    Xv = torch.randn(n_val, dim, generator=g, dtype=dtype) * scales
-    yv = Xv @ w_true + 0.3 * torch.randn(n_val, generator=g, dtype=dtype)
-    log_l2 = torch.linspace(-3, 0, dim, dtype=dtype)
+    scales = torch.logspace(0, -1, dim, dtype=dtype, device="cpu")
+    X = torch.randn(n_train, dim, generator=g, dtype=dtype, device="cpu") * scales
+    w_true = torch.randn(dim, generator=g, dtype=dtype, device="cpu")
+    y = X @ w_true + 0.3 * torch.randn(n_train, generator=g, dtype=dtype, device="cpu")
+    Xv = torch.randn(n_val, dim, generator=g, dtype=dtype, device="cpu") * scales
+    yv = Xv @ w_true + 0.3 * torch.randn(n_val, generator=g, dtype=dtype, device="cpu")
+    log_l2 = torch.linspace(-3, 0, dim, dtype=dtype, device="cpu")
+    X, y, Xv, yv, log_l2 = _to(device, X, y, Xv, yv, log_l2)
 
     def inner_loss(p, h):
         r = X @ p["w"] - y
@@ -115,7 +127,11 @@ def ridge_problem(
 
 
 def quadratic_problem(
-    dim: int = 6, num_hparams: int = 4, seed: int = 1, dtype=torch.float64
+    dim: int = 6,
+    num_hparams: int = 4,
+    seed: int = 1,
+    dtype=torch.float64,
+    device: torch.device | str | None = None,
 ) -> BilevelTestProblem:
     r"""Quadratic bilevel problem with a non-symmetric (rectangular) cross term.
 
@@ -125,13 +141,14 @@ def quadratic_problem(
     Closed form: :math:`dE/d\lambda = -B^\top A^{-1}(w^* - t) + e`.
     """
     g = _gen(seed)
-    Q = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=dtype))[0]
-    A = Q @ torch.diag(torch.linspace(0.5, 4.0, dim, dtype=dtype)) @ Q.T
-    B = torch.randn(dim, num_hparams, generator=g, dtype=dtype)
-    c = torch.randn(dim, generator=g, dtype=dtype)
-    target = torch.randn(dim, generator=g, dtype=dtype)
-    e = torch.randn(num_hparams, generator=g, dtype=dtype)
-    lam = torch.randn(num_hparams, generator=g, dtype=dtype)
+    Q = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=dtype, device="cpu"))[0]
+    A = Q @ torch.diag(torch.linspace(0.5, 4.0, dim, dtype=dtype, device="cpu")) @ Q.T
+    B = torch.randn(dim, num_hparams, generator=g, dtype=dtype, device="cpu")
+    c = torch.randn(dim, generator=g, dtype=dtype, device="cpu")
+    target = torch.randn(dim, generator=g, dtype=dtype, device="cpu")
+    e = torch.randn(num_hparams, generator=g, dtype=dtype, device="cpu")
+    lam = torch.randn(num_hparams, generator=g, dtype=dtype, device="cpu")
+    A, B, c, target, e, lam = _to(device, A, B, c, target, e, lam)
 
     def inner_loss(p, h):
         w = p["w"]
@@ -160,6 +177,7 @@ def logistic_problem(
     seed: int = 2,
     dtype=torch.float64,
     newton_steps: int = 50,
+    device: torch.device | str | None = None,
 ) -> BilevelTestProblem:
     r"""Multinomial logistic regression with one log-L2 penalty per weight.
 
@@ -171,13 +189,16 @@ def logistic_problem(
     :math:`dE/d\lambda = -M^\top H^{-1}\nabla_w E` (no direct term).
     """
     g = _gen(seed)
-    Wt = torch.randn(dim, classes, generator=g, dtype=dtype) * 2
-    X = torch.randn(n_train, dim, generator=g, dtype=dtype)
-    Xv = torch.randn(n_val, dim, generator=g, dtype=dtype)
-    noise = torch.randn(n_train, classes, generator=g, dtype=dtype)
+    Wt = torch.randn(dim, classes, generator=g, dtype=dtype, device="cpu") * 2
+    X = torch.randn(n_train, dim, generator=g, dtype=dtype, device="cpu")
+    Xv = torch.randn(n_val, dim, generator=g, dtype=dtype, device="cpu")
+    noise = torch.randn(n_train, classes, generator=g, dtype=dtype, device="cpu")
     y = torch.argmax(X @ Wt + noise, 1)
-    yv = torch.argmax(Xv @ Wt + torch.randn(n_val, classes, generator=g, dtype=dtype), 1)
-    log_l2 = -2.0 + 0.5 * torch.randn(dim, classes, generator=g, dtype=dtype)
+    yv = torch.argmax(
+        Xv @ Wt + torch.randn(n_val, classes, generator=g, dtype=dtype, device="cpu"), 1
+    )
+    log_l2 = -2.0 + 0.5 * torch.randn(dim, classes, generator=g, dtype=dtype, device="cpu")
+    X, y, Xv, yv, log_l2 = _to(device, X, y, Xv, yv, log_l2)
     shapes = {"W": (dim, classes), "b": (classes,)}
     sizes = [dim * classes, classes]
 
@@ -195,7 +216,7 @@ def logistic_problem(
         return torch.nn.functional.cross_entropy(Xv @ p["W"] + p["b"], yv)
 
     def solve_inner(h):
-        v = torch.zeros(sum(sizes), dtype=dtype)
+        v = torch.zeros(sum(sizes), dtype=dtype, device=X.device)
         f = lambda vv: inner_loss(unflat(vv), h)  # noqa: E731
         for _ in range(newton_steps):
             grad = jacrev(f)(v)
