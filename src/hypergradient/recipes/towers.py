@@ -16,10 +16,11 @@ scale, on scikit-learn's digits:
    (``H = 1``) is very sensitive to it; taller towers much less.
 
 Features are standardised (zero mean, unit variance per pixel over the training set) by
-default.  With the raw ``[0, 1]`` pixels (``features = "scaled"``) the gradients are a few
-times smaller, the hypergradients :math:`g_t \cdot g_{t-1}` about 10x smaller, and hyper
-learning rates equal to ``v`` barely move the step size in 300 steps: the tower only helps
-when the hyper-learning rates match the size of the hypergradients (the paper's pitfall).
+default.  With the raw ``[0, 1]`` pixels (``features = "scaled"``) the hypergradients
+:math:`g_t \cdot g_{t-1}` at small ``v`` are about 7x smaller (level 1's, products of two,
+about 50x), and hyper-learning rates equal to ``v`` barely move the step size in 300 steps:
+a tower only helps when the hyper-learning rates match the size of the hypergradients (the
+paper's pitfall).
 
 Cost: ``len(heights) * len(step_sizes)`` training runs of ``steps`` steps; a tower step
 costs about one extra elementwise pass over the weights per step and a few scalar ops per
@@ -113,7 +114,7 @@ class TowersConfig:
         default="standardized",
         metadata=_help(
             "standardized (zero mean, unit variance per pixel over the training set) or "
-            "scaled (pixels / 16 in [0, 1]: 10x smaller hypergradients)"
+            "scaled (pixels / 16 in [0, 1]: several times smaller hypergradients)"
         ),
     )
     n_train: int = field(

@@ -29,9 +29,11 @@ hypergradient therefore looks one step back, as in the paper.
 
 Why this shape: the weights stay ordinary leaf ``nn.Parameter`` s updated in place, so the
 user's loop is the usual ``zero_grad(); loss.backward(); step()`` (no ``create_graph``, no
-module surgery), ``torch.optim.lr_scheduler`` works on ``param_groups``, and the memory
-held between steps is the last update, a copy of the last gradient and what the update
-rule saves for its backward (about 2-4 model-sized tensors, independent of :math:`H`).
+module surgery) and ``torch.optim.lr_scheduler`` works on ``param_groups``.  Held between
+steps, on top of what ``torch.optim`` keeps (the optimizer state): the last update, a copy of
+the last gradient, the state before the last step and what the update rule saves for its
+backward.  Measured (10M-weight model, RSS): SGD +2 model sizes, SGD with momentum +3, Adam
++5 tuning ``lr`` only, +8 tuning ``lr`` and the betas; independent of the height :math:`H`.
 
 **Hyperparameter values.**  ``param_groups`` hold plain Python floats, as in
 ``torch.optim``; a step reads them (so a scheduler's or a user's change is honoured), updates
@@ -41,7 +43,8 @@ values are projected after each update: ``lr >= 0``; momentum, Adam's betas and 
 ``alpha`` into ``[0, 1 - 1e-6]``.  We project instead of reparametrising (the paper maps
 the betas through ``(tanh(x) + 1) / 2``) because the hyper-learning rate then keeps its
 meaning (an additive step on the value itself: the paper's ``lr`` tower) and a tower whose
-hyper-learning rates are zero is *exactly* the plain optimizer.
+hyper-learning rates are zero is the plain optimizer step for step (to one rounding per
+step: ``torch.optim`` fuses ``p.add_(d, alpha=-lr)``, we add ``-lr * d``).
 
 **Cost per step**: the update rules of all levels (the tuned scalars are few), one reverse
 pass through the last weight update (about one extra elementwise pass over the model for
