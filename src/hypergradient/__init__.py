@@ -25,9 +25,11 @@ from ._results import Result as Result
 from ._results import Solution as Solution
 from ._results import SolveStats as SolveStats
 from .hypergrad import ConvergenceWarning as ConvergenceWarning
+from .hypergrad import EvoGrad as EvoGrad
 from .hypergrad import FixedPoint as FixedPoint
 from .hypergrad import Implicit as Implicit
 from .hypergrad import Unrolled as Unrolled
+from .hypergrad import evograd_hypergrad as evograd_hypergrad
 from .hypergrad import implicit_hypergrad as implicit_hypergrad
 from .hypergrad import reversible_hypergrad as reversible_hypergrad
 from .hypergrad import unrolled_hypergrad as unrolled_hypergrad
@@ -40,6 +42,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelTrainer",
+    "EvoGrad",
     "Implicit",
     "Unrolled",
     "data",
@@ -53,6 +56,7 @@ __all__ = [
     "Solution",
     "SolveStats",
     "as_function",
+    "evograd_hypergrad",
     "implicit_hypergrad",
     "linalg",
     "optim",

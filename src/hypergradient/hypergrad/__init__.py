@@ -1,5 +1,7 @@
 """Hypergradient methods: implicit (IFT); unrolled (reverse, forward, truncated, reversible)."""
 
+from .evograd import EvoGrad as EvoGrad
+from .evograd import evograd_hypergrad as evograd_hypergrad
 from .implicit import ConvergenceWarning as ConvergenceWarning
 from .implicit import FixedPoint as FixedPoint
 from .implicit import implicit_hypergrad as implicit_hypergrad
@@ -14,11 +16,13 @@ from .unrolled import unrolled_hypergrad as unrolled_hypergrad
 __all__ = [
     "AbstractHypergradientMethod",
     "ConvergenceWarning",
+    "EvoGrad",
     "FixedPoint",
     "Implicit",
     "Unrolled",
     "get_method",
     "ReversibleResult",
+    "evograd_hypergrad",
     "implicit_hypergrad",
     "reversible_hypergrad",
     "unrolled_hypergrad",
