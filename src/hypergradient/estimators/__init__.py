@@ -1,0 +1,58 @@
+r"""Meta-gradient estimators for long unrolled computations (learned optimizers, long inner runs).
+
+One interface (learned_optimization's ``GradientEstimator``) for back-propagation and
+zero-order estimators over an :class:`AbstractUnrolledSystem`, a computation of ``horizon``
+steps ``step(state, theta, t) -> (state, loss)``:
+
+* :class:`FullBackprop` -- back-propagation through whole episodes (exact, memory
+  :math:`O(T)`, may explode);
+* :class:`TruncatedBackprop` -- back-propagation inside truncations of ``K`` steps (cheap,
+  biased);
+* :class:`AntitheticES` -- antithetic evolution strategies (whole episodes: unbiased for the
+  Gaussian-smoothed objective; truncated: biased);
+* :class:`PES` -- persistent evolution strategies (truncated *and* unbiased);
+* :class:`MixedEstimator` -- Metz et al. (2019): back-propagation and ES on the same
+  perturbed unrolls, combined per coordinate by their estimated inverse variances.
+
+A meta-trainer calls::
+
+    estimator = PES(system, sigma=0.01, num_pairs=8, truncation_length=10)
+    state = estimator.init(theta, generator)
+    for _ in range(outer_steps):
+        estimate, state = estimator.estimate(theta, state, generator)
+        theta = outer_update(theta, estimate.grad)   # estimate.loss, .standard_error() ...
+
+:mod:`hypergradient.estimators.toys` holds systems with exact answers.
+"""
+
+from ._base import AbstractGradientEstimator as AbstractGradientEstimator
+from ._base import EstimatorState as EstimatorState
+from ._base import GradientEstimate as GradientEstimate
+from ._system import AbstractUnrolledSystem as AbstractUnrolledSystem
+from ._system import UnrolledSystem as UnrolledSystem
+from .backprop import FullBackprop as FullBackprop
+from .backprop import TruncatedBackprop as TruncatedBackprop
+from .es import PES as PES
+from .es import AntitheticES as AntitheticES
+from .mixed import MixedEstimator as MixedEstimator
+from .mixed import inverse_variance_combine as inverse_variance_combine
+from .toys import AffineRecurrence as AffineRecurrence
+from .toys import LogisticMap as LogisticMap
+from .toys import PowerRecurrence as PowerRecurrence
+
+__all__ = [
+    "AbstractGradientEstimator",
+    "AbstractUnrolledSystem",
+    "AffineRecurrence",
+    "AntitheticES",
+    "EstimatorState",
+    "FullBackprop",
+    "GradientEstimate",
+    "LogisticMap",
+    "MixedEstimator",
+    "PES",
+    "PowerRecurrence",
+    "TruncatedBackprop",
+    "UnrolledSystem",
+    "inverse_variance_combine",
+]
