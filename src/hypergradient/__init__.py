@@ -15,6 +15,7 @@ Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
 """
 
 from . import data as data
+from . import estimators as estimators
 from . import hparams as hparams
 from . import linalg as linalg
 from . import optim as optim
