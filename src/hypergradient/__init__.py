@@ -17,6 +17,7 @@ Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
 from . import data as data
 from . import estimators as estimators
 from . import hparams as hparams
+from . import kfac as kfac
 from . import linalg as linalg
 from . import optim as optim
 from . import testing as testing
