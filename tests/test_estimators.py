@@ -233,8 +233,10 @@ def test_inverse_variance_combination_of_independent_estimates(var_a, var_b):
     # Known variances: Var(w a + (1 - w) b) = var_a var_b / (var_a + var_b) exactly.
     n, mu = 20000, 3.0
     gen = _gen(1)
-    a = mu + math.sqrt(var_a) * torch.randn(n, generator=gen)
-    b = mu + math.sqrt(var_b) * torch.randn(n, generator=gen)
+    # drawn on the CPU generator's device, then moved (HYPERGRADIENT_TEST_DEVICE=cuda)
+    device = torch.empty(0).device
+    a = mu + math.sqrt(var_a) * torch.randn(n, generator=gen, device="cpu").to(device)
+    b = mu + math.sqrt(var_b) * torch.randn(n, generator=gen, device="cpu").to(device)
     combined, weight = inverse_variance_combine(
         a, torch.full((n,), var_a), b, torch.full((n,), var_b)
     )
@@ -347,7 +349,11 @@ def test_mixed_falls_back_on_es_when_backprop_fails():
 # Errors: every raise, with the message that says how to fix it.
 
 _SYS = AffineRecurrence(horizon=4)
-_THETA = torch.zeros(1)
+
+
+def _theta():
+    # built inside the test, so it gets the test's float64 dtype and device
+    return torch.zeros(1)
 
 
 def _bad_step_system(step):
@@ -375,9 +381,9 @@ def _bad_step_system(step):
         (lambda: PowerRecurrence(horizon=3, x_init="1"), r"x_init must be a finite float"),
         (lambda: LogisticMap(horizon=-1), r"horizon .* int >= 1, got -1"),
         (lambda: LogisticMap.theta_for_rate(4.0), r"rate must be in \(0, 4\)"),
-        (lambda: _SYS.truncated_backprop_gradient(_THETA, 3), r"must divide horizon=4"),
+        (lambda: _SYS.truncated_backprop_gradient(_theta(), 3), r"must divide horizon=4"),
         (
-            lambda: PowerRecurrence(horizon=4).smoothed_loss({"a": _THETA}, -0.1),
+            lambda: PowerRecurrence(horizon=4).smoothed_loss({"a": _theta()}, -0.1),
             r"sigma must be a finite float >= 0",
         ),
     ],
@@ -388,22 +394,23 @@ def test_construction_errors(build, pattern):
 
 
 def test_call_errors():
+    theta = _theta()
     est = PES(_SYS, 0.1, num_pairs=2, truncation_length=2)
-    state = est.init(_THETA, _gen())
+    state = est.init(theta, _gen())
     with pytest.raises(hg.HypergradientError, match=r"PES.estimate.*`theta` must be a dict"):
         est.estimate([0.0], state, _gen())
     with pytest.raises(hg.HypergradientError, match=r"theta.*NaN/inf"):
         est.estimate(torch.tensor([float("nan")]), state, _gen())
     with pytest.raises(hg.HypergradientError, match=r"`generator` must be a torch.Generator"):
-        est.estimate(_THETA, state, 0)
+        est.estimate(theta, state, 0)
     with pytest.raises(hg.HypergradientError, match=r"`state` must be the EstimatorState"):
-        est.estimate(_THETA, None, _gen())
-    other = AntitheticES(_SYS, 0.1).init(_THETA, _gen())
+        est.estimate(theta, None, _gen())
+    other = AntitheticES(_SYS, 0.1).init(theta, _gen())
     with pytest.raises(hg.HypergradientError, match=r"built by AntitheticES, not PES"):
-        est.estimate(_THETA, other, _gen())
+        est.estimate(theta, other, _gen())
     with pytest.raises(hg.HypergradientError, match=r"theta's structure .* changed since init"):
         est.estimate(torch.zeros(2), state, _gen())
-    single = FullBackprop(_SYS).estimate(_THETA, FullBackprop(_SYS).init(_THETA, _gen()), _gen())
+    single = FullBackprop(_SYS).estimate(theta, FullBackprop(_SYS).init(theta, _gen()), _gen())
     with pytest.raises(hg.HypergradientError, match=r"at least 2 independent samples, got 1"):
         single[0].variance()
 
