@@ -620,16 +620,23 @@ def test_step_is_the_preconditioned_gradient_with_running_average_factors():
 
 
 def test_eigendecompositions_are_recomputed_every_inverse_every_steps():
-    net = mlp()
     X, y = classification()
-    opt = KFAC(net, lr=0.05, damping=0.1, inverse_every=3, fisher="exact")
-    seen = []
-    for _ in range(7):
-        kfac_step(opt, net, X, y)
-        seen.append(opt.state[net[2].weight]["vecs_A"].clone())
-    same = [torch.equal(seen[i], seen[i - 1]) for i in range(1, 7)]
-    # recomputed at steps 0, 3, 6 (zero-based): unchanged between
-    assert same == [True, True, False, True, True, False]
+    schedules = {}
+    for warmup in (0, None, 5):
+        net = mlp()
+        opt = KFAC(
+            net, lr=0.05, damping=0.1, inverse_every=3, inverse_warmup=warmup, fisher="exact"
+        )
+        seen = []
+        for _ in range(8):
+            kfac_step(opt, net, X, y)
+            seen.append(opt.state[net[2].weight]["vecs_A"].clone())
+        schedules[warmup] = [not torch.equal(seen[i], seen[i - 1]) for i in range(1, 8)]
+    # recomputed (zero-based steps) at 0, 3, 6 (the paper's schedule); with the default
+    # warm-up (= inverse_every) also at 1, 2; with inverse_warmup=5 at each of 0..4, then 6
+    assert schedules[0] == [False, False, True, False, False, True, False]
+    assert schedules[None] == [True, True, True, False, False, True, False]
+    assert schedules[5] == [True, True, True, True, False, True, False]
 
 
 def test_param_groups_scale_their_own_steps():
@@ -790,6 +797,7 @@ def test_optimizer_errors():
         ({"weight_decay": -0.1}, "weight_decay must be"),
         ({"factor_decay": 1.0}, r"factor_decay must be in \[0, 1\)"),
         ({"inverse_every": 0}, "inverse_every must be an integer >= 1"),
+        ({"inverse_warmup": -1}, "inverse_warmup must be an integer >= 0"),
         ({"fisher": "true"}, "fisher='true'; expected 'sampled'"),
         ({"likelihood": "poisson"}, "likelihood='poisson'"),
         ({"damping_mode": "eigen"}, "damping_mode='eigen'"),

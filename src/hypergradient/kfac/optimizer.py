@@ -15,7 +15,11 @@ For every ``nn.Linear`` / ``nn.Conv2d`` layer :math:`\ell` with parameters
 moving averages of the per-batch factors (:mod:`hypergradient.kfac._capture`) with the
 paper's weight :math:`\epsilon_k = \min(1 - 1/k, \text{factor\_decay})` on the old value at
 the ``k``-th update (the first update takes the batch factors as they are); their
-eigendecompositions are recomputed every ``inverse_every`` steps (and at the first).
+eigendecompositions are recomputed every ``inverse_every`` steps, and at every one of the
+first ``inverse_warmup`` steps.  The warm-up is ours, not the paper's: at the start the
+network and the young averages move fast, and an inverse kept for 20 steps from the
+initial factors made a 64-64-64-10 tanh MLP on digits diverge at lr 0.1, damping 1e-2
+(loss 2.3 -> 29 after 30 steps; with the warm-up 0.10).
 Parameters outside the K-FAC layers (``unsupported="skip"``) take the plain gradient.
 
 Not implemented from the paper: the Levenberg-Marquardt adaptation of :math:`\gamma`, and
@@ -80,6 +84,8 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: L2 coefficient added to the gradient before preconditioning.
         factor_decay: upper bound of the moving-average weight :math:`\epsilon`, in [0, 1).
         inverse_every: recompute the factors' eigendecompositions every this many steps.
+        inverse_warmup: ... and at each of the first this many steps (default
+            ``inverse_every``; 0 gives the paper's schedule).
         fisher: ``"sampled"`` (default: targets drawn from the model's predictive
             distribution, the true Fisher), ``"exact"`` (expectation over targets, one
             backward per class) or ``"empirical"`` (the training targets, passed to
@@ -119,6 +125,7 @@ class KFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         factor_decay: float = 0.95,
         inverse_every: int = 20,
+        inverse_warmup: int | None = None,
         fisher: str = "sampled",
         likelihood: str = "categorical",
         unsupported: str = "error",
@@ -145,6 +152,16 @@ class KFAC(torch.optim.Optimizer):
                 f"{where}: inverse_every must be an integer >= 1, got {inverse_every!r} "
                 f"(about 20 in the paper)."
             )
+        if inverse_warmup is None:
+            inverse_warmup = int(inverse_every)
+        if (
+            isinstance(inverse_warmup, bool)
+            or not isinstance(inverse_warmup, numbers.Integral)
+            or inverse_warmup < 0
+        ):
+            raise HypergradientError(
+                f"{where}: inverse_warmup must be an integer >= 0 or None, got {inverse_warmup!r}."
+            )
         if generator is not None and not isinstance(generator, torch.Generator):
             raise HypergradientError(
                 f"{where}: generator must be a torch.Generator or None, got "
@@ -164,6 +181,7 @@ class KFAC(torch.optim.Optimizer):
         self.likelihood = likelihood
         self.factor_decay = float(factor_decay)
         self.inverse_every = int(inverse_every)
+        self.inverse_warmup = int(inverse_warmup)
         self.unsupported = unsupported
         self.generator = generator
         self._recorder: Recorder | None = None
@@ -324,7 +342,8 @@ class KFAC(torch.optim.Optimizer):
                 f"(at least once before the first step)."
             )
         step = state.get("step", 0)
-        if "vecs_A" not in state or step % self.inverse_every == 0:
+        due = step % self.inverse_every == 0 or step < self.inverse_warmup
+        if "vecs_A" not in state or due:
             eig = Eigen.of(state["A"], state["G"])
             state.update(vals_A=eig.vals_A, vecs_A=eig.vecs_A, vals_G=eig.vals_G, vecs_G=eig.vecs_G)
         state["step"] = step + 1
