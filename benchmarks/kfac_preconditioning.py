@@ -28,7 +28,7 @@ numbers of Hessian-vector products: identity, Neumann, CG, the K-FAC inverse alo
 Timings: median of interleaved repeats in one process, 1 thread.  Run from the repository
 root::
 
-    PYTHONPATH=src python benchmarks/kfac_preconditioning.py          # ~2 minutes
+    PYTHONPATH=src python benchmarks/kfac_preconditioning.py          # about 1 minute
     PYTHONPATH=src python benchmarks/kfac_preconditioning.py --quick  # smoke test
 
 Writes ``<out>/kfac_preconditioning.json`` and ``<out>/kfac_preconditioning.md``.
@@ -208,7 +208,7 @@ def digits_twin() -> Twin:
 def kfac_preconditioner(twin: Twin, mode: str) -> hg.kfac.KFACPreconditioner:
     """Factors of ``softmax(X W + b)`` at the inner optimum, by hooks on an nn.Linear."""
     W, b = twin.params["W"], twin.params["b"]
-    net = torch.nn.Linear(*W.shape, dtype=DTYPE)
+    net = torch.nn.Linear(*W.shape, dtype=W.dtype, device=W.device)
     with torch.no_grad():
         net.weight.copy_(W.T)
         net.bias.copy_(b)

@@ -49,6 +49,15 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
+    """Drawn on the CPU generator, then moved to the default device (portable test data)."""
+    return torch.randn(*shape, generator=gen, device="cpu").to(torch.get_default_device())
+
+
+def randint(gen: torch.Generator, high: int, n: int) -> torch.Tensor:
+    return torch.randint(0, high, (n,), generator=gen, device="cpu").to(torch.get_default_device())
+
+
 def seeded(module_fn, seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -155,7 +164,7 @@ def test_two_layer_mlp_factors_equal_dense_per_example_quantities():
 
     A1 = A2 = G1 = G2 = 0
     G1_emp = G2_emp = 0
-    targets = torch.randint(0, 3, (9,), generator=torch.Generator().manual_seed(5))
+    targets = randint(torch.Generator().manual_seed(5), 3, 9)
     for x, t in zip(X, targets):
         s1 = W1 @ x + b1
         h = torch.tanh(s1)
@@ -185,7 +194,7 @@ def test_two_layer_mlp_factors_equal_dense_per_example_quantities():
         net, X, fisher="sampled", generator=torch.Generator().manual_seed(3)
     )
     p = torch.softmax(net(X), dim=1).detach()
-    y = torch.multinomial(p, 1, generator=torch.Generator().manual_seed(3)).squeeze(1)
+    y = torch.multinomial(p.cpu(), 1, generator=torch.Generator().manual_seed(3))[:, 0].to(p.device)
     G2_s = sum(torch.outer(p[i] - F.one_hot(y[i], 3), p[i] - F.one_hot(y[i], 3)) for i in range(n))
     torch.testing.assert_close(sampled["2"].G, G2_s / n, **EXACT)
 
@@ -311,8 +320,8 @@ def test_one_kfac_step_on_least_squares_is_the_gauss_newton_step(damping_mode):
     # Gauss-Newton (= Newton) step, which lands on the least-squares solution
     # W_bar* = Y^T A_bar (A_bar^T A_bar)^-1 for any starting point.
     gen = torch.Generator().manual_seed(0)
-    X = torch.randn(30, 4, generator=gen) * torch.tensor([1.0, 3.0, 0.1, 1.0])
-    Y = torch.randn(30, 3, generator=gen)
+    X = randn(gen, 30, 4) * torch.tensor([1.0, 3.0, 0.1, 1.0])
+    Y = randn(gen, 30, 3)
     net = seeded(lambda: nn.Linear(4, 3))
     opt = KFAC(
         net, lr=1.0, damping=0.0, damping_mode=damping_mode, fisher="exact", likelihood="gaussian"
@@ -334,7 +343,7 @@ def test_one_kfac_step_on_least_squares_is_the_gauss_newton_step(damping_mode):
 
 def test_tiny_damping_step_approaches_the_gauss_newton_step():
     gen = torch.Generator().manual_seed(1)
-    X, Y = torch.randn(20, 3, generator=gen), torch.randn(20, 2, generator=gen)
+    X, Y = randn(gen, 20, 3), randn(gen, 20, 2)
     net = seeded(lambda: nn.Linear(3, 2))
     opt = KFAC(net, lr=1.0, damping=1e-8, fisher="exact", likelihood="gaussian")
     out = net(X)
@@ -361,14 +370,14 @@ def scaled_logistic_twin(n=240, dim=16, classes=4, seed=0):
     is the dense solve ``solver="exact"``.
     """
     gen = torch.Generator().manual_seed(seed)
-    Q = torch.linalg.qr(torch.randn(dim, dim, generator=gen))[0]
+    Q = torch.linalg.qr(randn(gen, dim, dim))[0]
     scales = torch.logspace(0, -2, dim)
-    W_true = torch.randn(dim, classes, generator=gen) * 2
-    Z, Zv = torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen)
+    W_true = randn(gen, dim, classes) * 2
+    Z, Zv = randn(gen, n, dim), randn(gen, n, dim)
     X, Xv = Z * scales @ Q.T, Zv * scales @ Q.T
-    y = torch.argmax(Z @ W_true / 5 + torch.randn(n, classes, generator=gen), 1)
-    yv = torch.argmax(Zv @ W_true / 5 + torch.randn(n, classes, generator=gen), 1)
-    hparams = {"log_l2": -6.0 + 0.5 * torch.randn(dim, classes, generator=gen)}
+    y = torch.argmax(Z @ W_true / 5 + randn(gen, n, classes), 1)
+    yv = torch.argmax(Zv @ W_true / 5 + randn(gen, n, classes), 1)
+    hparams = {"log_l2": -6.0 + 0.5 * randn(gen, dim, classes)}
 
     def inner(p, h):
         reg = 0.5 * torch.sum(h["log_l2"].exp() * p["W"] ** 2) + 5e-3 * p["b"] @ p["b"]
@@ -401,7 +410,7 @@ def scaled_logistic_twin(n=240, dim=16, classes=4, seed=0):
 def logistic_preconditioner(X, params, damping, mode="tikhonov"):
     """K-FAC of the logistic model: an nn.Linear holding W.T, b, factors by hooks."""
     W, b = params["W"], params["b"]
-    net = nn.Linear(*W.shape)
+    net = nn.Linear(*W.shape, device=W.device, dtype=W.dtype)
     with torch.no_grad():
         net.weight.copy_(W.T)
         net.bias.copy_(b)
@@ -441,8 +450,8 @@ def test_kfac_inverse_is_exact_when_the_hessian_is_kronecker():
     # Tikhonov damping exp(lam) inverts it exactly, so KFACSolver (zero Hessian-vector
     # products) gives the exact implicit hypergradient.
     gen = torch.Generator().manual_seed(2)
-    X, Y = torch.randn(25, 4, generator=gen), torch.randn(25, 3, generator=gen)
-    Xv, Yv = torch.randn(10, 4, generator=gen), torch.randn(10, 3, generator=gen)
+    X, Y = randn(gen, 25, 4), randn(gen, 25, 3)
+    Xv, Yv = randn(gen, 10, 4), randn(gen, 10, 3)
     net = nn.Linear(4, 3)
     hparams = {"log_lam": torch.tensor(-1.0)}
 
@@ -477,7 +486,7 @@ def test_kfac_inverse_is_exact_when_the_hessian_is_kronecker():
 
 
 def test_kfac_solver_on_the_logistic_twin_beats_the_identity_approximation():
-    prob = hg.testing.logistic_problem()
+    prob = hg.testing.logistic_problem(device=torch.get_default_device())
     P = logistic_preconditioner(
         prob.data["X"], prob.params, float(prob.hparams["log_l2"].exp().mean())
     )
@@ -499,8 +508,8 @@ def test_kfac_solver_on_the_logistic_twin_beats_the_identity_approximation():
 
 def random_block(d_in=3, d_out=2, bias=True, seed=0, weight="w", layout="out_in"):
     gen = torch.Generator().manual_seed(seed)
-    a = torch.randn(10, d_in + bias, generator=gen)
-    g = torch.randn(10, d_out, generator=gen)
+    a = randn(gen, 10, d_in + bias)
+    g = randn(gen, 10, d_out)
     return KroneckerBlock(a.T @ a / 10, g.T @ g / 10, weight, "b" if bias else None, layout)
 
 
@@ -574,8 +583,8 @@ def test_preconditioner_errors():
 
 def classification(seed=0, n=32):
     gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, 5, generator=gen)
-    y = torch.randint(0, 3, (n,), generator=gen)
+    X = randn(gen, n, 5)
+    y = randint(gen, 3, n)
     return X, y
 
 
@@ -898,7 +907,7 @@ def test_gaussian_empirical_and_sampled_fisher_shapes():
         curvature_factors(net, X, fisher="empirical", likelihood="gaussian", targets=Y[:, 0])
     gen = torch.Generator().manual_seed(4)
     sampled = curvature_factors(net, X, fisher="sampled", likelihood="gaussian", generator=gen)[""]
-    noise = torch.randn((8, 2), generator=torch.Generator().manual_seed(4))
+    noise = randn(torch.Generator().manual_seed(4), 8, 2)
     torch.testing.assert_close(sampled.G, noise.T @ noise / 8, **EXACT)
     with pytest.raises(HypergradientError, match="must be a torch.nn.Module"):
         curvature_factors(lambda x: x, X)
@@ -916,3 +925,48 @@ def test_add_param_group_after_construction_maps_the_new_layer():
     kfac_step(opt, net, X, y)
     assert "vecs_A" in opt.state[net[2].weight]
     assert copy.deepcopy(opt.state_dict())["param_groups"][1]["lr"] == 0.05
+
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    ),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kfac_runs_on_the_inputs_device_and_matches_the_cpu(device):
+    X, y = classification()
+    X, y = X.cpu(), y.cpu()
+
+    def run(where):
+        net = mlp().to(where)
+        blocks = curvature_factors(net, X.to(where))
+        sampled = curvature_factors(
+            net, X.to(where), fisher="sampled", generator=torch.Generator().manual_seed(1)
+        )
+        # a CPU generator drives the sampling whatever the device: same targets, same G
+        opt = KFAC(net, lr=0.1, damping=0.05, momentum=0.5, generator=torch.Generator())
+        opt.generator.manual_seed(2)
+        for _ in range(3):
+            kfac_step(opt, net, X.to(where), y.to(where))
+        return blocks, sampled, [p.detach() for p in net.parameters()]
+
+    (blocks_c, sampled_c, params_c), (blocks_d, sampled_d, params_d) = run("cpu"), run(device)
+    for name in blocks_c:
+        assert blocks_d[name].A.device.type == device
+        torch.testing.assert_close(blocks_d[name].G.cpu(), blocks_c[name].G)
+        torch.testing.assert_close(sampled_d[name].G.cpu(), sampled_c[name].G)
+    for p, q in zip(params_d, params_c):
+        assert p.device.type == device
+        torch.testing.assert_close(p.cpu(), q)
+
+    prob = hg.testing.logistic_problem(device=device)
+    P = logistic_preconditioner(
+        prob.data["X"], prob.params, float(prob.hparams["log_l2"].exp().mean())
+    )
+    args = (prob.inner_loss, prob.outer_loss, prob.params, prob.hparams)
+    g = hg.implicit_hypergrad(*args, tol=1e-12, preconditioner=P)
+    assert g["log_l2"].device.type == device
+    assert hg.testing.relative_error(g, prob.hypergrad) < 1e-8
