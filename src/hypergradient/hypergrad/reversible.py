@@ -34,7 +34,7 @@ rebuilds :math:`z`, hence :math:`r = \lfloor z/n \rfloor` and :math:`u = z \bmod
 :math:`u` back.  (Maclaurin's ExactRep pops :math:`u` into the low bits directly, which is off
 by up to :math:`n` grid units; the dithered form costs the same :math:`\log_2(d/n)` bits and
 is as accurate as rounding.)  With :math:`\mu_t = 0` the velocity is forgotten completely and
-all of it is pushed (63 bits), which is no better than storing the trajectory.
+all of it is pushed (64 bits: four 16-bit digits), no better than storing the trajectory.
 
 **What is differentiated.**  The reverse pass applies the vector-Jacobian products of the
 *real-valued* update
@@ -56,8 +56,9 @@ Reverse pass per step: one gradient with ``create_graph`` and one backward throu
 Hessian-vector product :math:`\nabla^2_w L\,u` and the mixed term
 :math:`\nabla^2_{\lambda w} L\,u` together), plus integer bookkeeping.  The forward pass
 costs one gradient per step.  Memory: the weights, the velocity, two adjoint vectors, one
-step's graph and the buffer (:math:`\approx T \log_2(1/\mu)` bits per weight, held as 47-bit
-digits in ``int64``) - independent of :math:`T` except for the buffer.
+step's graph and the buffer (:math:`\approx T \log_2(1/\mu)` bits per weight, held as 43-bit
+digits in ``int64`` words with the default ``max_denominator``) - independent of :math:`T`
+except for the buffer.
 
 ``inner_loss`` must be a deterministic function of ``(params, hparams)``: the reverse pass
 recomputes every gradient and needs the same bits as the forward pass (no dropout, no batch
@@ -109,7 +110,7 @@ class InfoBuffer:
     last-in first-out order, which is how the exact multiplication stores the bits it
     destroys.  Popping from :math:`S_i = 0` returns 0 and leaves 0.
 
-    Representation: an ``int64`` tensor of shape ``(size, capacity)`` of little-endian digits
+    Representation: an ``int64`` tensor of shape ``(capacity, size)`` of little-endian digits
     of ``limb_bits = 63 - ceil(log2(max_base))`` bits (47 for bases up to :math:`2^{16}`), so
     ``digit * base`` and ``remainder * 2**limb_bits + digit`` never overflow.  All numbers
     share the number of digits in use.  Cost per push: a handful of element-wise operations
@@ -134,7 +135,9 @@ class InfoBuffer:
         self.max_base = max_base
         self.limb_bits = 63 - (max_base - 1).bit_length()
         self._mask = (1 << self.limb_bits) - 1
-        self._limbs = torch.zeros(size, 4, dtype=torch.int64, device=device)
+        # digit-major: row j holds digit j of every number, so each step of the division
+        # loop reads and writes one contiguous row
+        self._limbs = torch.zeros(4, size, dtype=torch.int64, device=device)
         self._used = 0  # digits 0.._used-1 may be nonzero; the rest are zero
         self.peak_bytes = self.nbytes
 
@@ -150,13 +153,13 @@ class InfoBuffer:
             )
 
     def _grow(self, digits: int) -> None:
-        capacity = self._limbs.shape[1]
+        capacity = self._limbs.shape[0]
         if digits <= capacity:
             return
         new = torch.zeros(
-            self.size, max(digits, 2 * capacity), dtype=torch.int64, device=self._limbs.device
+            max(digits, 2 * capacity), self.size, dtype=torch.int64, device=self._limbs.device
         )
-        new[:, :capacity] = self._limbs
+        new[:capacity] = self._limbs
         self._limbs = new
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
@@ -168,28 +171,27 @@ class InfoBuffer:
         if self._used == 0:
             if bool(digits.any()):
                 self._grow(1)
-                self._limbs[:, 0] = digits
+                self._limbs[0] = digits
                 self._used = 1
             return
-        k = self.limb_bits
-        prod = self._limbs[:, : self._used] * base  # < 2**63 by the choice of limb_bits
-        new = prod & self._mask
-        new[:, 1:] += prod[:, :-1] >> k
-        new[:, 0] += digits
-        top = prod[:, -1] >> k
+        k, used = self.limb_bits, self._used
+        limbs = self._limbs[:used]
+        prod = limbs * base  # < 2**63 by the choice of limb_bits
+        torch.bitwise_and(prod, self._mask, out=limbs)
+        limbs[1:] += prod[:-1] >> k
+        limbs[0] += digits
+        top = prod[-1] >> k
         # Each digit is now below 2**k + 2**(bits(base)+1): at most a carry of one, which
         # ripples further only through digits that were all ones (rare; the loop ends).
-        while True:
-            carry = new >> k
-            if not bool(carry.any()):
-                break
-            new &= self._mask
-            new[:, 1:] += carry[:, :-1]
-            top += carry[:, -1]
-        self._limbs[:, : self._used] = new
+        carry = limbs >> k
+        while bool(carry.any()):
+            limbs &= self._mask
+            limbs[1:] += carry[:-1]
+            top += carry[-1]
+            carry = limbs >> k
         if bool(top.any()):
-            self._grow(self._used + 1)
-            self._limbs[:, self._used] = top
+            self._grow(used + 1)
+            self._limbs[used] = top
             self._used += 1
 
     def pop(self, base: int) -> torch.Tensor:
@@ -200,11 +202,11 @@ class InfoBuffer:
             return remainder
         k = self.limb_bits
         for j in reversed(range(self._used)):
-            current = (remainder << k) + self._limbs[:, j]
-            quotient = torch.div(current, base, rounding_mode="floor")
-            remainder = current - quotient * base
-            self._limbs[:, j] = quotient
-        while self._used > 0 and not bool(self._limbs[:, self._used - 1].any()):
+            current = (remainder << k).add_(self._limbs[j])
+            quotient = torch.div(current, base, rounding_mode="floor", out=self._limbs[j])
+            # one integer division per digit (the slow operation); the remainder by product
+            remainder = current.sub_(quotient * base)
+        while self._used > 0 and not bool(self._limbs[self._used - 1].any()):
             self._used -= 1
         return remainder
 
@@ -224,7 +226,7 @@ class InfoBuffer:
         """``int64`` tensor of ``S_i.bit_length()``: the information each number holds."""
         if self._used == 0:
             return torch.zeros(self.size, dtype=torch.int64, device=self._limbs.device)
-        limbs = self._limbs[:, : self._used]
+        limbs = self._limbs[: self._used].T
         position = torch.arange(1, self._used + 1, device=limbs.device)
         top = ((limbs != 0) * position).amax(dim=1) - 1  # index of the top nonzero digit
         top_digit = limbs.gather(1, top.clamp(min=0)[:, None])[:, 0]
@@ -240,7 +242,7 @@ class InfoBuffer:
     def to_ints(self) -> list[int]:
         """The numbers as Python ints (for tests and inspection; slow for large buffers)."""
         out = []
-        for row in self._limbs[:, : self._used].tolist():
+        for row in self._limbs[: self._used].T.tolist():
             value = 0
             for digit in reversed(row):
                 value = (value << self.limb_bits) | digit
@@ -357,6 +359,8 @@ class ExactMomentumSGD:
         """``round(x * 2**f)`` as ``int64``, refusing NaN/inf and values out of range."""
         x64 = x.detach().to(torch.float64)
         at = "" if t is None else f" at step {t}"
+        if x64.numel() == 0:
+            return x64.to(torch.int64)
         if not bool(torch.isfinite(x64).all()):
             raise HypergradientError(
                 f"{self.where}: the {what}{at} contains NaN/inf: the inner training "
@@ -365,9 +369,10 @@ class ExactMomentumSGD:
         scaled = torch.round(x64 * self.scale)
         if bool((scaled.abs() >= _INPUT_LIMIT).any()):
             raise HypergradientError(
-                f"{self.where}: the {what}{at} reaches {float(x64.abs().max()):.4g}, outside "
-                f"the fixed-point range +-{self.value_limit:.4g} of fraction_bits="
-                f"{self.fraction_bits}. Pass fewer fraction_bits (each one fewer doubles the "
+                f"{self.where}: the largest magnitude in the {what}{at} is "
+                f"{float(x64.abs().max()):.4g}, outside the fixed-point range "
+                f"+-{self.value_limit:.4g} of fraction_bits={self.fraction_bits}. Pass "
+                f"fewer fraction_bits (each one fewer doubles the "
                 f"range and halves the resolution), or lower the learning rate if training "
                 f"diverges."
             )
@@ -485,7 +490,9 @@ class ReversibleStats:
         buffer_bits: information held by the buffer after the forward pass (its peak), summed
             over weights.
         bits_per_weight_per_step: ``buffer_bits / (P * T)``.
-        expected_bits_per_weight_per_step: the mean of ``log2(d_t / n_t)`` (63 where
+        idle_weights: weights whose buffer stayed empty: a velocity that is exactly zero
+            throughout (e.g. weights fed by an input that is always zero) loses nothing.
+        expected_bits_per_weight_per_step: the mean of ``log2(d_t / n_t)`` (64 where
             ``mu_t = 0``): what the buffer must hold.
         buffer_bytes: peak bytes allocated for the buffer.
         trajectory_bytes: what storing ``w_t, b_t`` for every step would take at the weights'
@@ -498,6 +505,7 @@ class ReversibleStats:
     num_weights: int
     buffer_bits: int
     bits_per_weight_per_step: float
+    idle_weights: int
     expected_bits_per_weight_per_step: float
     buffer_bytes: int
     trajectory_bytes: int
@@ -644,7 +652,7 @@ def reversible_hypergrad(
 
     Cost: forward ``T`` gradients; reverse ``T`` gradients with ``create_graph`` plus ``T``
     backward passes through them (Hessian- and mixed-vector products), and integer
-    bookkeeping that grows with the buffer (a loop over its 47-bit digits per step).
+    bookkeeping that grows with the buffer (a loop over its 43-bit digits per step).
     Memory: ``O(P)`` plus one step's graph plus the buffer, about ``T log2(1/mu)`` bits per
     weight (``T * 0.152`` for ``mu = 0.9``), instead of ``O(T)`` step graphs for reverse mode.
 
@@ -736,7 +744,9 @@ def _reversible(
                 where, "inner_loss", check_scalar_loss(where, "inner_loss", loss), dtype
             )
         sgd.step(state, g, t)
-    buffer_bits = int(state.buffer.bit_lengths().sum())
+    bit_lengths = state.buffer.bit_lengths()
+    buffer_bits = int(bit_lengths.sum())
+    idle_weights = int((bit_lengths == 0).sum())
 
     # ---- the outer loss at w_T
     w_final = layout.leaves(sgd.to_float(state.w, dtype))
@@ -793,10 +803,22 @@ def _reversible(
         raise _not_reconstructed(where, "the initial weights and velocity")
 
     # ---- the learning rates, momenta and initial weights as functions of the hparams
+    def add(key, value):
+        d_hp[key] = value if d_hp[key] is None else d_hp[key] + value
+
     with torch.enable_grad():
         terms = []
-        for t in range(steps):
-            for fn, adjoint in ((lr_fn, d_lr), (mom_fn, d_mom)):
+        for spec, fn, adjoint in ((lr, lr_fn, d_lr), (momentum, mom_fn, d_mom)):
+            if isinstance(spec, str):  # hparams[spec] is the schedule (or one value) itself
+                value = hparams[spec]
+                add(
+                    spec,
+                    adjoint.reshape(value.shape)
+                    if value.numel() == steps
+                    else adjoint.sum().reshape(value.shape),
+                )
+                continue
+            for t in range(steps):  # a callable: the chain rule through autograd
                 value = fn(hp_req, t)
                 if isinstance(value, torch.Tensor) and value.requires_grad:
                     terms.append(adjoint[t] * value.reshape(()))
@@ -811,7 +833,7 @@ def _reversible(
             outs = torch.autograd.grad(torch.stack(terms).sum(), hp_list, allow_unused=True)
             for k, o in zip(hp_req, outs):
                 if o is not None:
-                    d_hp[k] = o if d_hp[k] is None else d_hp[k] + o
+                    add(k, o)
     unused = [k for k, v in d_hp.items() if v is None]
     if unused:
         raise ignored_hparam_error(where, unused, implicit=False)
@@ -822,6 +844,7 @@ def _reversible(
         num_weights=num_weights,
         buffer_bits=buffer_bits,
         bits_per_weight_per_step=buffer_bits / (num_weights * steps),
+        idle_weights=idle_weights,
         expected_bits_per_weight_per_step=sum(sgd.bits_per_step(t) for t in range(steps)) / steps,
         buffer_bytes=state.buffer.peak_bytes,
         trajectory_bytes=2 * num_weights * steps * w0_flat.element_size(),

@@ -23,7 +23,8 @@ through :math:`\eta_t` and :math:`\mu_t` when they are hyperparameters.
   weight and step.
 
 ``params0`` may be a callable ``params0(hparams) -> dict`` when the initial weights depend on
-hyperparameters (an initial scale, say); every mode differentiates through it.
+hyperparameters (an initial scale, say); every mode differentiates through it (truncation
+treats :math:`w_{T-K}` as a constant, so it does not).
 """
 
 from __future__ import annotations

@@ -1,0 +1,483 @@
+"""Long training runs: exact reversal against storing the run, forward mode and truncation.
+
+The hypergradient of a per-step learning-rate schedule and a per-step momentum schedule
+(``2 T`` hyperparameters) through ``T`` = 100, 1000 and 3000 full-batch SGD-momentum steps of
+an MLP 64-32-10 (tanh, float64) on scikit-learn's digits (500 training, 300 validation
+examples), computed four ways:
+
+* ``reversible``: ``hg.reversible_hypergrad`` (Maclaurin et al. 2015): the run is reversed
+  exactly in fixed point, nothing of it is stored but ~log2(1/mu) bits per weight and step;
+* ``reverse``: ``hg.unrolled_hypergrad(mode="reverse")``: back-propagation through the
+  stored graph of all ``T`` steps (the reference);
+* ``truncated``: the same through the last ``K = T/10`` steps only (biased);
+* ``forward``: ``mode="forward"`` costs one JVP pass per scalar hyperparameter, so ``2 T``
+  of them is out of reach at ``T`` = 1000-3000.  It differentiates the *same* schedules
+  written with 10 blocks each (the schedules are piecewise constant over 10 blocks of
+  ``T/10`` steps), 20 hyperparameters; by the chain rule the block hypergradient is the sum
+  of the per-step one over each block, which is what it is compared with.  Its cost is 20
+  JVP passes of ``T`` steps, linear in ``T``; above ``--forward-max-steps`` (default 1000) it
+  is skipped and the report gives the time extrapolated from the largest ``T`` it ran at
+  (a T = 3000 run took 374 s on the 2-core build machine, more than the rest together).
+
+Each method runs once per ``T`` in a fresh subprocess: a warm-up call with 3 steps (lazy
+imports, allocator pools), then the kernel's RSS high-water mark is reset (``echo 5 >
+/proc/self/clear_refs``) and ``VmHWM`` is read after the measured call; peak memory is that
+high-water mark over the RSS right before the call (the data and initial weights are already
+loaded).  Tensors above 64 KiB get their own ``mmap`` (``MALLOC_MMAP_THRESHOLD_``), so freed
+memory goes back to the OS and the baseline is live memory.  torch's CPU allocator keeps no
+statistics of its own; ``ru_maxrss`` cannot be reset.  One run per method and ``T`` (the
+long runs take seconds to minutes; the time columns are single measurements on a shared
+machine).
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/long_horizon.py            # ~4-5 minutes
+    PYTHONPATH=src python benchmarks/long_horizon.py --quick    # smoke test, T = 50, 200
+
+Writes ``<out>/long_horizon.json`` and ``<out>/long_horizon.md``.
+Target: at ``T = 1000`` the reversible hypergradient needs >= 20x less peak memory than
+reverse mode, and agrees with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+try:
+    import hypergradient as hg
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    import hypergradient as hg
+
+HERE = Path(__file__).resolve()
+DEFAULT_OUT = HERE.parent / "results"
+METHODS = ("reversible", "reverse", "truncated", "forward")
+MEMORY_TARGET_T, MEMORY_TARGET = 1000, 20.0
+BLOCKS = 10  # the schedules are piecewise constant over this many blocks
+HIDDEN, N_TRAIN, N_VAL = 32, 500, 300
+DTYPE = torch.float64
+
+
+# ======================================================================================
+# The problem
+# ======================================================================================
+
+
+def build_problem(steps: int):
+    """Losses, initial weights and the two ways of writing the schedules for ``steps``."""
+    split = hg.data.load_digits_split(n_train=N_TRAIN, n_val=N_VAL, seed=0, dtype=DTYPE)
+    x, y, xv, yv = split.x_train, split.y_train, split.x_val, split.y_val
+    gen = torch.Generator().manual_seed(0)
+    sizes = [(64, HIDDEN), (HIDDEN, 10)]
+    w0 = {}
+    for i, (fan_in, fan_out) in enumerate(sizes):
+        w0[f"w{i}"] = torch.randn(fan_in, fan_out, generator=gen, dtype=DTYPE) / fan_in**0.5
+        w0[f"b{i}"] = torch.zeros(fan_out, dtype=DTYPE)
+
+    def net(p, inputs):
+        return torch.tanh(inputs @ p["w0"] + p["b0"]) @ p["w1"] + p["b1"]
+
+    def inner(p, h):
+        return F.cross_entropy(net(p, x), y)
+
+    def outer(p, h):
+        return F.cross_entropy(net(p, xv), yv)
+
+    # A decaying learning rate and a rising momentum, one value per block of T/10 steps
+    lr_blocks = 0.3 * 0.85 ** torch.arange(BLOCKS, dtype=DTYPE)
+    momentum_blocks = torch.linspace(0.8, 0.9, BLOCKS, dtype=DTYPE)
+    block_of = torch.arange(steps) * BLOCKS // steps
+    per_step = {"lr": lr_blocks[block_of], "momentum": momentum_blocks[block_of]}
+    per_block = {"lr_blocks": lr_blocks, "momentum_blocks": momentum_blocks}
+    return inner, outer, w0, per_step, per_block, block_of
+
+
+def run_method(method: str, steps: int, problem) -> tuple[dict, dict]:
+    """The hypergradient (per-step schedules; per-block for forward) and extra info."""
+    inner, outer, w0, per_step, per_block, block_of = problem
+    if method == "reversible":
+        res = hg.reversible_hypergrad(inner, outer, w0, per_step, steps, "lr", "momentum")
+        s = res.stats
+        info = {
+            "bits_per_weight_per_step": s.bits_per_weight_per_step,
+            # weights whose velocity is exactly zero throughout lose nothing (here: those
+            # fed by the pixels that are zero in every training image)
+            "idle_weights": s.idle_weights,
+            "bits_per_moving_weight_per_step": s.buffer_bits
+            / ((s.num_weights - s.idle_weights) * steps),
+            "expected_bits_per_weight_per_step": s.expected_bits_per_weight_per_step,
+            "buffer_kib": s.buffer_bytes / 1024,
+            "trajectory_mib": s.trajectory_bytes / 2**20,
+            "momentum_max_error": s.momentum_max_error,
+        }
+        return res.hypergrad, info
+    if method in ("reverse", "truncated"):
+        truncate = None if method == "reverse" else max(1, steps // 10)
+        grads = hg.unrolled_hypergrad(
+            inner, outer, w0, per_step, steps, "lr", "momentum", "reverse", truncate
+        )
+        return grads, {"truncate": truncate}
+    if method == "forward":
+        grads = hg.unrolled_hypergrad(
+            inner,
+            outer,
+            w0,
+            per_block,
+            steps,
+            lambda h, t: h["lr_blocks"][block_of[t]],
+            lambda h, t: h["momentum_blocks"][block_of[t]],
+            "forward",
+        )
+        return grads, {"hyperparameters_differentiated": 2 * BLOCKS}
+    raise ValueError(method)
+
+
+# ======================================================================================
+# One method in a fresh subprocess: time and peak memory of one call
+# ======================================================================================
+
+
+def _status_kib(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def probe(method: str, steps: int, save_to: Path) -> dict:
+    run_method(method, 3, build_problem(3))  # warm-up: lazy imports, pools, vmap tracing
+    problem = build_problem(steps)
+    gc.collect()
+    rss_before = _status_kib("VmRSS")
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    grads, info = run_method(method, steps, problem)
+    wall = time.perf_counter() - start
+    hwm = _status_kib("VmHWM")
+    torch.save(grads, save_to)
+    measured = reset and hwm is not None and rss_before is not None
+    return {
+        "method": method,
+        "steps": steps,
+        "wall_s": wall,
+        "peak_increase_mib": (hwm - rss_before) / 1024 if measured else None,
+        "rss_before_mib": None if rss_before is None else rss_before / 1024,
+        "peak_rss_mib": None if hwm is None else hwm / 1024,
+        "info": info,
+    }
+
+
+def run_probe_subprocess(method: str, steps: int, threads: int, folder: Path) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(threads)}
+    env["PYTHONPATH"] = os.pathsep.join(
+        [str(HERE.parents[1] / "src"), *filter(None, [env.get("PYTHONPATH")])]
+    )
+    save_to = folder / f"{method}_{steps}.pt"
+    argv = [sys.executable, str(HERE), "--probe", method, "--probe-steps", str(steps),
+            "--save-to", str(save_to), "--threads", str(threads)]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"probe {method} T={steps} failed:\n{proc.stderr}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["grads"] = torch.load(save_to)
+    return result
+
+
+# ======================================================================================
+# Agreement
+# ======================================================================================
+
+
+def _flat(grads: dict, keys) -> torch.Tensor:
+    return torch.cat([grads[k].reshape(-1) for k in keys])
+
+
+def _compare(got: torch.Tensor, ref: torch.Tensor) -> dict:
+    rel = float((got - ref).norm() / ref.norm())
+    cos = float(got @ ref / (got.norm() * ref.norm()))
+    return {"relative_error": rel, "cosine": cos}
+
+
+def agreement(results: dict, steps: int) -> dict:
+    """Every method against reverse mode (per step), forward against its block sums."""
+    ref = results["reverse"]["grads"]
+    keys = ("lr", "momentum")
+    out = {}
+    for method in ("reversible", "truncated"):
+        if method in results:
+            out[method] = _compare(_flat(results[method]["grads"], keys), _flat(ref, keys))
+    if "forward" in results:
+        block_of = torch.arange(steps) * BLOCKS // steps
+        sums = {
+            f"{k}_blocks": torch.zeros(BLOCKS, dtype=DTYPE).index_add_(0, block_of, ref[k])
+            for k in keys
+        }
+        block_keys = ("lr_blocks", "momentum_blocks")
+        out["forward"] = _compare(
+            _flat(results["forward"]["grads"], block_keys), _flat(sums, block_keys)
+        )
+    return out
+
+
+# ======================================================================================
+# Reporting
+# ======================================================================================
+
+
+def machine_info(threads: int) -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "platform": platform.platform(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": threads,
+        "python": platform.python_version(),
+        # other jobs on a 2-core box slow torch badly: check this before trusting times
+        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _fmt(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f} s" if value < 10 else f"{value:.1f} s"
+
+
+COLUMNS = ("T", "method", "hparams", "time", "peak +MiB", "reverse / this (memory)",
+           "rel. error vs reverse", "cosine", "note")  # fmt: skip
+
+
+def _rows(result: dict) -> list[list[str]]:
+    rows = []
+    for steps_key, block in result["runs"].items():
+        steps = int(steps_key)
+        reverse_mem = block["methods"].get("reverse", {}).get("peak_increase_mib")
+        for method in METHODS:
+            if method in block.get("skipped", {}):
+                rows.append([str(steps), method, "-", "-", "-", "-", "-", "-",
+                             "skipped: " + block["skipped"][method]])  # fmt: skip
+                continue
+            if method not in block["methods"]:
+                continue
+            r = block["methods"][method]
+            mem = r["peak_increase_mib"]
+            ratio = None if not mem or reverse_mem is None else reverse_mem / mem
+            agree = block["agreement"].get(method, {})
+            info = r["info"]
+            if method == "reversible":
+                note = (
+                    f"buffer {info['bits_per_moving_weight_per_step']:.3f} bits per moving "
+                    f"weight and step (mean log2(1/mu): "
+                    f"{info['expected_bits_per_weight_per_step']:.3f}; {info['idle_weights']} "
+                    f"weights never move), {info['buffer_kib']:.0f} KiB; the trajectory "
+                    f"would be {info['trajectory_mib']:.0f} MiB"
+                )
+            elif method == "reverse":
+                note = "reference (stores every step's graph)"
+            elif method == "truncated":
+                note = f"last K={info['truncate']} steps only"
+            else:
+                note = f"{2 * BLOCKS} block hparams; vs block sums of reverse"
+            hparams = f"{2 * BLOCKS}" if method == "forward" else f"{2 * steps}"
+            rows.append([
+                str(steps), method, hparams, _seconds(r["wall_s"]), _fmt(mem, ".1f"),
+                "1" if method == "reverse" else _fmt(ratio, ".0f"),
+                "0 (ref)" if method == "reverse" else _fmt(agree.get("relative_error"), ".1e"),
+                "1 (ref)" if method == "reverse" else _fmt(agree.get("cosine"), ".6f"), note,
+            ])  # fmt: skip
+    return rows
+
+
+def _verdict(result: dict) -> str:
+    block = result["runs"].get(str(MEMORY_TARGET_T))
+    if block is None or not {"reverse", "reversible"} <= set(block["methods"]):
+        return f"Target (T = {MEMORY_TARGET_T}) not measured in this run."
+    rev = block["methods"]["reverse"]["peak_increase_mib"]
+    rvs = block["methods"]["reversible"]["peak_increase_mib"]
+    if rev is None or not rvs:
+        return "Target not measurable here (no /proc/self/clear_refs)."
+    ratio = rev / rvs
+    rel = block["agreement"]["reversible"]["relative_error"]
+    ok = "MET" if ratio >= MEMORY_TARGET else "NOT MET"
+    return (
+        f"Target {ok}: at T = {MEMORY_TARGET_T} reverse mode's peak is {ratio:.0f}x the "
+        f"reversible one ({rev:.1f} vs {rvs:.1f} MiB; target >= {MEMORY_TARGET:.0f}x), for "
+        f"the same hypergradient (relative difference {rel:.1e})."
+    )
+
+
+def markdown_report(result: dict) -> str:
+    m = result["machine"]
+    load = m["load_average_at_start"][0] if m["load_average_at_start"] else None
+    columns, rows = COLUMNS, _rows(result)
+    align = ["---:", "---"] + ["---:"] * (len(columns) - 3) + ["---"]
+    table = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
+    table += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join([
+        "### Long training runs (`benchmarks/long_horizon.py`)",
+        "",
+        f"{m['date']}; {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}; torch "
+        f"{m['torch']} (torch threads: {m['torch_threads']}), Python {m['python']}. One run "
+        f"per method and T, each in a fresh subprocess; 1-minute load average at the start "
+        f"{_fmt(load, '.2f')}. Command: `{result.get('command', '?')}`.",
+        "",
+        f"Hypergradient of a per-step learning-rate and momentum schedule (2T "
+        f"hyperparameters; piecewise constant over {BLOCKS} blocks, lr 0.3 * 0.85^block, "
+        f"momentum 0.8 -> 0.9) through T full-batch SGD-momentum steps of an MLP "
+        f"64-{HIDDEN}-10 (tanh, float64, {result['num_weights']:,} weights) on digits "
+        f"({N_TRAIN} training, {N_VAL} validation examples).",
+        "",
+        *table,
+        "",
+        _verdict(result),
+        "",
+        "*peak +MiB* = the call's peak RSS over the RSS right before it (after a warm-up "
+        "call; data and initial weights loaded). *reverse / this* = reverse mode's peak over "
+        "this method's. Forward mode differentiates the same schedules written as "
+        f"{BLOCKS} + {BLOCKS} block values (one JVP pass per scalar hyperparameter makes 2T "
+        "of them out of reach) and is compared with the block sums of reverse mode's "
+        "per-step hypergradient (the chain rule). *truncated* is biased by design. The buffer "
+        "grows by log2(1/mu) bits per step for every weight that moves; weights whose "
+        "velocity stays exactly zero (fed by pixels that are zero in every training image) "
+        "lose nothing.",
+        "",
+    ])  # fmt: skip
+
+
+def print_rich(result: dict, console: Console) -> None:
+    table = Table(title="Hypergradient through T SGD-momentum steps (digits MLP)")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col in ("method", "note") else "right")
+    for row in _rows(result):
+        table.add_row(*row)
+    console.print(table)
+    console.print(_verdict(result))
+
+
+# ======================================================================================
+# Entry point
+# ======================================================================================
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T = 50, 200 only")
+    parser.add_argument("--steps", type=int, nargs="+", default=None,
+                        help="horizons T (default 100 1000 3000)")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument(
+        "--forward-max-steps", type=int, default=1000,
+        help="skip forward mode above this T (its cost grows as 20 JVP passes of T steps)",
+    )  # fmt: skip
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    parser.add_argument("--probe", choices=METHODS, help=argparse.SUPPRESS)
+    parser.add_argument("--probe-steps", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--save-to", type=Path, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def _forward_skip_reason(result: dict, steps: int, args) -> str:
+    """Why forward mode is skipped, with its cost extrapolated from the longest run so far."""
+    done = [
+        (int(t), block["methods"]["forward"]["wall_s"])
+        for t, block in result["runs"].items()
+        if "forward" in block["methods"]
+    ]
+    reason = f"T > --forward-max-steps={args.forward_max_steps}"
+    if done:
+        t_done, seconds = max(done)
+        # 20 JVP passes of T steps each: the cost is linear in T
+        reason += f"; ~{seconds * steps / t_done:.0f} s by extrapolation from T={t_done}"
+    return reason
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.probe:
+        print(json.dumps(probe(args.probe, args.probe_steps, args.save_to)))
+        return 0
+    steps_list = args.steps or ([50, 200] if args.quick else [100, 1000, 3000])
+    methods = list(dict.fromkeys(["reverse", *args.methods]))  # the reference always runs
+    console = Console(width=max(Console().width, 150))
+    started = time.perf_counter()
+    _, _, w0, _, _, _ = build_problem(1)
+    result = {
+        "machine": machine_info(args.threads),
+        "command": " ".join(["python benchmarks/long_horizon.py", *sys.argv[1:]]),
+        "num_weights": sum(v.numel() for v in w0.values()),
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for steps in steps_list:
+            block = {"methods": {}, "skipped": {}}
+            for method in methods:
+                if method == "forward" and steps > args.forward_max_steps:
+                    block["skipped"][method] = _forward_skip_reason(result, steps, args)
+                    continue
+                console.print(f"T={steps}: {method} ...")
+                r = run_probe_subprocess(method, steps, args.threads, Path(tmp))
+                console.print(
+                    f"   {r['wall_s']:.1f} s, peak +{_fmt(r['peak_increase_mib'], '.1f')} MiB"
+                )
+                block["methods"][method] = r
+            block["agreement"] = agreement(block["methods"], steps)
+            for r in block["methods"].values():
+                r.pop("grads")
+            result["runs"][str(steps)] = block
+    result["wall_s"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "long_horizon.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "long_horizon.md").write_text(markdown_report(result))
+    print_rich(result, console)
+    console.print(f"wrote {args.out}/long_horizon.{{json,md}} in {result['wall_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
