@@ -20,6 +20,7 @@ from . import hparams as hparams
 from . import kfac as kfac
 from . import linalg as linalg
 from . import optim as optim
+from . import stochastic as stochastic
 from . import testing as testing
 from ._errors import ConvergenceError as ConvergenceError
 from ._errors import HypergradientError as HypergradientError
@@ -64,6 +65,7 @@ __all__ = [
     "optim",
     "params_of",
     "reversible_hypergrad",
+    "stochastic",
     "testing",
     "unrolled_hypergrad",
 ]
