@@ -15,6 +15,7 @@ Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
 """
 
 from . import data as data
+from . import deq as deq
 from . import estimators as estimators
 from . import hparams as hparams
 from . import kfac as kfac
