@@ -21,6 +21,7 @@ from . import hparams as hparams
 from . import kfac as kfac
 from . import linalg as linalg
 from . import optim as optim
+from . import optimizers as optimizers
 from . import stochastic as stochastic
 from . import testing as testing
 from ._errors import ConvergenceError as ConvergenceError

@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from .._errors import HypergradientError
 from ..linalg.operators import GaussNewtonLoss, GaussNewtonOperator, HessianOperator
-from ..problem import as_function
 
 __all__ = [
     "Eigenvalues",
@@ -150,6 +150,19 @@ def _check_data(where: str, data: object) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def _detached_function(model: nn.Module) -> Callable[[dict, torch.Tensor], torch.Tensor]:
+    """``f(params, x) = model(x)`` with the weights ``params`` and private copies of the
+    buffers: a training-mode BatchNorm updates the copies, never the model's statistics
+    (restoring them in place afterwards would break the retained graph, whose backward
+    reads them)."""
+    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
+
+    def call(params: dict, x: torch.Tensor) -> torch.Tensor:
+        return functional_call(model, {**params, **buffers}, (x,))
+
+    return call
+
+
 def curvature_operator(
     model: nn.Module,
     loss_fn: LossFn,
@@ -167,8 +180,9 @@ def curvature_operator(
     whole of ``data`` is one batch: pass a mini-batch to get the mini-batch Hessian.
 
     Args:
-        model: the network; its weights are read, never changed (buffers such as
-            BatchNorm statistics are restored after the one forward pass).
+        model: the network, called with its current mode (``train()``/``eval()``); its
+            weights and buffers are never changed (a training-mode BatchNorm updates
+            private copies of its statistics).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (a mean over the batch).
         data: ``(inputs, targets)``.
         kind: ``"hessian"`` (exact, possibly indefinite) or ``"gauss_newton"``.
@@ -186,20 +200,14 @@ def curvature_operator(
         raise HypergradientError(f"{where}: `kind` must be one of {_KINDS}, got {kind!r}.")
     if not callable(loss_fn):
         raise HypergradientError(f"{where}: `loss_fn` must be callable, got {type(loss_fn)}.")
-    f = as_function(model)
-    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    try:
-        if kind == "hessian":
-            op = HessianOperator(
-                lambda p, _h: loss_fn(f(p, x), y), params, {}, where=f"{where} (kind='hessian')"
-            )
-        else:
-            gn = GaussNewtonLoss(lambda p, _h: f(p, x), lambda out, _h: loss_fn(out, y))
-            op = GaussNewtonOperator(gn, params, {}, where=f"{where} (kind='gauss_newton')")
-    finally:
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(buffers[k])
+    f = _detached_function(model)
+    if kind == "hessian":
+        op = HessianOperator(
+            lambda p, _h: loss_fn(f(p, x), y), params, {}, where=f"{where} (kind='hessian')"
+        )
+    else:
+        gn = GaussNewtonLoss(lambda p, _h: f(p, x), lambda out, _h: loss_fn(out, y))
+        op = GaussNewtonOperator(gn, params, {}, where=f"{where} (kind='gauss_newton')")
     keys = list(params)
     shapes = [params[k].shape for k in keys]
     sizes = [params[k].numel() for k in keys]
@@ -676,16 +684,6 @@ def _batch_indices(n: int, batch_size: int, count: int, generator: torch.Generat
     return [torch.randperm(n, generator=generator)[:batch_size] for _ in range(count)]
 
 
-def _restoring_buffers(model: nn.Module, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-    buffers = {k: b.detach().clone() for k, b in model.named_buffers()}
-    try:
-        return fn()
-    finally:
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(buffers[k])
-
-
 def propose_learning_rate(
     model: nn.Module,
     loss_fn: LossFn,
@@ -805,7 +803,7 @@ def propose_learning_rate(
 
     measured = curvature  # what Lanczos runs on: the curvature, or Adam's preconditioned one
     if optimizer == "adam":
-        f = as_function(model)
+        f = _detached_function(model)
         keys = list(params)
 
         def squared_grad(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
@@ -814,9 +812,7 @@ def propose_learning_rate(
                 grads = torch.autograd.grad(loss_fn(f(w, xb), yb), [w[k] for k in keys])
             return torch.cat([g.reshape(-1) for g in grads]) ** 2
 
-        v = torch.stack(
-            [_restoring_buffers(model, lambda i=i: squared_grad(x[i], y[i])) for i in batches]
-        ).mean(0)
+        v = torch.stack([squared_grad(x[i], y[i]) for i in batches]).mean(0)
         d = (v.sqrt() + eps).rsqrt()  # D^{-1/2}
 
         def measured(xb: torch.Tensor, yb: torch.Tensor) -> SymmetricOperator:
