@@ -353,6 +353,9 @@ def _verdict(result: dict) -> str:
 def markdown_report(result: dict) -> str:
     m = result["machine"]
     load = m["load_average_at_start"][0] if m["load_average_at_start"] else None
+    end = m.get("load_average_at_end")
+    # the 15-minute figure at the end covers the whole run (which takes several minutes)
+    during = f", 15-minute load average at the end {end[2]:.2f}" if end else ""
     columns, rows = COLUMNS, _rows(result)
     align = ["---:", "---"] + ["---:"] * (len(columns) - 3) + ["---"]
     table = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
@@ -363,7 +366,8 @@ def markdown_report(result: dict) -> str:
         f"{m['date']}; {m['cpu_model']}, {m['cpu_count']} CPUs, {m['platform']}; torch "
         f"{m['torch']} (torch threads: {m['torch_threads']}), Python {m['python']}. One run "
         f"per method and T, each in a fresh subprocess; 1-minute load average at the start "
-        f"{_fmt(load, '.2f')}. Command: `{result.get('command', '?')}`.",
+        f"{_fmt(load, '.2f')}{during} (other jobs share the machine: times are upper "
+        f"bounds, memory is not affected). Command: `{result.get('command', '?')}`.",
         "",
         f"Hypergradient of a per-step learning-rate and momentum schedule (2T "
         f"hyperparameters; piecewise constant over {BLOCKS} blocks, lr 0.3 * 0.85^block, "
@@ -471,6 +475,9 @@ def main(argv=None) -> int:
                 r.pop("grads")
             result["runs"][str(steps)] = block
     result["wall_s"] = time.perf_counter() - started
+    result["machine"]["load_average_at_end"] = (
+        os.getloadavg() if hasattr(os, "getloadavg") else None
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "long_horizon.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "long_horizon.md").write_text(markdown_report(result))

@@ -3,7 +3,9 @@ buffer, and hypergradients against reverse mode, forward mode and finite differe
 
 import math
 import random
+import re
 from fractions import Fraction
+from pathlib import Path
 
 import pytest
 import torch
@@ -363,3 +365,34 @@ def test_error_non_deterministic_inner_loss():
 
     with pytest.raises(hg.HypergradientError, match=r"did not reconstruct.*deterministic"):
         _call(inner_loss=noisy)
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def test_readme_reversible_example_runs(capsys):
+    # The README's reversible example continues its first example: run both, then check
+    # the result against reverse mode (the same derivative) and the buffer's size.
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    example = [b for b in blocks if "hg.reversible_hypergrad(" in b]
+    assert example, "README.md should show hg.reversible_hypergrad"
+    # the first example's definitions (data, model, losses), not its training and solves
+    setup = blocks[0].split("\nfor ")[0]
+    assert "def outer_loss" in setup
+    namespace: dict = {}
+    exec(compile(setup, str(readme), "exec"), namespace)  # noqa: S102
+    exec(compile(example[0], str(readme), "exec"), namespace)  # noqa: S102
+    result, hp, T = namespace["result"], namespace["hp"], namespace["T"]
+    assert result.hypergrad["lr"].shape == (T,)
+    rev = hg.unrolled_hypergrad(
+        namespace["inner_loss"], namespace["outer_loss"],
+        lambda h: {k: h["init_scale"] * v for k, v in namespace["w_init"].items()},
+        hp, T, "lr", "momentum", mode="reverse",
+    )  # fmt: skip
+    for key in hp:
+        assert relative_error({key: result.hypergrad[key]}, {key: rev[key]}) < 1e-8, key
+    # mu = 0.9 throughout: log2(1/0.9) = 0.152 bits per weight and step, plus the one-off
+    # (<= log2(10) + 1 bits per weight) over T = 300 steps
+    assert 0.152 - 4.4 / T <= result.stats.bits_per_weight_per_step <= 0.152 + 4.4 / T
+    assert "torch.Size([300])" in capsys.readouterr().out
