@@ -9,7 +9,7 @@ approximated by :math:`A \otimes G`, :math:`A = E[\bar a \bar a^\top]`,
   schedulers) taking natural-gradient steps, factors collected with module hooks;
 * :class:`KFACPreconditioner` - the damped inverse as CG's ``preconditioner`` in the core's
   inverse-Hessian solves (``hg.implicit_hypergrad(..., preconditioner=P)``);
-* :class:`KFACSolver` (registered as ``"kfac"``) - the K-FAC inverse *as* the
+* :class:`KFACSolver` - the K-FAC inverse *as* the
   inverse-Hessian approximation of an implicit hypergradient (zero Hessian-vector
   products; compare ``"identity"``, ``"neumann"``, ``"cg"`` as Lorraine et al. 2020 do).
 

@@ -4,10 +4,13 @@ r"""K-FAC as a preconditioner for CG, and as an inverse-Hessian approximation by
 G_\ell)` (damped, see :mod:`hypergradient.kfac._blocks`) acting on dicts of tensors keyed
 like the parameters; calling it applies :math:`M^{-1}`, the interface
 :class:`~hypergradient.linalg.CG`'s ``preconditioner`` expects (like
-:func:`~hypergradient.linalg.diagonal_preconditioner`).  :class:`KFACSolver` (registry name
-``"kfac"``) returns :math:`M^{-1} b` as the "solution" of :math:`H x = b`: zero
-Hessian-vector products, the K-FAC point in Lorraine et al.'s (2020) comparison of
-inverse-Hessian approximations for implicit hypergradients.
+:func:`~hypergradient.linalg.diagonal_preconditioner`).  :class:`KFACSolver` returns
+:math:`M^{-1} b` as the "solution" of :math:`H x = b`: zero Hessian-vector products, the
+K-FAC point in Lorraine et al.'s (2020) comparison of inverse-Hessian approximations for
+implicit hypergradients.  It is not in the solver registry (``hg.linalg.get_solver``): the
+registry holds solvers that solve to a tolerance and can be built from options alone,
+while this one needs its preconditioner and is an approximation by design (like
+``"identity"``); pass the instance, ``implicit_hypergrad(..., solver=KFACSolver(P))``.
 
 :func:`curvature_factors` computes the blocks of a model once, from one batch.
 """
@@ -25,7 +28,7 @@ from torch import nn
 from .._errors import HypergradientError
 from .._results import Result, Solution, SolveStats
 from .._tree import Tree, tree_norm, tree_sub
-from ..linalg._base import AbstractLinearSolver, MatVec, register_solver
+from ..linalg._base import AbstractLinearSolver, MatVec
 from ._blocks import (
     Eigen,
     KroneckerBlock,
@@ -165,7 +168,6 @@ class KFACPreconditioner:
         return {k: out[k] for k in u}
 
 
-@register_solver
 @dataclass(frozen=True)
 class KFACSolver(AbstractLinearSolver):
     r"""``x = M^{-1} b``: the K-FAC inverse as the approximation of ``A^{-1}``.
