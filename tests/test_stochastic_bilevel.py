@@ -181,6 +181,20 @@ def test_problem_errors(kwargs, match):
         st.FiniteSumBilevelProblem(**args)
 
 
+def test_batch_draws_are_seeded_and_uniform():
+    problem = logistic(n=23, m=10, batch_size=5).problem
+    draws = [
+        [problem.draw_inner(gen) for _ in range(2000)]
+        for gen in (torch.Generator().manual_seed(4), torch.Generator().manual_seed(4))
+    ]
+    assert draws[0] == draws[1]
+    counts = torch.bincount(torch.tensor(draws[0]), minlength=5)
+    # 2000 uniform draws over 5 batches: 400 each, standard deviation ~18
+    assert counts.min() > 320 and counts.max() < 480, counts
+    gen = torch.Generator().manual_seed(0)
+    assert {problem.draw_outer(gen) for _ in range(50)} == {0, 1}
+
+
 def test_batch_size_at_least_n_means_one_full_batch():
     p = st.FiniteSumBilevelProblem(lambda z, x, i: z.sum(), lambda z, x, i: z.sum(), 4, 3)
     assert p.n_inner_batches == 1 and p.n_outer_batches == 1 and len(p.inner_batches[0]) == 4

@@ -22,7 +22,10 @@ core's :func:`~hypergradient.implicit_hypergrad` runs on the same problem
 (:meth:`FiniteSumBilevelProblem.hypergradient`).
 
 Batches are a **fixed partition** of the samples (drawn once from ``partition_seed``),
-as SAGA-type methods need: SABA keeps one memory entry per batch.  The sizes of the
+as SAGA-type methods need: SABA keeps one memory entry per batch.  The solvers sample batch
+ids uniformly with replacement (:meth:`FiniteSumBilevelProblem.draw_inner`,
+:meth:`~FiniteSumBilevelProblem.draw_outer`) from a seeded ``torch.Generator`` whose state
+travels in the solver state.  The sizes of the
 batches differ by at most one; batch ``k`` is reweighted by
 :math:`w_k = |B_k|\,n_B / n` (:math:`n_B` batches) so that the mean over batches of the
 reweighted batch losses is exactly the full loss, and a uniformly drawn batch gives an
@@ -152,6 +155,16 @@ class FiniteSumBilevelProblem:
     @property
     def n_outer_batches(self) -> int:
         return len(self.outer_batches)
+
+    def draw_inner(self, generator: torch.Generator) -> int:
+        """A uniformly drawn inner batch id in ``[0, n_inner_batches)`` (with replacement,
+        as SAGA's analysis assumes); its samples are ``inner_batches[k]``."""
+        return int(torch.randint(self.n_inner_batches, (), generator=generator))
+
+    def draw_outer(self, generator: torch.Generator) -> int:
+        """A uniformly drawn outer batch id in ``[0, n_outer_batches)``, independent of the
+        inner one when drawn from the same generator (a separate draw)."""
+        return int(torch.randint(self.n_outer_batches, (), generator=generator))
 
     def inner_batch_loss(self, params: Tree, hparams: Tree, k: int) -> torch.Tensor:
         """Unbiased estimate of :math:`G` from inner batch ``k`` (reweighted, see above)."""

@@ -251,10 +251,6 @@ def _generator(state: BilevelState) -> torch.Generator:
     return gen
 
 
-def _draw(gen: torch.Generator, n: int) -> int:
-    return int(torch.randint(n, (), generator=gen))
-
-
 def _saga(new: Tree, old: Tree, mean: Tree) -> Tree:
     """``new - old + mean``: the SAGA estimate (unbiased, variance -> 0 at a fixed point)."""
     return tree_map(lambda a, b, c: a - b + c, new, old, mean)
@@ -339,7 +335,7 @@ class SOBA(AbstractBilevelSolver):
 
     def step(self, problem: FiniteSumBilevelProblem, state: BilevelState) -> BilevelState:
         gen = _generator(state)
-        i, j = _draw(gen, problem.n_inner_batches), _draw(gen, problem.n_outer_batches)
+        i, j = problem.draw_inner(gen), problem.draw_outer(gen)
         rho, rho_v, gamma = self.steps_at(state.num_steps)
         z, v, x = state.z, state.v, state.x
         inner = inner_oracle(problem, z, v, x, i)
@@ -462,7 +458,7 @@ class SABA(AbstractBilevelSolver):
 
     def step(self, problem: FiniteSumBilevelProblem, state: BilevelState) -> BilevelState:
         gen = _generator(state)
-        i, j = _draw(gen, problem.n_inner_batches), _draw(gen, problem.n_outer_batches)
+        i, j = problem.draw_inner(gen), problem.draw_outer(gen)
         rho, gamma = self.inner_step, self.outer_step
         rho_v = rho if self.linear_step is None else self.linear_step
         z, v, x, mem = state.z, state.v, state.x, state.memory
@@ -570,25 +566,25 @@ class StocBiO(AbstractBilevelSolver):
 
     def step(self, problem: FiniteSumBilevelProblem, state: BilevelState) -> BilevelState:
         gen = _generator(state)
-        nb_in, batches = problem.n_inner_batches, problem.inner_batches
+        batches = problem.inner_batches
         eta = self.inner_step if self.neumann_step is None else self.neumann_step
         z, x = state.z, state.x
         inner_samples = state.inner_samples
         for _ in range(self.inner_steps):
-            i = _draw(gen, nb_in)
+            i = problem.draw_inner(gen)
             z = tree_axpy(-self.inner_step, inner_grad(problem, z, x, i), z)
             inner_samples += len(batches[i])
-        j = _draw(gen, problem.n_outer_batches)
+        j = problem.draw_outer(gen)
         outer = outer_oracle(problem, z, x, j)
         term, total = outer.grad_z, outer.grad_z
         for _ in range(self.neumann_steps):
-            i = _draw(gen, nb_in)
+            i = problem.draw_inner(gen)
             hvp = inner_oracle(problem, z, term, x, i, with_grad=False).hvp
             term = tree_axpy(-eta, hvp, term)
             total = tree_add(total, term)
             inner_samples += len(batches[i])
         v = tree_map(lambda t: -eta * t, total)
-        i = _draw(gen, nb_in)
+        i = problem.draw_inner(gen)
         cross = inner_oracle(problem, z, v, x, i, with_grad=False).cross
         inner_samples += len(batches[i])
         d_x = tree_add(cross, outer.grad_x)
@@ -662,22 +658,21 @@ class AmIGO(AbstractBilevelSolver):
 
     def step(self, problem: FiniteSumBilevelProblem, state: BilevelState) -> BilevelState:
         gen = _generator(state)
-        nb_in, nb_out = problem.n_inner_batches, problem.n_outer_batches
         eta = self.inner_step if self.linear_step is None else self.linear_step
         z, v, x = state.z, state.v, state.x
         inner_samples, outer_samples = state.inner_samples, state.outer_samples
         for _ in range(self.inner_steps):
-            i = _draw(gen, nb_in)
+            i = problem.draw_inner(gen)
             z = tree_axpy(-self.inner_step, inner_grad(problem, z, x, i), z)
             inner_samples += len(problem.inner_batches[i])
         for _ in range(self.linear_steps):
-            i, j = _draw(gen, nb_in), _draw(gen, nb_out)
+            i, j = problem.draw_inner(gen), problem.draw_outer(gen)
             hvp = inner_oracle(problem, z, v, x, i, with_grad=False).hvp
             grad_z = outer_oracle(problem, z, x, j).grad_z
             v = tree_axpy(-eta, tree_add(hvp, grad_z), v)
             inner_samples += len(problem.inner_batches[i])
             outer_samples += len(problem.outer_batches[j])
-        i, j = _draw(gen, nb_in), _draw(gen, nb_out)
+        i, j = problem.draw_inner(gen), problem.draw_outer(gen)
         cross = inner_oracle(problem, z, v, x, i, with_grad=False).cross
         d_x = tree_add(cross, outer_oracle(problem, z, x, j).grad_x)
         return state._replace(
