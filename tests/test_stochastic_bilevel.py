@@ -509,6 +509,11 @@ def test_run_stops_at_the_time_budget():
     out = st.run("soba", t.problem, t.z0, t.x0, num_steps=10**6, max_time_s=0.05)
     assert 0 < out.state.num_steps < 10**6 and out.time_s >= 0.05
     assert out.status == "time_budget"
+    ticks = iter(range(10**6))  # a fake clock: one second per call
+    clock = lambda: next(ticks)  # noqa: E731
+    out = st.run("soba", t.problem, t.z0, t.x0, num_steps=100, max_time_s=5, timer=clock)
+    # init and each step read the clock twice (start, end): 1 s each; stop once >= 5 s
+    assert out.state.num_steps == 4 and out.time_s == 5 and out.status == "time_budget"
     assert out.records[-1]["step"] == out.state.num_steps
 
 
@@ -548,6 +553,7 @@ def test_run_reports_divergence():
         ({"num_steps": 1, "record_every": 0}, r"`record_every` must be an integer >= 1"),
         ({"num_steps": 1, "max_time_s": 0}, r"`max_time_s` must be a positive number"),
         ({"num_steps": 1, "callback": "print"}, r"`callback` must be a callable"),
+        ({"num_steps": 1, "timer": 3.0}, r"`timer` must be a callable returning seconds"),
     ],
 )
 def test_run_errors(kwargs, match):

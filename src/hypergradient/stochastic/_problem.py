@@ -52,10 +52,11 @@ _WHERE = "hypergradient.stochastic.FiniteSumBilevelProblem(...)"
 
 def _partition(n: int, batch_size: int, seed: int | None) -> tuple[torch.Tensor, ...]:
     """``ceil(n / batch_size)`` batches of sizes differing by at most one."""
+    # indices live on the CPU (a CPU index tensor indexes data on any device)
     order = (
-        torch.arange(n)
+        torch.arange(n, device="cpu")
         if seed is None
-        else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        else torch.randperm(n, generator=torch.Generator().manual_seed(seed), device="cpu")
     )
     return tuple(b.clone() for b in torch.tensor_split(order, math.ceil(n / batch_size)))
 
@@ -159,12 +160,12 @@ class FiniteSumBilevelProblem:
     def draw_inner(self, generator: torch.Generator) -> int:
         """A uniformly drawn inner batch id in ``[0, n_inner_batches)`` (with replacement,
         as SAGA's analysis assumes); its samples are ``inner_batches[k]``."""
-        return int(torch.randint(self.n_inner_batches, (), generator=generator))
+        return int(torch.randint(self.n_inner_batches, (), generator=generator, device="cpu"))
 
     def draw_outer(self, generator: torch.Generator) -> int:
         """A uniformly drawn outer batch id in ``[0, n_outer_batches)``, independent of the
         inner one when drawn from the same generator (a separate draw)."""
-        return int(torch.randint(self.n_outer_batches, (), generator=generator))
+        return int(torch.randint(self.n_outer_batches, (), generator=generator, device="cpu"))
 
     def inner_batch_loss(self, params: Tree, hparams: Tree, k: int) -> torch.Tensor:
         """Unbiased estimate of :math:`G` from inner batch ``k`` (reweighted, see above)."""
@@ -180,7 +181,8 @@ class FiniteSumBilevelProblem:
 
     def full_batch(self) -> tuple[Callable[[Tree, Tree], torch.Tensor], ...]:
         """``(G, F)`` as the core's pure functions ``loss(params, hparams) -> scalar``."""
-        all_inner, all_outer = torch.arange(self.n_inner), torch.arange(self.n_outer)
+        all_inner = torch.arange(self.n_inner, device="cpu")
+        all_outer = torch.arange(self.n_outer, device="cpu")
 
         def inner(params: Tree, hparams: Tree) -> torch.Tensor:
             return self.inner_loss(params, hparams, all_inner)

@@ -79,11 +79,14 @@ def ridge_problem(
         (True, -1.687)
     """
     gen = torch.Generator().manual_seed(seed)
-    A = torch.randn(n_inner, dim, generator=gen, dtype=dtype)
-    C = torch.randn(n_outer, dim, generator=gen, dtype=dtype)
-    w = torch.randn(dim, generator=gen, dtype=dtype)
-    b = A @ w + noise * torch.randn(n_inner, generator=gen, dtype=dtype)
-    d = C @ w + noise * torch.randn(n_outer, generator=gen, dtype=dtype)
+    device = torch.empty(0).device  # the default device; the data is drawn on the CPU
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=dtype, device="cpu").to(device)
+
+    A, C, w = randn(n_inner, dim), randn(n_outer, dim), randn(dim)
+    b = A @ w + noise * randn(n_inner)
+    d = C @ w + noise * randn(n_outer)
 
     def inner_loss(z, x, idx):
         r = A[idx] @ z - b[idx]
