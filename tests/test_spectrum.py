@@ -364,6 +364,29 @@ def test_proposed_rate_trains_digits_and_twice_it_blows_up():
     assert max(doubled) > chance
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+        ),
+    ],
+)
+def test_results_on_the_model_device_equal_the_cpu(device):
+    # random vectors and batches are drawn on the CPU: the same numbers on every device
+    model, x, y = small_problem(seed=11)
+    reference = propose_learning_rate(model, F.cross_entropy, (x, y), 10, "adam", num_steps=15)
+    on = propose_learning_rate(
+        model.to(device), F.cross_entropy, (x.to(device), y.to(device)), 10, "adam", num_steps=15
+    )
+    assert on.lr == pytest.approx(reference.lr, rel=1e-9)
+    assert on.lambda_full == pytest.approx(reference.lambda_full, rel=1e-9)
+    assert on.density.grid.device.type == device
+    torch.testing.assert_close(on.density.density.cpu(), reference.density.density)
+
+
 # --------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------

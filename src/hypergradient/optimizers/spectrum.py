@@ -343,9 +343,9 @@ def _start_vector(
 ) -> torch.Tensor:
     # drawn on the CPU from a seeded generator: the same vectors on every device
     if kind == "rademacher":
-        v = torch.randint(0, 2, (dim,), generator=generator).to(torch.float64) * 2 - 1
+        v = torch.randint(0, 2, (dim,), generator=generator, device="cpu").double() * 2 - 1
     else:
-        v = torch.randn(dim, generator=generator, dtype=torch.float64)
+        v = torch.randn(dim, generator=generator, dtype=torch.float64, device="cpu")
     return v.to(dtype=dtype, device=device)
 
 
@@ -448,7 +448,7 @@ class SpectralDensity:
 
     def evaluate(self, points: torch.Tensor) -> torch.Tensor:
         """The broadened density at arbitrary ``points``."""
-        pts = points.to(torch.float64)
+        pts = points.to(dtype=torch.float64, device=self.nodes.device)
         z = (pts[:, None, None] - self.nodes[None]) / self.sigma
         kernel = torch.exp(-0.5 * z * z) / (self.sigma * math.sqrt(2 * math.pi))
         return (kernel * self.weights[None]).sum(dim=2).mean(dim=1)
@@ -518,7 +518,9 @@ def spectral_density(
     lo, hi = float(nodes.min()), float(nodes.max())
     if sigma is None:
         sigma = 0.01 * (hi - lo) if hi > lo else max(abs(hi), 1.0) * 1e-3
-    grid = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=torch.float64)
+    grid = torch.linspace(
+        lo - 5 * sigma, hi + 5 * sigma, num_points, dtype=torch.float64, device=nodes.device
+    )
     partial = SpectralDensity(
         grid=grid,
         density=grid,
@@ -680,8 +682,14 @@ class LearningRateProposal:
         return min(scaled, self.safety * self.lr_max_full)
 
 
-def _batch_indices(n: int, batch_size: int, count: int, generator: torch.Generator):
-    return [torch.randperm(n, generator=generator)[:batch_size] for _ in range(count)]
+def _batch_indices(
+    n: int, batch_size: int, count: int, generator: torch.Generator, device: torch.device
+) -> list[torch.Tensor]:
+    # drawn on the CPU from a seeded generator: the same batches on every device
+    return [
+        torch.randperm(n, generator=generator, device="cpu")[:batch_size].to(device)
+        for _ in range(count)
+    ]
 
 
 def propose_learning_rate(
@@ -796,7 +804,7 @@ def propose_learning_rate(
             f"{where}: `num_batches` must be an int >= 1, got {num_batches!r}."
         )
     generator = torch.Generator().manual_seed(seed)
-    batches = _batch_indices(n, batch_size, num_batches, generator)
+    batches = _batch_indices(n, batch_size, num_batches, generator, x.device)
 
     def curvature(xb: torch.Tensor, yb: torch.Tensor) -> SymmetricOperator:
         return curvature_operator(model, loss_fn, (xb, yb), kind=kind)
@@ -827,7 +835,7 @@ def propose_learning_rate(
         ev = top_eigenvalues(measured(x[idx], y[idx]), 1, num_steps=num_steps, seed=seed + 1 + j)
         lambdas.append(float(ev.values[0]))
         matvecs += ev.num_matvecs
-    lambda_batches = torch.tensor(lambdas, dtype=torch.float64)
+    lambda_batches = torch.tensor(lambdas, dtype=torch.float64, device="cpu")
     lambda_batch = float(lambda_batches.mean())
     ev_full = top_eigenvalues(measured(x, y), 1, num_steps=num_steps, seed=seed)
     matvecs += ev_full.num_matvecs
