@@ -11,6 +11,7 @@ r"""Optimizers and optimizer tools that work with any ``torch.optim`` training l
 
 from .lookahead import Lookahead as Lookahead
 from .lookahead import noisy_quadratic_variance as noisy_quadratic_variance
+from .sketchy import SketchySGD as SketchySGD
 from .spectrum import Eigenvalues as Eigenvalues
 from .spectrum import LanczosResult as LanczosResult
 from .spectrum import LearningRateProposal as LearningRateProposal
@@ -30,6 +31,7 @@ __all__ = [
     "LanczosResult",
     "LearningRateProposal",
     "Lookahead",
+    "SketchySGD",
     "SpectralDensity",
     "SymmetricOperator",
     "curvature_operator",
