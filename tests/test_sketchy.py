@@ -8,7 +8,9 @@ breast_cancer logistic regression the defaults beat every rate of an SGD grid.
 
 import copy
 import math
+import re
 import statistics
+from pathlib import Path
 
 import pytest
 import torch
@@ -551,3 +553,17 @@ def test_defaults_beat_every_sgd_rate_on_unscaled_logistic_regression():
     # observed: 8.3e-3 vs 4.2e-1 (ratio 0.02); papers.md's bar is 0.25
     assert sketchy < 0.1 * sgd[best_lr]
     assert sketchy < 0.05
+
+
+def test_readme_example_runs():
+    # the README's SketchySGD example, as written (documentation that cannot go stale)
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    example = [b for b in blocks if "SketchySGD(" in b]
+    assert example, "README.md should show SketchySGD"
+    namespace: dict = {}
+    exec(compile(example[0], str(readme), "exec"), namespace)  # noqa: S102
+    opt, loss = namespace["opt"], namespace["loss"]
+    assert opt.num_refreshes == 10
+    # from log 2 = 0.693 at w = 0 to within 0.05 of f* = 0.0973 (best SGD rate: ~0.4 above)
+    assert float(loss(slice(None)).detach()) < 0.0973 + 0.05
