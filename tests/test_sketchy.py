@@ -312,7 +312,8 @@ def _train(w, opt, x, y, grad_idx, hess_idx):
 def test_state_dict_round_trip_continues_the_same_trajectory():
     x, y, grads, hess = _batches(9)
     w = torch.zeros(6, requires_grad=True)
-    opt = SketchySGD([w], rank=3, update_freq=3)
+    # generators on the CPU for both optimizers (also under HYPERGRADIENT_TEST_DEVICE=cuda)
+    opt = SketchySGD([w], rank=3, update_freq=3, generator=torch.Generator().manual_seed(5))
     used = _train(w, opt, x, y, grads[:5], hess)
     saved_w, saved_state = w.detach().clone(), copy.deepcopy(opt.state_dict())
     saved_copy = copy.deepcopy(saved_state)
@@ -327,6 +328,20 @@ def test_state_dict_round_trip_continues_the_same_trajectory():
     # training on did not write into the loaded dict
     assert saved_state["sketchy"]["step"] == saved_copy["sketchy"]["step"] == 5
     assert torch.equal(saved_state["sketchy"]["basis"], saved_copy["sketchy"]["basis"])
+
+
+def test_deepcopy_keeps_the_preconditioner_and_continues_identically():
+    x, y, grads, hess = _batches(6)
+    w = torch.zeros(6, requires_grad=True)
+    opt = SketchySGD([w], rank=3, update_freq=4)
+    used = _train(w, opt, x, y, grads[:2], hess)
+    twin = copy.deepcopy(opt)  # copies the parameter too
+    w_copy = twin.param_groups[0]["params"][0]
+    assert w_copy is not w and torch.equal(w_copy, w)
+    assert twin.lambda_max == opt.lambda_max and twin.generator is not opt.generator
+    _train(w, opt, x, y, grads[2:], hess[used:])
+    _train(w_copy, twin, x, y, grads[2:], hess[used:])
+    assert torch.equal(w_copy.detach(), w.detach())
 
 
 def test_scheduler_scales_the_automatic_step():
@@ -444,6 +459,10 @@ def test_load_state_dict_errors():
     plain = torch.optim.SGD([w], lr=0.1).state_dict()
     with pytest.raises(HypergradientError, match=r"not saved by SketchySGD"):
         opt.load_state_dict(plain)
+    moved = copy.deepcopy(state)
+    moved["sketchy"]["generator_device"] = "elsewhere"
+    with pytest.raises(HypergradientError, match=r"saved generator was on 'elsewhere'"):
+        SketchySGD([w]).load_state_dict(moved)
 
 
 @pytest.mark.parametrize(
@@ -510,9 +529,12 @@ def test_defaults_beat_every_sgd_rate_on_unscaled_logistic_regression():
     def finite(value):
         return value if math.isfinite(value) else math.inf
 
+    def cpu_perm(gen):
+        return torch.randperm(n, generator=gen, device="cpu").to(x.device)
+
     def sketchy_subopt(seed):
         w = torch.zeros(d, requires_grad=True)
-        batches = torch.Generator().manual_seed(seed)
+        batches = torch.Generator().manual_seed(seed)  # CPU generators: randperm on the CPU
         hess_gen = torch.Generator().manual_seed(10_000 + seed)
         opt = SketchySGD(
             [w],
@@ -521,10 +543,10 @@ def test_defaults_beat_every_sgd_rate_on_unscaled_logistic_regression():
         )
 
         def hessian_closure():
-            return objective(w, torch.randperm(n, generator=hess_gen)[: math.isqrt(n)])
+            return objective(w, cpu_perm(hess_gen)[: math.isqrt(n)])
 
         for _ in range(epochs):
-            for idx in torch.randperm(n, generator=batches).split(batch):
+            for idx in cpu_perm(batches).split(batch):
                 opt.zero_grad()
                 objective(w, idx).backward()
                 opt.step(hessian_closure=hessian_closure)
@@ -537,7 +559,7 @@ def test_defaults_beat_every_sgd_rate_on_unscaled_logistic_regression():
         ws = torch.zeros(len(rates), d)
         batches = torch.Generator().manual_seed(seed)
         for _ in range(epochs):
-            for idx in torch.randperm(n, generator=batches).split(batch):
+            for idx in cpu_perm(batches).split(batch):
                 s = torch.sigmoid(-y[idx] * (ws @ x[idx].T))  # (rates, batch)
                 grads = -(s * y[idx]) @ x[idx] / len(idx) + 1e-3 * ws
                 ws = ws - lrs * grads

@@ -757,6 +757,14 @@ class SketchySGD(torch.optim.Optimizer):
     # checkpointing
     # ----------------------------------------------------------------------------------
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups; copy.deepcopy
+        # and pickle also need the settings and the preconditioner
+        state = super().__getstate__()
+        for key in ("rank", "rho", "update_freq", "eig_iters", "auto_lr", "generator", "_sketch"):
+            state[key] = self.__dict__[key]
+        return state
+
     def _config(self) -> dict[str, Any]:
         return {
             "rank": self.rank,
@@ -776,6 +784,7 @@ class SketchySGD(torch.optim.Optimizer):
             **sketch,
             "config": self._config(),
             "generator_state": self.generator.get_state(),
+            "generator_device": self.generator.device.type,
         }
         return out
 
@@ -795,6 +804,12 @@ class SketchySGD(torch.optim.Optimizer):
             raise HypergradientError(
                 f"{where}: the saved optimizer does not match this one ({listed}). Build "
                 f"SketchySGD with the saved settings over the same parameters."
+            )
+        if saved.get("generator_device") != self.generator.device.type:
+            raise HypergradientError(
+                f"{where}: the saved generator was on {saved.get('generator_device')!r}, this "
+                f"optimizer's is on {self.generator.device.type!r}; its state cannot be "
+                f"restored. Pass generator=torch.Generator(device=...) on the saved device."
             )
         super().load_state_dict(state_dict)
         device, dtype = self._device(), self._params()[0].dtype
