@@ -15,6 +15,16 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    # the tests' problems are tiny: intra-op threads only add spin-waiting, which on a busy
+    # 2-core machine makes every op many times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _strict_numerics():
     old_dtype = torch.get_default_dtype()
