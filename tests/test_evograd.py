@@ -14,6 +14,8 @@ its use in the training loop.
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -380,3 +382,17 @@ def test_bad_inputs_raise():
         hg.evograd_hypergrad(
             lambda p, h: inner_loss(p, h) * float("nan"), outer_loss, params, hparams
         )
+
+
+def test_readme_evograd_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [
+        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "hg.EvoGrad(" in b
+    ]
+    assert blocks, "README.md should show EvoGrad"
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
+    assert set(namespace["g"]) == {"log_l2"} and torch.isfinite(namespace["g"]["log_l2"]).all()
+    torch.testing.assert_close(namespace["details"].weights.sum(), torch.tensor(1.0))
+    assert namespace["evograd"].effective_step == pytest.approx(1e-5)
+    assert "tensor([" in capsys.readouterr().out  # the weights were printed

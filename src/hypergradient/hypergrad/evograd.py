@@ -155,11 +155,13 @@ def _draw(
     """
     shape = (copies, like.numel())
     device = like.device if generator is None else generator.device
+    # filled in place: no integer or temporary copies of a (copies, n) tensor
+    eps = torch.empty(shape, dtype=like.dtype, device=device)
     if noise == "rademacher":
-        signs = torch.randint(0, 2, shape, generator=generator, device=device)
-        eps = (2 * signs - 1).to(like.dtype) * sigma
+        # {0, 1} -> {-sigma, +sigma}; both steps are exact in floating point
+        eps.bernoulli_(0.5, generator=generator).mul_(2 * sigma).sub_(sigma)
     else:
-        eps = torch.randn(shape, generator=generator, device=device, dtype=like.dtype) * sigma
+        eps.normal_(0.0, sigma, generator=generator)
     return eps.to(like.device)
 
 
