@@ -341,9 +341,10 @@ class Anderson(AbstractFixedPointSolver):
         mixing: :math:`\beta \in (0, 1]`.
         ridge: :math:`\epsilon > 0`, relative regularisation of the normal equations.
 
-    Cost per iteration: one evaluation of ``f``, :math:`O(m^2 d)` flops for the normal
-    equations of each sample (:math:`d` = size of a sample), a batched :math:`m \times m`
-    solve; memory :math:`2 m` batch-sized tensors; one host synchronisation.
+    Cost per iteration: one evaluation of ``f``, :math:`O(m d)` flops per sample
+    (:math:`d` = size of a sample) for one new row of the Gram matrix and the mixing, a
+    batched :math:`m \times m` solve; memory :math:`3 m` batch-sized tensors; one host
+    synchronisation.
 
     Example::
 
@@ -398,24 +399,40 @@ class Anderson(AbstractFixedPointSolver):
         m = self.memory
         xs = x.new_zeros(batch, m, x.shape[1])
         fs = x.new_zeros(batch, m, x.shape[1])
-        xs[:, 0], fs[:, 0] = x, fx
+        # Residuals g_j = f_j - x_j are kept as unit directions u_j and norms n_j, with the
+        # Gram matrix of the directions updated one row per step: O(m d) work per sample
+        # and step instead of O(m^2 d), and no squared norms that could underflow.
+        us = x.new_zeros(batch, m, x.shape[1])
+        ns = x.new_zeros(batch, m)
+        gram = x.new_zeros(batch, m, m)
         eye = torch.eye(m, dtype=x.dtype, device=x.device)
         tiny, eps = torch.finfo(x.dtype).tiny, torch.finfo(x.dtype).eps
+
+        def store(slot: int, x: torch.Tensor, fx: torch.Tensor) -> None:
+            xs[:, slot], fs[:, slot] = x, fx
+            g = fx - x
+            norm = torch.linalg.vector_norm(g, dim=1)
+            ns[:, slot] = norm
+            us[:, slot] = g / norm.clamp_min(tiny)[:, None]
+            row = (us @ us[:, slot, :, None])[:, :, 0]  # <u_j, u_slot>; unfilled slots give 0
+            gram[:, slot, :] = row
+            gram[:, :, slot] = row
+
+        store(0, x, fx)
         steps = 0
         while monitor.result is None and steps < self.max_steps:
             n = min(steps + 1, m)  # points stored so far
-            G = fs[:, :n] - xs[:, :n]  # (batch, n, d) residuals
-            # alpha ~ (G G^T)^-1 1 = D^-1 (Gh Gh^T)^-1 D^-1 1 with unit-norm rows Gh = D^-1 G:
-            # the ridge acts on the scaled rows, so it stays relative to the *smallest*
-            # residuals and the accuracy does not stall at ridge * (oldest residual).
-            # D is taken relative to the largest residual and floored at eps, so an exactly
-            # zero residual (a sample already at its fixed point) gives a large finite weight.
-            norms = torch.linalg.vector_norm(G, dim=2, keepdim=True)
+            # alpha ~ (G G^T)^-1 1 = D^-1 (Gh Gh^T)^-1 D^-1 1 with rows Gh = D^-1 G of unit
+            # norm: the ridge acts on the scaled rows, so it stays relative to the *smallest*
+            # residuals and the accuracy does not stall at ridge * (oldest residual).  D is
+            # floored at eps times the largest residual, so an exactly zero residual (a sample
+            # already at its fixed point) gets a large but finite weight.
+            norms = ns[:, :n]
             top = norms.amax(dim=1, keepdim=True).clamp_min(tiny)
-            scale = (norms / top).clamp_min(eps)
-            Gh = G / (scale * top)
-            H = Gh @ Gh.transpose(1, 2) + self.ridge * eye[:n, :n]
-            a = torch.linalg.solve(H, 1.0 / scale) / scale
+            scale = (norms / top).clamp_min(eps)  # D / top
+            c = norms / (scale * top)  # Gh_j = c_j u_j, c_j in [0, 1]
+            H = gram[:, :n, :n] * (c[:, :, None] * c[:, None, :]) + self.ridge * eye[:n, :n]
+            a = torch.linalg.solve(H, (1.0 / scale)[:, :, None]) / scale[:, :, None]
             alpha = a / a.sum(dim=1, keepdim=True)  # (batch, n, 1), sums to one
             mixed_f = (alpha * fs[:, :n]).sum(dim=1)
             if self.mixing == 1.0:
@@ -424,8 +441,7 @@ class Anderson(AbstractFixedPointSolver):
                 x = torch.lerp((alpha * xs[:, :n]).sum(dim=1), mixed_f, self.mixing)
             fx = g(x)
             steps += 1
-            slot = steps % m
-            xs[:, slot], fs[:, slot] = x, fx
+            store(steps % m, x, fx)
             monitor.update(x, fx)
         return monitor.solution(z0.shape, steps, memory=m)
 
