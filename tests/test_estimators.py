@@ -24,6 +24,7 @@ from hypergradient.estimators import (
     PowerRecurrence,
     TruncatedBackprop,
     UnrolledSystem,
+    cross_fitted_combine,
     inverse_variance_combine,
 )
 
@@ -225,7 +226,16 @@ def test_meta_training_with_pes_reaches_the_optimum_that_truncation_misses():
 
 
 # ----------------------------------------------------------------------------------------
-# The mixed estimator (Metz et al. 2019).
+# The mixed estimator (Metz et al. 2019): Metz's inverse-variance weighting and the default
+# cross-fitted covariance weighting.
+#
+# The variance tests run the estimator's combination functions over "chains" of
+# truncations: a meta-training loop at a fixed theta, one chain per coordinate (every
+# coordinate has its own weights and history, so chains are independent).  Their per-pair
+# samples come from one whole-episode MixedEstimator truncation over chains x truncations x
+# S fresh episodes whose states are built as one batch (init's one-by-one loop would take
+# seconds); every truncation of the estimator is exactly such a combination of S fresh
+# pairs (test_mixed_estimator_is_the_cross_fitted_combination_of_its_samples).
 
 
 @pytest.mark.parametrize(("var_a", "var_b"), [(1.0, 4.0), (4.0, 1.0), (1.0, 1.0), (0.01, 100.0)])
@@ -267,18 +277,296 @@ def test_inverse_variance_combination_edge_cases():
         inverse_variance_combine(one, var_a, torch.zeros(2), var_b)
 
 
+def _comoments(a, b):
+    da, db = a - a.mean(dim=0), b - b.mean(dim=0)
+    return torch.stack([(da * da).sum(0), (db * db).sum(0), (da * db).sum(0)])
+
+
 @pytest.mark.parametrize(
-    ("rate", "horizon", "winner"),
-    [(2.8, 10, "backprop"), (3.8, 10, None), (3.8, 20, "es")],
+    ("pairs", "folds"), [(2, None), (2, 2), (3, None), (3, 2), (3, 3), (8, None), (8, 2), (8, 3)]
 )
-def test_mixed_variance_is_never_above_the_smaller_one(rate, horizon, winner):
-    # Logistic map: stable at r = 2.8 (back-propagation far better), chaotic at r = 3.8
-    # (back-propagated gradients grow like e^{0.43 T}: comparable at T = 10, ES far better
-    # at T = 20). Empirical variances over 150 independent estimates of 16 pairs each;
-    # the 10% margin covers the weights being estimated from 16 samples (Metz et al.'s
-    # O(1/S) effect) and the noise of the variance estimates themselves.
-    system = LogisticMap(horizon=horizon)
-    theta = LogisticMap.theta_for_rate(rate)
+def test_cross_fitted_weights_against_a_direct_computation(pairs, folds):
+    # Reference: for every fold f, the co-moments of the pairs outside f computed directly,
+    # plus the history; w = clip((B - C) / (A + B - 2C), 0, 1). The implementation gets them
+    # by down-dating the totals instead (O(S d) rather than O(folds S d)).
+    gen = _gen(3)
+    device = torch.empty(0).device
+    a = torch.randn(pairs, 4, 2, generator=gen, device="cpu").to(device)
+    b = 0.3 * a + 2 * torch.randn(pairs, 4, 2, generator=gen, device="cpu").to(device)
+    history = torch.rand(3, 4, 2, generator=gen, device="cpu").to(device)
+    history[2] *= 0.1  # a valid (positive semi-definite) co-moment matrix
+    out = cross_fitted_combine({"x": a}, {"x": b}, {"x": history}, folds=folds, decay=0.5)
+    fold = torch.arange(pairs) % (pairs if folds is None else folds)
+    expected = torch.empty_like(a)
+    for f in fold.unique():
+        aa, bb, ab = history + _comoments(a[fold != f], b[fold != f])
+        expected[fold == f] = ((bb - ab) / (aa + bb - 2 * ab)).clamp(0, 1)
+    assert torch.allclose(out.weights["x"], expected, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(out.samples["x"], expected * a + (1 - expected) * b, rtol=1e-12)
+    assert torch.allclose(out.grad["x"], out.samples["x"].mean(dim=0), rtol=1e-12)
+    assert torch.allclose(out.moments["x"], 0.5 * history + _comoments(a, b), rtol=1e-12)
+
+
+def test_cross_fitted_combination_edge_cases():
+    ones = torch.ones(4, 3)
+    a = torch.tensor([1.0, 2.0, 3.0, 4.0]).unsqueeze(1) * ones
+    # column 0: a has zero variance (all 2.5): all weight on it, exactly;
+    # column 1: b = a + 1 (Var(a - b) = 0, every weight is optimal): 1/2;
+    # column 2: b = 2a: w* = (4 - 2) / (1 + 4 - 4) = 2 on every subset, clipped to 1.
+    a[:, 0] = 2.5
+    b = a.clone()
+    b[:, 0] = torch.tensor([0.0, 5.0, 1.0, 4.0])
+    b[:, 1] = a[:, 1] + 1
+    b[:, 2] = 2 * a[:, 2]
+    out = cross_fitted_combine(a, b)
+    assert torch.equal(out.weights[:, 0], torch.ones(4)) and float(out.grad[0]) == 2.5
+    assert torch.equal(out.weights[:, 1], torch.full((4,), 0.5))
+    assert torch.equal(out.weights[:, 2], torch.ones(4)) and torch.equal(
+        out.grad[2], a[:, 2].mean()
+    )
+    # a single pair per fold and no history: no information, equal weights
+    two = cross_fitted_combine(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 5.0]))
+    assert torch.equal(two.weights, torch.full((2,), 0.5))
+    # a NaN back-propagation sample in coordinate 0 only: ES there, for every pair; the
+    # history gains nothing there (only the decay) and stays finite
+    a = torch.randn(6, 2, generator=_gen(4), device="cpu").to(torch.empty(0).device)
+    b = a + 0.5
+    b[:, 1] = 2 * a[:, 1]
+    a[2, 0] = float("nan")
+    history = torch.ones(3, 2)
+    history[2] = 0.5
+    out = cross_fitted_combine(a, b, history)
+    assert torch.equal(out.weights[:, 0], torch.zeros(6))
+    assert torch.equal(out.samples[:, 0], b[:, 0]) and bool(torch.isfinite(out.grad).all())
+    assert torch.equal(out.moments[:, 0], 0.95 * history[:, 0])
+    assert bool(torch.isfinite(out.moments).all()) and bool((out.weights[:, 1] > 0).all())
+    # float32 samples: float64 statistics, float32 results
+    out32 = cross_fitted_combine(a[:, 1:].float(), b[:, 1:].float())
+    assert out32.grad.dtype == torch.float32 and out32.moments.dtype == torch.float64
+
+
+# (var_a, var_b, correlation) of the per-pair samples: the exact minimum-variance weight w*
+# sits on the boundary (w* = 1, b = a + noise), inside (0.8, independent), in the middle
+# (1/2, anti-correlated).
+_GAUSSIAN_CASES = [(1.0, 4.0, 0.5), (1.0, 4.0, 0.0), (1.0, 1.0, -0.5)]
+
+
+def _gaussian_pairs(var_a, var_b, rho, n, seed):
+    gen = _gen(seed)
+    device = torch.empty(0).device
+    z1, z2 = torch.randn((2, n), generator=gen, device="cpu").to(device)
+    a = 1.0 + math.sqrt(var_a) * z1
+    b = 1.0 + math.sqrt(var_b) * (rho * z1 + math.sqrt(1 - rho**2) * z2)
+    return a, b
+
+
+def _chain(a, b, pairs, chains, weighting="covariance", decay=0.95):
+    """``chains`` meta-training loops over the per-pair samples ``a, b`` (shape (n,)), dealt
+    into truncations of ``pairs`` pairs: (mixed, backprop, es), each (truncations, chains)."""
+    calls = a.shape[0] // (pairs * chains)
+    a = a[: calls * pairs * chains].reshape(calls, pairs, chains)
+    b = b[: calls * pairs * chains].reshape(calls, pairs, chains)
+    mixed, moments = [], None
+    for k in range(calls):
+        if weighting == "metz":
+            c, _ = inverse_variance_combine(
+                a[k].mean(0), a[k].var(0) / pairs, b[k].mean(0), b[k].var(0) / pairs
+            )
+        else:
+            fit = cross_fitted_combine(a[k], b[k], moments, decay=decay)
+            c, moments = fit.grad, fit.moments
+        mixed.append(c)
+    return torch.stack(mixed), a.mean(dim=1), b.mean(dim=1)
+
+
+def _variance_ratio(x, y):
+    """Var(x) / Var(y) over paired draws, and its Monte-Carlo standard error (delta method:
+    with u = x - mean x, v = y - mean y, the ratio mean(u^2) / mean(v^2) has relative
+    variance Var(u^2 / mean u^2 - v^2 / mean v^2) / N; pairing cancels the shared noise)."""
+    x, y = x.reshape(-1), y.reshape(-1)
+    u2, v2 = (x - x.mean()) ** 2, (y - y.mean()) ** 2
+    ratio = float(u2.mean() / v2.mean())
+    return ratio, ratio * float((u2 / u2.mean() - v2 / v2.mean()).std()) / math.sqrt(x.numel())
+
+
+@pytest.mark.parametrize(("var_a", "var_b", "rho"), _GAUSSIAN_CASES)
+def test_cross_fitted_combination_with_a_known_covariance(var_a, var_b, rho):
+    # 1000 chains x 40 truncations of S = 8 pairs; the last 15 truncations of every chain
+    # (history built up: sum_{j<25} 0.95^j = 14.5 truncations' worth) give N = 15000
+    # estimates. Exact targets: min(var_a, var_b) / S and q(w*) / S, the variance with the
+    # exact minimum-variance weight. The Monte-Carlo error of a variance over N estimates
+    # is sqrt((kurtosis - 1) / N) relative (1.2% here); the tolerance is 3 of those.
+    pairs, chains = 8, 1000
+    a, b = _gaussian_pairs(var_a, var_b, rho, chains * 40 * pairs, seed=5)
+    mixed, _, _ = _chain(a, b, pairs, chains)
+    warm = mixed[25:].reshape(-1)
+    u2 = (warm - warm.mean()) ** 2
+    variance, rel_se = float(u2.mean()), float(u2.std() / u2.mean()) / math.sqrt(u2.numel())
+    assert rel_se < 0.015
+    cov = rho * math.sqrt(var_a * var_b)
+    w = min(max((var_b - cov) / (var_a + var_b - 2 * cov), 0.0), 1.0)
+    oracle = (w**2 * var_a + (1 - w) ** 2 * var_b + 2 * w * (1 - w) * cov) / pairs
+    assert variance <= min(var_a, var_b) / pairs * (1 + 3 * rel_se)
+    # ...and close to the oracle: estimated weights cost about q(w*) / (dof - 3) with
+    # ~200 degrees of freedom behind them (0.5%), within the 3.6% Monte-Carlo band.
+    assert variance <= oracle * (1 + 0.005 + 3 * rel_se)
+    assert abs(float(warm.mean()) - 1.0) < 4 * math.sqrt(variance / warm.numel())
+    # the first truncation of a chain (no history) is unbiased too
+    cold, _, _ = _chain(a, b, pairs, chains, decay=0.0)
+    assert abs(float(cold.mean()) - 1.0) < 4 * float(cold.std()) / math.sqrt(cold.numel())
+
+
+def _batched_init(system, n, gen):
+    """``n`` fresh episodes of a toy system as one stacked state, drawn from the toys'
+    ``init`` distributions (``vectorize=True`` stacks the same thing one by one)."""
+    device = torch.empty(0).device
+    if isinstance(system, LogisticMap):
+        return {"x": (0.2 + 0.6 * torch.rand(n, generator=gen, device="cpu")).to(device)}
+    if isinstance(system, AffineRecurrence):
+        noise = torch.randn((n, system.horizon, system.dim), generator=gen, device="cpu")
+        return {
+            "x": torch.full((n, system.dim), float(system.x_init)),
+            "noise": (system.noise_scale * noise).to(device),
+        }
+    return torch.full((n,), float(system.x_init))  # PowerRecurrence
+
+
+def _pair_samples(system, theta, sigma, n, seed):
+    """``n`` independent pairs' (backprop, es) samples, shape (n,) each (scalar theta)."""
+    gen = _gen(seed)
+    est = MixedEstimator(system, sigma, n, vectorize=True)
+    out, _ = est.estimate(
+        theta, EstimatorState("MixedEstimator", _batched_init(system, n, gen), 0, 1), gen
+    )
+    found = [out.extras[k] for k in ("backprop_samples", "es_samples")]
+    return tuple((x["a"] if isinstance(x, dict) else x).reshape(n) for x in found)
+
+
+def _setting(name):
+    """(system, theta, sigma, pairs, exact smoothed gradient or None) of a benchmark row."""
+    if name.startswith("affine"):
+        system = AffineRecurrence(horizon=20, a=0.9, noise_scale=0.5)
+        theta = torch.zeros(1)
+        return system, theta, 0.1, int(name[6:]), float(system.gradient(theta))
+    if name == "power":
+        system, theta = PowerRecurrence(horizon=4), {"a": torch.tensor(0.9)}
+        return system, theta, 0.3, 8, float(system.smoothed_gradient(theta, sigma=0.3)["a"])
+    rate, horizon = (float(x) for x in name[8:].split("_"))
+    return LogisticMap(int(horizon)), LogisticMap.theta_for_rate(rate), 0.05, 16, None
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["affine8", "affine16", "power"]
+    + [f"logistic{r}_{t}" for r in (2.8, 3.8) for t in (5, 10, 20, 40)],
+)
+def test_mixed_variance_is_never_above_the_smaller_one(setting):
+    # Every setting of the benchmark (benchmarks/estimator_bias_variance.py): the noisy
+    # affine recurrence (S = 8, 16: strongly correlated components, where Metz's weighting
+    # has 1.4x the smaller variance), the power recurrence, and the logistic map, stable
+    # (r = 2.8: back-propagation far better) and chaotic (r = 3.8: comparable at T = 10,
+    # where mixing beats both; ES far better from T = 20). 100 chains x 40 truncations;
+    # the last 15 of each chain (N = 1500 estimates) once the weights' history is built up.
+    # Tolerance: 3 Monte-Carlo standard errors of the paired variance ratio (required to
+    # be < 0.04, so the test can fail). The weights' own noise costs 0.1-0.5% on these
+    # problems at this history (benchmark, 3000 estimates per row), below this resolution.
+    system, theta, sigma, pairs, exact = _setting(setting)
+    chains = 100
+    a, b = _pair_samples(system, theta, sigma, chains * 40 * pairs, seed=6)
+    mixed, backprop, es = (x[25:] for x in _chain(a, b, pairs, chains))
+    better = backprop if float(backprop.var()) <= float(es.var()) else es
+    ratio, se = _variance_ratio(mixed, better)
+    assert se < 0.04
+    assert ratio <= 1 + 3 * se
+    if setting == "logistic3.8_10":
+        assert ratio < 0.8  # comparable components: the mix beats both
+    # unbiased: against the exact smoothed gradient where known, else against the better
+    # component (unbiased itself; the paired difference cancels most of the noise)
+    diff = (mixed - (exact if exact is not None else better)).reshape(-1)
+    assert abs(float(diff.mean())) < 4 * float(diff.std()) / math.sqrt(diff.numel())
+
+
+def test_metz_weighting_is_biased_and_above_the_smaller_variance():
+    # The documented defects of weighting="metz" on the noisy affine recurrence, S = 8 (the
+    # samples of test_mixed_variance_is_never_above_the_smaller_one["affine8"]): weights
+    # estimated from the samples they weigh pull the estimate towards zero by ~12%, and
+    # ignoring the correlation costs ~1.4x the smaller variance.
+    system, theta, sigma, pairs, exact = _setting("affine8")
+    a, b = _pair_samples(system, theta, sigma, 100 * 40 * pairs, seed=6)
+    mixed, backprop, es = _chain(a, b, pairs, 100, weighting="metz")
+    ratio, se = _variance_ratio(mixed, backprop)
+    assert ratio > 1 + 5 * se
+    z = (float(mixed.mean()) - exact) / (float(mixed.std()) / math.sqrt(mixed.numel()))
+    assert z > 6
+
+
+@pytest.mark.parametrize(("folds", "vectorize"), [(None, True), (2, False)])
+def test_mixed_estimator_is_the_cross_fitted_combination_of_its_samples(folds, vectorize):
+    # The estimator's grad, weights and carried history are cross_fitted_combine applied to
+    # its own per-pair samples with the previous truncation's history, truncation after
+    # truncation (K = 2 of T = 5: windows straddle episodes); an odd number of pairs.
+    system = AffineRecurrence(horizon=5, dim=2, a=0.8, noise_scale=0.3)
+    theta = torch.tensor([0.2, -0.1])
+    est = MixedEstimator(
+        system, 0.1, num_pairs=5, truncation_length=2, vectorize=vectorize, folds=folds, decay=0.8
+    )
+    gen = _gen(7)
+    state = est.init(theta, gen)
+    assert state.moments is None
+    for _ in range(4):
+        previous = state.moments
+        out, state = est.estimate(theta, state, gen)
+        x = out.extras
+        fit = cross_fitted_combine(
+            x["backprop_samples"], x["es_samples"], previous, folds=folds, decay=0.8
+        )
+        assert torch.equal(out.grad, fit.grad) and torch.equal(state.moments, fit.moments)
+        assert torch.equal(x["backprop_weights"], fit.weights)
+        assert torch.equal(x["backprop_weight"], fit.weights.mean(dim=0))
+        assert torch.allclose(out.samples.mean(dim=0), out.grad, rtol=1e-12)
+    assert state.moments.shape == (3, 2) and bool((state.moments[:2] > 0).all())
+    with pytest.raises(hg.HypergradientError, match=r"theta's structure .* changed since init"):
+        est.estimate(torch.zeros(3), state, gen)
+
+
+@pytest.mark.parametrize("weighting", ["covariance", "metz"])
+def test_mixed_estimate_is_its_components_combined_and_unbiased(weighting):
+    # Both components estimate the gradient of the smoothed objective (4.011 at a = 0.9,
+    # sigma = 0.3, T = 4): the back-propagated one at the perturbed points a +- eps.
+    system = PowerRecurrence(horizon=4)
+    theta = {"a": torch.tensor(0.9)}
+    est = MixedEstimator(system, sigma=0.3, num_pairs=4000, vectorize=True, weighting=weighting)
+    out, state = est.estimate(theta, est.init(theta, _gen()), _gen())
+    x = out.extras
+    if weighting == "metz":
+        combined, weight = inverse_variance_combine(
+            x["backprop"], x["backprop_variance"], x["es"], x["es_variance"]
+        )
+        assert torch.equal(x["backprop_weight"]["a"], weight["a"])
+        assert state.moments is None
+    else:
+        combined = cross_fitted_combine(x["backprop_samples"], x["es_samples"]).grad
+    assert torch.equal(out.grad["a"], combined["a"])
+    assert torch.allclose(out.samples["a"].mean(), out.grad["a"])
+    # Var, Cov of the means from the pairs
+    bp, es = x["backprop_samples"]["a"], x["es_samples"]["a"]
+    assert torch.allclose(x["backprop_variance"]["a"], bp.var() / 4000)
+    assert torch.allclose(x["covariance"]["a"], torch.cov(torch.stack([bp, es]))[0, 1] / 4000)
+    smoothed = system.smoothed_gradient(theta, sigma=0.3)["a"]
+    for samples in (bp, es, out.samples["a"]):
+        assert float(_z(samples, smoothed).abs()) < 4
+    raw = system.smoothed_gradient(theta, sigma=0.0)["a"]
+    assert float(_z(bp, raw).abs()) > 8
+
+
+def test_mixed_estimator_in_a_meta_training_loop_beats_both_components():
+    # The estimator itself, 150 consecutive truncations at one theta (its history builds up
+    # as in a meta-training loop): on the chaotic logistic map at T = 10 the two components
+    # are comparable and nearly uncorrelated, and the mix has ~0.65 of the smaller variance
+    # (the exact weights' 0.65; benchmark). The ratio's standard error over these 130
+    # truncations is ~0.07: 0.9 is 3.5 of them above 0.65.
+    system = LogisticMap(horizon=10)
+    theta = LogisticMap.theta_for_rate(3.8)
     est = MixedEstimator(system, sigma=0.05, num_pairs=16, vectorize=True)
     gen = _gen(2)
     state = est.init(theta, gen)
@@ -288,36 +576,10 @@ def test_mixed_variance_is_never_above_the_smaller_one(rate, horizon, winner):
         mixed.append(out.grad)
         backprop.append(out.extras["backprop"])
         es.append(out.extras["es"])
-    var_mixed, var_bp, var_es = (float(torch.stack(x).var()) for x in (mixed, backprop, es))
-    assert var_mixed <= 1.1 * min(var_bp, var_es)
-    if winner == "backprop":
-        assert var_bp < 0.1 * var_es
-    elif winner == "es":
-        assert var_es < 0.1 * var_bp
-    else:
-        assert 0.1 < var_bp / var_es < 10
-        assert var_mixed < 0.9 * min(var_bp, var_es)  # here mixing beats both
-
-
-def test_mixed_estimate_is_its_components_combined_and_unbiased():
-    # Both components estimate the gradient of the smoothed objective (4.011 at a = 0.9,
-    # sigma = 0.3, T = 4): the back-propagated one at the perturbed points a +- eps.
-    system = PowerRecurrence(horizon=4)
-    theta = {"a": torch.tensor(0.9)}
-    est = MixedEstimator(system, sigma=0.3, num_pairs=4000, vectorize=True)
-    out, _ = est.estimate(theta, est.init(theta, _gen()), _gen())
-    x = out.extras
-    combined, weight = inverse_variance_combine(
-        x["backprop"], x["backprop_variance"], x["es"], x["es_variance"]
-    )
-    assert torch.equal(out.grad["a"], combined["a"])
-    assert torch.equal(x["backprop_weight"]["a"], weight["a"])
-    assert torch.allclose(out.samples["a"].mean(), out.grad["a"])
-    smoothed = system.smoothed_gradient(theta, sigma=0.3)["a"]
-    for samples in (x["backprop_samples"]["a"], x["es_samples"]["a"], out.samples["a"]):
-        assert float(_z(samples, smoothed).abs()) < 4
-    raw = system.smoothed_gradient(theta, sigma=0.0)["a"]
-    assert float(_z(x["backprop_samples"]["a"], raw).abs()) > 8
+    mixed, backprop, es = (torch.stack(x)[20:] for x in (mixed, backprop, es))
+    assert 0.1 < float(backprop.var() / es.var()) < 10
+    ratio, se = _variance_ratio(mixed, backprop if backprop.var() < es.var() else es)
+    assert ratio < 0.9 and se < 0.1
 
 
 def _nan_gradient_system(horizon=3):
@@ -330,19 +592,38 @@ def _nan_gradient_system(horizon=3):
     return UnrolledSystem(lambda g: torch.zeros(()), step, horizon=horizon)
 
 
-def test_mixed_falls_back_on_es_when_backprop_fails():
+@pytest.mark.parametrize("weighting", ["covariance", "metz"])
+def test_mixed_falls_back_on_es_when_backprop_fails(weighting):
     system = _nan_gradient_system()
     theta = torch.tensor(0.5)
-    est = MixedEstimator(system, sigma=0.01, num_pairs=64)
-    out, _ = est.estimate(theta, est.init(theta, _gen()), _gen())
-    assert bool(torch.isnan(out.extras["backprop"]))
-    assert float(out.extras["backprop_weight"]) == 0.0
-    assert torch.equal(out.grad, out.extras["es"]) and bool(torch.isfinite(out.grad))
-    # loss = mean_t (t+1) theta^2 = 2 theta^2 -> gradient 4 theta = 2, unbiased ES
-    assert abs(float(out.grad) - 2.0) < 4 * float(out.standard_error())
+    est = MixedEstimator(system, sigma=0.01, num_pairs=64, weighting=weighting)
+    state = est.init(theta, _gen())
+    for _ in range(2):  # the second truncation sees the first one's history
+        out, state = est.estimate(theta, state, _gen())
+        assert bool(torch.isnan(out.extras["backprop"]))
+        assert float(out.extras["backprop_weight"]) == 0.0
+        assert torch.equal(out.grad, out.extras["es"]) and bool(torch.isfinite(out.grad))
+        # loss = mean_t (t+1) theta^2 = 2 theta^2 -> gradient 4 theta = 2, unbiased ES
+        assert abs(float(out.grad) - 2.0) < 4 * float(out.standard_error())
+    if weighting == "covariance":
+        assert torch.equal(state.moments, torch.zeros(3))  # nothing learnt from NaN
     with pytest.raises(hg.HypergradientError, match=r"NaN/inf gradients.*MixedEstimator"):
         tbptt = TruncatedBackprop(system)
         tbptt.estimate(theta, tbptt.init(theta, _gen()), _gen())
+
+
+def test_cross_fitted_combine_errors():
+    a = torch.zeros(4, 2)
+    with pytest.raises(hg.HypergradientError, match=r"`es_samples` has shapes \[\(4, 3\)\]"):
+        cross_fitted_combine(a, torch.zeros(4, 3))
+    with pytest.raises(hg.HypergradientError, match=r"at least 2 pairs.*\[\(1, 2\)\]"):
+        cross_fitted_combine(a[:1], a[:1])
+    with pytest.raises(hg.HypergradientError, match=r"folds must be None .* \[2, S=4\], got 5"):
+        cross_fitted_combine(a, a, folds=5)
+    with pytest.raises(hg.HypergradientError, match=r"decay must be a float in \[0, 1\), got 1"):
+        cross_fitted_combine(a, a, decay=1.0)
+    with pytest.raises(hg.HypergradientError, match=r"`moments` has shapes \[\(3,\)\]"):
+        cross_fitted_combine(a, a, torch.zeros(3))
 
 
 # ----------------------------------------------------------------------------------------
@@ -369,6 +650,11 @@ def _bad_step_system(step):
         (lambda: PES(_SYS, True), r"sigma"),
         (lambda: PES(_SYS, 0.1, num_pairs=0), r"num_pairs must be an int >= 1, got 0"),
         (lambda: MixedEstimator(_SYS, 0.1, num_pairs=1), r"num_pairs must be an int >= 2"),
+        (lambda: MixedEstimator(_SYS, 0.1, weighting="mean"), r"weighting must be one of"),
+        (lambda: MixedEstimator(_SYS, 0.1, folds=1), r"folds must be an int >= 2, got 1"),
+        (lambda: MixedEstimator(_SYS, 0.1, 4, folds=5), r"folds must be at most num_pairs=4"),
+        (lambda: MixedEstimator(_SYS, 0.1, decay=-0.1), r"decay must be a float in \[0, 1\)"),
+        (lambda: MixedEstimator(_SYS, 0.1, decay=True), r"decay must be a float"),
         (lambda: AntitheticES(_SYS, 0.1, truncation_length=5), r"\[1, horizon=4\], got 5"),
         (lambda: TruncatedBackprop(_SYS, 0), r"truncation_length .* got 0"),
         (lambda: FullBackprop(_SYS, num_particles=1.5), r"num_particles must be an int"),

@@ -12,7 +12,8 @@ steps ``step(state, theta, t) -> (state, loss)``:
   Gaussian-smoothed objective; truncated: biased);
 * :class:`PES` -- persistent evolution strategies (truncated *and* unbiased);
 * :class:`MixedEstimator` -- Metz et al. (2019): back-propagation and ES on the same
-  perturbed unrolls, combined per coordinate by their estimated inverse variances.
+  perturbed unrolls, combined per coordinate by cross-fitted minimum-variance weights
+  (:func:`cross_fitted_combine`; unbiased) or by Metz's inverse variances.
 
 A meta-trainer calls::
 
@@ -34,7 +35,9 @@ from .backprop import FullBackprop as FullBackprop
 from .backprop import TruncatedBackprop as TruncatedBackprop
 from .es import PES as PES
 from .es import AntitheticES as AntitheticES
+from .mixed import CrossFitted as CrossFitted
 from .mixed import MixedEstimator as MixedEstimator
+from .mixed import cross_fitted_combine as cross_fitted_combine
 from .mixed import inverse_variance_combine as inverse_variance_combine
 from .toys import AffineRecurrence as AffineRecurrence
 from .toys import LogisticMap as LogisticMap
@@ -45,6 +48,7 @@ __all__ = [
     "AbstractUnrolledSystem",
     "AffineRecurrence",
     "AntitheticES",
+    "CrossFitted",
     "EstimatorState",
     "FullBackprop",
     "GradientEstimate",
@@ -54,5 +58,6 @@ __all__ = [
     "PowerRecurrence",
     "TruncatedBackprop",
     "UnrolledSystem",
+    "cross_fitted_combine",
     "inverse_variance_combine",
 ]

@@ -46,6 +46,11 @@ class EstimatorState:
         episodes: episodes begun so far (``1`` after ``init``).
         accumulators: PES only: per antithetic pair, the sum of the perturbations applied
             since the episode began; leaves of shape ``(num_pairs, *theta_leaf.shape)``.
+        moments: ``MixedEstimator`` (covariance weighting) only: per coordinate, the decayed
+            sums of the centred second moments of its two components over the previous
+            truncations, leaves of shape ``(3, *theta_leaf.shape)`` (float64), or ``None``
+            before the first truncation (see
+            :func:`~hypergradient.estimators.cross_fitted_combine`).
     """
 
     kind: str
@@ -53,6 +58,7 @@ class EstimatorState:
     t: int
     episodes: int
     accumulators: Tree | None = None
+    moments: Tree | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,9 @@ class AbstractGradientEstimator(abc.ABC):
       \theta+\epsilon_W)`, one fresh perturbation per truncation (unbiased for every
       :math:`K`).
     * ``MixedEstimator``: :math:`\nabla_\theta\, \mathbb E_\epsilon L(\theta+\epsilon)`
-      for :math:`K = T`, up to an :math:`O(1/S)` bias from its estimated weights.
+      for :math:`K = T` (unbiased with its default cross-fitted weights;
+      ``weighting="metz"`` adds an :math:`O(1/S)` bias from weights estimated on the samples
+      they weigh).
 
     For a quadratic meta-objective (a linear system with a quadratic loss) every smoothed
     gradient above equals :math:`\nabla L(\theta)`.
@@ -242,5 +250,16 @@ def check_state(where: str, state: object, kind: str, theta: Theta) -> Estimator
                 f"changed since init (accumulators shaped like "
                 f"{[tuple(a.shape[1:]) for a in acc]}); theta may change value between "
                 f"truncations, not shape or dtype. Re-run init for a new theta structure."
+            )
+    if state.moments is not None:
+        moments, like = leaves_of(state.moments), leaves_of(theta)
+        if len(moments) != len(like) or any(
+            m.shape != (3, *x.shape) for m, x in zip(moments, like)
+        ):
+            raise HypergradientError(
+                f"{where}: theta's structure (shapes {[tuple(x.shape) for x in like]}) "
+                f"changed since init (the weights' moment history is shaped like "
+                f"{[tuple(m.shape[1:]) for m in moments]}); theta may change value between "
+                f"truncations, not shape. Re-run init for a new theta structure."
             )
     return state
