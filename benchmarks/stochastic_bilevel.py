@@ -679,7 +679,9 @@ def main(argv=None) -> int:
     summarize_problem_a(result["problem_a"])
     result = finite_or_none(result)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "stochastic_bilevel.json").write_text(json.dumps(result, indent=1) + "\n")
+    # compact: the records of every grid point (~5,000 of them) are most of the file
+    compact = json.dumps(result, separators=(",", ":"))
+    (args.out / "stochastic_bilevel.json").write_text(compact + "\n")
     (args.out / "stochastic_bilevel.md").write_text(markdown_report(result))
     plot_problem_a(result["problem_a"], args.out / "stochastic_bilevel.png")
     plot_problem_b(result["problem_b"], args.out / "saba_vs_soba.png")
