@@ -524,7 +524,8 @@ def test_run_stops_when_the_callback_asks():
         error = abs(float(state.x - t.x_star))
         return {"error": error, "stop": error < 1e-3}
 
-    out = st.run("saba", t.problem, t.z0, t.x0, num_steps=5000, record_every=10, callback=callback)
+    solver = st.SABA(outer_step=0.1)
+    out = st.run(solver, t.problem, t.z0, t.x0, num_steps=5000, record_every=10, callback=callback)
     assert out.status == "stopped" and out.state.num_steps < 5000
     assert out.records[-1]["error"] < 1e-3 <= out.records[-2]["error"]
     assert out.records[-1]["step"] == out.state.num_steps
