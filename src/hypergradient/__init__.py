@@ -22,6 +22,7 @@ from . import kfac as kfac
 from . import linalg as linalg
 from . import optim as optim
 from . import optimizers as optimizers
+from . import search as search
 from . import stochastic as stochastic
 from . import testing as testing
 from ._errors import ConvergenceError as ConvergenceError

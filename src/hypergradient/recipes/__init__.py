@@ -17,7 +17,9 @@ from ._base import register_recipe as register_recipe
 from ._base import write_results as write_results
 from ._config import build_config as build_config
 
-for _name in ("distill", "hyperclean", "reweight", "augment", "lr_schedule", "towers"):
+for _name in (
+    "distill", "hyperclean", "reweight", "augment", "lr_schedule", "towers", "hpo", "maml",
+):  # fmt: skip
     try:
         importlib.import_module(f"{__name__}.{_name}")
     except ModuleNotFoundError as _err:

@@ -1,0 +1,90 @@
+"""Black-box hyperparameter search beside hypergradients (Optuna as the engine).
+
+Hypergradients reach continuous hyperparameters that enter the training loss smoothly
+(decays, learning rates, thousands of them at once); they cannot reach a hidden width or a
+batch size.  This package covers the rest, and measures both on one compute axis:
+
+* :mod:`~hypergradient.search.study` - Optuna studies in SQLite under the run folder (or
+  any RDB URL), samplers ``random`` / ``grid`` / ``tpe`` / ``cmaes``, Hyperband and
+  successive-halving pruning, and a worker loop that survives SIGKILLed workers;
+* :mod:`~hypergradient.search.space` - search spaces (:class:`Float`, :class:`Int`,
+  :class:`Choice`);
+* :mod:`~hypergradient.search.compute` - compute in training-step equivalents
+  (a hypergradient counts its backward passes);
+* :mod:`~hypergradient.search.objectives` - objectives for the ``weight-decay`` recipe's
+  MLP (width, batch size, decay, learning rate; or decays by hypergradient inside trials);
+* :mod:`~hypergradient.search.resampling` - nested vs non-nested cross-validation;
+* :mod:`~hypergradient.search.racing` - F-race and successive halving over folds or seeds.
+
+Optuna is optional: ``pip install "hypergradient[hpo]"``.  Only the functions that need it
+import it; resampling and racing do not.
+"""
+
+from .compute import ComputeMeter as ComputeMeter
+from .compute import StepUnit as StepUnit
+from .compute import hypergradient_cost as hypergradient_cost
+from .objectives import best_at as best_at
+from .objectives import compute_curve as compute_curve
+from .objectives import mlp_weights as mlp_weights
+from .objectives import reference_unit as reference_unit
+from .objectives import weight_decay_objective as weight_decay_objective
+from .racing import RaceResult as RaceResult
+from .racing import race as race
+from .resampling import Fold as Fold
+from .resampling import NestedResult as NestedResult
+from .resampling import OuterFold as OuterFold
+from .resampling import TuneResult as TuneResult
+from .resampling import grid_tuner as grid_tuner
+from .resampling import kfold as kfold
+from .resampling import nested_cv as nested_cv
+from .resampling import non_nested_cv as non_nested_cv
+from .resampling import optuna_tuner as optuna_tuner
+from .resampling import race_tuner as race_tuner
+from .space import Choice as Choice
+from .space import Float as Float
+from .space import Int as Int
+from .space import grid_of as grid_of
+from .space import suggest as suggest
+from .study import create_study as create_study
+from .study import default_storage as default_storage
+from .study import fail_running_trials as fail_running_trials
+from .study import finished_trials as finished_trials
+from .study import make_pruner as make_pruner
+from .study import make_sampler as make_sampler
+from .study import make_storage as make_storage
+from .study import optimize as optimize
+
+__all__ = [
+    "Choice",
+    "ComputeMeter",
+    "Float",
+    "Fold",
+    "Int",
+    "NestedResult",
+    "OuterFold",
+    "RaceResult",
+    "StepUnit",
+    "TuneResult",
+    "best_at",
+    "compute_curve",
+    "create_study",
+    "default_storage",
+    "fail_running_trials",
+    "finished_trials",
+    "grid_of",
+    "grid_tuner",
+    "hypergradient_cost",
+    "kfold",
+    "make_pruner",
+    "make_sampler",
+    "make_storage",
+    "mlp_weights",
+    "nested_cv",
+    "non_nested_cv",
+    "optimize",
+    "optuna_tuner",
+    "race",
+    "race_tuner",
+    "reference_unit",
+    "suggest",
+]

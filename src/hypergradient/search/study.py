@@ -1,0 +1,413 @@
+r"""Optuna as the black-box engine: studies on disk, samplers, pruners, a crash-safe worker loop.
+
+* :func:`create_study` - a study stored in SQLite under the run folder by default
+  (``sqlite:///<run_dir>/study.db``), or in any Optuna RDB URL (PostgreSQL, MySQL, ...);
+  created or re-opened by name, so a killed run resumes and several worker processes (or
+  machines) share one study.
+* :func:`make_sampler` - ``"random"``, ``"grid"`` (needs the search space), ``"tpe"``
+  (Bergstra et al. 2011) and ``"cmaes"`` (Hansen's CMA-ES; needs the ``cmaes`` package).
+* :func:`make_pruner` - ``"hyperband"`` (Li et al. 2018) and ``"halving"`` (asynchronous
+  successive halving) over the intermediate values an objective reports once per epoch or
+  hyper-step (``trial.report(value, step)``), or ``"none"``.
+* :func:`optimize` - the worker loop: run trials until the study holds ``n_trials`` finished
+  (complete or pruned) trials, whichever process finished them.
+
+**Workers that die.**  With ``heartbeat_interval`` set, every running trial writes a
+heartbeat to the database; a trial whose heartbeat is older than ``grace_period`` seconds
+belongs to a dead worker and is marked ``FAIL`` by the next worker that looks, and
+(``max_retry > 0``) re-queued with the same parameters (Optuna's
+``RetryHeartbeatStaleTrialCallback``), so a SIGKILLed worker loses nothing that had finished
+and its running trial is run again by a survivor.  :func:`optimize` counts finished trials
+across all workers and waits for the running trials of others before it stops, so the study
+ends with exactly ``n_trials`` finished trials.
+
+Requires the optional dependency: ``pip install "hypergradient[hpo]"``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .._errors import HypergradientError
+from .space import SearchSpace, check_space, grid_of
+
+SAMPLERS = ("random", "grid", "tpe", "cmaes")
+PRUNERS = ("none", "hyperband", "halving")
+
+#: user attribute set on a trial that a worker asked for but the study no longer needed
+SURPLUS_ATTR = "hypergradient:surplus"
+
+
+def require_optuna():
+    """Import Optuna, or say how to install it."""
+    try:
+        import optuna
+    except ImportError:
+        raise HypergradientError(
+            "hypergradient.search needs Optuna: pip install 'hypergradient[hpo]' (or "
+            "pip install optuna)."
+        ) from None
+    return optuna
+
+
+@contextlib.contextmanager
+def _experimental() -> Iterator[None]:
+    """Silence Optuna's experimental-feature notices inside the block: the heartbeat, the
+    stale-trial retry and multivariate TPE are used on purpose."""
+    optuna = require_optuna()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        yield
+
+
+def _is_int(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def default_storage(run_dir: str | Path) -> str:
+    """The SQLite URL of a run folder's study: ``sqlite:///<run_dir>/study.db``."""
+    path = Path(run_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'study.db'}"
+
+
+def make_storage(
+    url: str,
+    *,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    max_retry: int = 0,
+):
+    """An Optuna RDB storage for ``url`` (``sqlite:///file.db``, ``postgresql://...``).
+
+    Args:
+        heartbeat_interval: seconds between a running trial's heartbeats (``None``: no
+            heartbeat; a killed worker's trial then stays ``RUNNING`` forever).
+        grace_period: seconds without a heartbeat after which a running trial counts as
+            dead (default ``2 * heartbeat_interval``).
+        max_retry: how many times a dead worker's trial is re-queued with its parameters.
+
+    SQLite writers wait up to 60 s for the file lock (several workers write one file).
+    """
+    optuna = require_optuna()
+    if not isinstance(url, str) or "://" not in url:
+        raise HypergradientError(
+            f"search.make_storage(url={url!r}): expected a database URL such as "
+            f"'sqlite:///study.db' or 'postgresql://user@host/db'."
+        )
+    for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
+        if value is not None and not _is_int(value, 1):
+            raise HypergradientError(
+                f"search.make_storage({name}={value!r}): expected an integer >= 1 (seconds) "
+                f"or None."
+            )
+    if not _is_int(max_retry, 0):
+        raise HypergradientError(
+            f"search.make_storage(max_retry={max_retry!r}): expected an integer >= 0."
+        )
+    if heartbeat_interval is None and (grace_period is not None or max_retry > 0):
+        raise HypergradientError(
+            "search.make_storage: grace_period and max_retry act on dead workers' trials, "
+            "which are found by their missing heartbeat; also set heartbeat_interval (e.g. 10)."
+        )
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
+    kwargs: dict[str, Any] = {}
+    if heartbeat_interval is not None:
+        kwargs["heartbeat_interval"] = heartbeat_interval
+        kwargs["grace_period"] = grace_period or 2 * heartbeat_interval
+        if max_retry > 0:
+            storages = optuna.storages
+            with _experimental():
+                if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):  # Optuna >= 4.9
+                    retry = storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+                    kwargs["heartbeat_stale_trial_callback"] = retry
+                else:  # pragma: no cover - the name and argument of Optuna < 4.9
+                    retry = storages.RetryFailedTrialCallback(max_retry=max_retry)
+                    kwargs["failed_trial_callback"] = retry
+    with _experimental():
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+
+
+def make_sampler(
+    name: str,
+    *,
+    seed: int | None = 0,
+    space: SearchSpace | None = None,
+    grid_points: int = 5,
+    startup_trials: int = 10,
+):
+    """An Optuna sampler by name.
+
+    Args:
+        name: ``"random"``, ``"grid"`` (the grid of ``space`` with ``grid_points`` values
+            per continuous axis, see :func:`~hypergradient.search.space.grid_of`; visited in
+            a seeded random order), ``"tpe"`` (multivariate TPE; the first ``startup_trials``
+            trials are random) or ``"cmaes"`` (CMA-ES over the numeric parameters; ``Choice``
+            parameters are drawn at random; the first ``startup_trials`` trials are random).
+        seed: the sampler's seed (``None``: not reproducible).
+    """
+    optuna = require_optuna()
+    if name not in SAMPLERS:
+        raise HypergradientError(
+            f"search.make_sampler({name!r}): unknown sampler; expected one of {list(SAMPLERS)}."
+        )
+    if not _is_int(startup_trials, 1):
+        raise HypergradientError(
+            f"search.make_sampler(startup_trials={startup_trials!r}): expected an integer >= 1."
+        )
+    samplers = optuna.samplers
+    if name == "random":
+        return samplers.RandomSampler(seed=seed)
+    if name == "grid":
+        if space is None:
+            raise HypergradientError(
+                "search.make_sampler('grid'): a grid sampler needs the search space; pass "
+                "space={'name': search.Float(...), ...}."
+            )
+        return samplers.GridSampler(grid_of(check_space(space), grid_points), seed=seed)
+    if name == "tpe":
+        with _experimental():  # multivariate TPE is marked experimental in older Optuna
+            return samplers.TPESampler(
+                seed=seed, n_startup_trials=startup_trials, multivariate=True
+            )
+    try:
+        import cmaes  # noqa: F401  (Optuna imports it lazily, on the first trial)
+    except ImportError:
+        raise HypergradientError(
+            "search.make_sampler('cmaes'): CMA-ES needs the cmaes package: pip install "
+            "'hypergradient[hpo]' (or pip install cmaes)."
+        ) from None
+    independent = samplers.RandomSampler(seed=seed)
+    return samplers.CmaEsSampler(
+        seed=seed,
+        n_startup_trials=startup_trials,
+        independent_sampler=independent,
+        warn_independent_sampling=False,
+    )
+
+
+def make_pruner(
+    name: str, *, min_resource: int = 1, max_resource: int | None = None, reduction_factor: int = 3
+):
+    r"""An Optuna pruner by name, over the steps a trial reports (``trial.report(v, step)``).
+
+    ``"hyperband"``: brackets :math:`s = 0..s_\max` of successive halving with rate
+    ``reduction_factor`` :math:`\eta`, from ``min_resource`` to ``max_resource`` reported
+    steps (Li et al. 2018); ``"halving"``: one asynchronous successive-halving bracket
+    (a trial continues past rung :math:`r` only if it is in the top :math:`1/\eta` there);
+    ``"none"``: no pruning.
+    """
+    optuna = require_optuna()
+    if name not in PRUNERS:
+        raise HypergradientError(
+            f"search.make_pruner({name!r}): unknown pruner; expected one of {list(PRUNERS)}."
+        )
+    ints = {"min_resource": min_resource, "reduction_factor": reduction_factor}
+    if max_resource is not None:
+        ints["max_resource"] = max_resource
+    for key, value in ints.items():
+        least = 2 if key == "reduction_factor" else 1
+        if not _is_int(value, least):
+            raise HypergradientError(
+                f"search.make_pruner({key}={value!r}): expected an integer >= {least}."
+            )
+    if max_resource is not None and max_resource < min_resource:
+        raise HypergradientError(
+            f"search.make_pruner: max_resource={max_resource} < min_resource={min_resource}."
+        )
+    pruners = optuna.pruners
+    if name == "none":
+        return pruners.NopPruner()
+    if name == "halving":
+        return pruners.SuccessiveHalvingPruner(
+            min_resource=min_resource, reduction_factor=reduction_factor
+        )
+    return pruners.HyperbandPruner(
+        min_resource=min_resource,
+        max_resource="auto" if max_resource is None else max_resource,
+        reduction_factor=reduction_factor,
+    )
+
+
+def create_study(
+    name: str,
+    *,
+    run_dir: str | Path | None = None,
+    storage: str | None = None,
+    sampler: str | Any = "tpe",
+    pruner: str | Any = "none",
+    space: SearchSpace | None = None,
+    seed: int | None = 0,
+    direction: str = "minimize",
+    startup_trials: int = 10,
+    grid_points: int = 5,
+    min_resource: int = 1,
+    max_resource: int | None = None,
+    reduction_factor: int = 3,
+    heartbeat_interval: int | None = None,
+    grace_period: int | None = None,
+    max_retry: int = 0,
+):
+    """Create the study ``name`` in its database, or re-open it if it exists.
+
+    Args:
+        name: the study's name in the database (several studies may share one file).
+        run_dir: where the default SQLite file ``study.db`` goes.
+        storage: any Optuna RDB URL instead (``sqlite:///path.db``, ``postgresql://...``);
+            exactly one of ``run_dir`` and ``storage``.
+        sampler, pruner: names for :func:`make_sampler` / :func:`make_pruner`, or Optuna
+            objects.
+        space: the search space (needed by ``sampler="grid"``).
+        heartbeat_interval, grace_period, max_retry: dead-worker handling, see
+            :func:`make_storage`.  Every process that works on the study passes the same
+            values (the heartbeat is a property of each process's storage object).
+
+    The other arguments go to :func:`make_sampler` and :func:`make_pruner`.
+    Returns an ``optuna.Study``.
+    """
+    optuna = require_optuna()
+    if not isinstance(name, str) or not name:
+        raise HypergradientError(f"search.create_study(name={name!r}): expected a non-empty str.")
+    if (run_dir is None) == (storage is None):
+        raise HypergradientError(
+            "search.create_study: give exactly one of run_dir= (a SQLite file study.db goes "
+            "there) and storage= (a database URL such as 'sqlite:///study.db')."
+        )
+    if direction not in ("minimize", "maximize"):
+        raise HypergradientError(
+            f"search.create_study(direction={direction!r}): expected 'minimize' or 'maximize'."
+        )
+    url = default_storage(run_dir) if storage is None else storage
+    rdb = make_storage(
+        url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_retry=max_retry
+    )
+    if isinstance(sampler, str):
+        sampler = make_sampler(
+            sampler, seed=seed, space=space, grid_points=grid_points, startup_trials=startup_trials
+        )
+    if isinstance(pruner, str):
+        pruner = make_pruner(
+            pruner,
+            min_resource=min_resource,
+            max_resource=max_resource,
+            reduction_factor=reduction_factor,
+        )
+    return optuna.create_study(
+        storage=rdb,
+        sampler=sampler,
+        pruner=pruner,
+        study_name=name,
+        direction=direction,
+        load_if_exists=True,
+    )
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+def _states():
+    return require_optuna().trial.TrialState
+
+
+def finished_trials(study) -> list:
+    """The study's complete and pruned trials (every worker's), in trial-number order."""
+    states = _states()
+    return study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
+
+
+def fail_running_trials(study) -> list[int]:
+    """Mark every ``RUNNING`` trial ``FAIL``; returns their numbers.
+
+    For a study that only one process works on, resumed after a crash: its running trials
+    belong to the dead process.  (Studies with several workers use the heartbeat instead.)
+    """
+    states = _states()
+    numbers = [t.number for t in study.get_trials(deepcopy=False, states=(states.RUNNING,))]
+    for number in numbers:
+        study.tell(number, state=states.FAIL)
+    return numbers
+
+
+class _Surplus(Exception):
+    """A trial was started after the study already held enough live trials."""
+
+
+def optimize(
+    study,
+    objective: Callable[[Any], float],
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    stop: Callable[[Any], bool] | None = None,
+    poll_interval: float = 0.2,
+) -> list:
+    """Work on ``study`` until it holds ``n_trials`` finished trials; returns them.
+
+    Any number of processes may run this on one study (same name and database).  Each
+    iteration: trials of dead workers are failed (and re-queued, see :func:`make_storage`);
+    when the finished trials reach ``n_trials`` the loop ends; when the remaining budget is
+    held by trials that other workers are running, it waits for them (one may die and be
+    re-queued); otherwise it runs one trial of ``objective`` (with a heartbeat when the
+    storage has one).  A trial that started when two workers raced for the last slot of the
+    budget is failed at once (user attribute ``"hypergradient:surplus"``) instead of being run,
+    so the count is exact.
+
+    Args:
+        objective: ``objective(trial) -> float``; report intermediate values with
+            ``trial.report(value, step)`` and stop with ``raise optuna.TrialPruned`` when
+            ``trial.should_prune()``.
+        n_trials: finished trials to reach (``None``: until ``timeout`` or ``stop``).
+        timeout: seconds after which this worker starts no new trial.
+        stop: ``stop(study) -> bool``, checked before every trial (e.g. a compute budget).
+        poll_interval: seconds between checks while waiting for other workers.
+
+    Exceptions of ``objective`` propagate (the trial is marked ``FAIL`` first).
+    """
+    optuna = require_optuna()
+    states = optuna.trial.TrialState
+    if n_trials is None and timeout is None and stop is None:
+        raise HypergradientError(
+            "search.optimize: give n_trials, timeout or stop; otherwise it never ends."
+        )
+    if n_trials is not None and (not isinstance(n_trials, int) or n_trials < 1):
+        raise HypergradientError(f"search.optimize(n_trials={n_trials!r}): expected an int >= 1.")
+    start = time.monotonic()
+    deadline = math.inf if timeout is None else start + timeout
+    live_states = (states.COMPLETE, states.PRUNED, states.RUNNING, states.WAITING)
+
+    def run(trial):
+        if n_trials is not None:
+            # trial numbers are given out one by one by the database: the first n_trials live
+            # ones (failed trials excepted) make the budget, a later one is surplus
+            before = [t for t in study.get_trials(deepcopy=False, states=live_states)]
+            if sum(t.number < trial.number for t in before) >= n_trials:
+                trial.set_user_attr(SURPLUS_ATTR, True)
+                raise _Surplus(f"trial {trial.number} is beyond the budget of {n_trials}")
+        return objective(trial)
+
+    while time.monotonic() < deadline:
+        with _experimental():
+            optuna.storages.fail_stale_trials(study)
+        if stop is not None and stop(study):
+            break
+        if n_trials is not None:
+            trials = study.get_trials(deepcopy=False)
+            counts = {s: sum(t.state == s for t in trials) for s in live_states}
+            done = counts[states.COMPLETE] + counts[states.PRUNED]
+            if done >= n_trials:
+                break
+            held = done + counts[states.RUNNING]
+            if held >= n_trials and counts[states.WAITING] == 0:
+                time.sleep(poll_interval)  # others hold the rest; one of them may die
+                continue
+        sampler = study.sampler
+        if hasattr(sampler, "is_exhausted") and sampler.is_exhausted(study):
+            break  # a grid search that has visited every cell
+        study.optimize(run, n_trials=1, catch=(_Surplus,))
+    return finished_trials(study)
