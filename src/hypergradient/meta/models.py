@@ -61,6 +61,14 @@ def _kaiming(generator, shape: tuple[int, ...], fan_in: int, dtype) -> torch.Ten
     return w.to(dtype)
 
 
+def _linear_default(generator, shape: tuple[int, ...], fan_in: int, dtype) -> torch.Tensor:
+    """``torch.nn.Linear``'s default initialisation, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``,
+    drawn in float64 on the CPU."""
+    bound = 1.0 / math.sqrt(fan_in)
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return ((2 * u - 1) * bound).to(dtype)
+
+
 def _zero_head(where: str, theta: Params, ways: int | None, features: int):
     if ways is None or not isinstance(ways, int) or ways < 1:
         raise HypergradientError(
@@ -98,7 +106,10 @@ class MLP(AbstractModel):
     ``out_features=None``: a classifier whose head is made per task (zeros, one row per
     class; see the module docstring); an int: a fixed last layer that is meta-learned like
     the others (regression, e.g. ``MLP(1, (40, 40), out_features=1)`` for sinusoids).
-    Inputs are flattened to ``(n, in_features)``.
+    Inputs are flattened to ``(n, in_features)``.  Weights and biases are initialised as
+    ``torch.nn.Linear`` does (uniform in :math:`\pm 1/\sqrt{\text{fan-in}}`): small enough
+    that a sinusoid MLP's support loss has curvature of order 10, so the usual inner step
+    of 0.01 is stable (He initialisation gives curvature ~1000 on inputs in [-5, 5]).
 
     Example::
 
@@ -136,8 +147,8 @@ class MLP(AbstractModel):
             sizes.append(self.out_features)
         theta = {}
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            theta[f"layers.{i}.weight"] = _kaiming(generator, (b, a), a, dtype)
-            theta[f"layers.{i}.bias"] = torch.zeros(b, dtype=dtype)
+            theta[f"layers.{i}.weight"] = _linear_default(generator, (b, a), a, dtype)
+            theta[f"layers.{i}.bias"] = _linear_default(generator, (b,), a, dtype)
         return theta
 
     def task_params(self, theta, ways):
