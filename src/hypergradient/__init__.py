@@ -20,6 +20,7 @@ from . import estimators as estimators
 from . import hparams as hparams
 from . import kfac as kfac
 from . import linalg as linalg
+from . import meta as meta
 from . import optim as optim
 from . import optimizers as optimizers
 from . import search as search
