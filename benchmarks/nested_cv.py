@@ -30,7 +30,7 @@ Also from papers.md: random search with 60 cells of the grid reaches the top 5% 
 
 Run from the repository root::
 
-    OMP_NUM_THREADS=1 python benchmarks/nested_cv.py             # 13 x 13 grid, 10 repeats
+    OMP_NUM_THREADS=1 python benchmarks/nested_cv.py             # 13 x 13 grid, 10 repeats, ~9 min
     OMP_NUM_THREADS=1 python benchmarks/nested_cv.py --quick     # 7 x 7 grid, 3 repeats
 
 Writes ``<out>/nested_cv.json`` and ``<out>/nested_cv.md`` (``--out``, default
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"{platform.platform()}, Python {platform.python_version()}",
-        "command": "python benchmarks/nested_cv.py " + " ".join(argv or sys.argv[1:]),
+        "command": " ".join(["python benchmarks/nested_cv.py", *(argv or sys.argv[1:])]),
         "load_average": load,
         "config": {"repeats": args.repeats, "points": args.points, "tpe_trials": args.tpe_trials},
         "seconds": time.perf_counter() - start,

@@ -21,6 +21,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -548,3 +549,20 @@ def test_race_errors(kwargs, pattern):
     args.update(kwargs)
     with pytest.raises(HypergradientError, match=pattern):
         search.race(args.pop("candidates"), args.pop("evaluate"), args.pop("blocks"), **args)
+
+
+def test_readme_search_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    example = [b for b in blocks if "search.create_study" in b]
+    assert example, "README.md should show hypergradient.search"
+    monkeypatch.chdir(tmp_path)  # the example writes its study in the working directory
+    namespace: dict = {}
+    exec(compile(example[0], str(readme), "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "hypergradient-runs/search-demo/study.db").is_file()
+    assert len(search.finished_trials(namespace["study"])) == 20
+    assert namespace["nested"].estimate > namespace["flat"].score  # optimism, on noise
+    assert namespace["raced"].evaluations < namespace["raced"].full_evaluations
+    assert "nested" in capsys.readouterr().out

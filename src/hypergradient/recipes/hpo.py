@@ -137,7 +137,7 @@ class HpoVsGradientConfig:
         default="hyperband", metadata=help_text("pruner of the searches: hyperband, halving, none")
     )
     budget_factor: float = field(
-        default=6.0,
+        default=5.0,
         metadata=help_text("each search's compute, in multiples of the gradient run's (>= 1)"),
     )
     report_every: int = field(
