@@ -199,3 +199,42 @@ def test_resume_of_a_finished_run_recomputes_nothing(tiny_run, capsys):
     assert rows_again == rows
     assert math.isfinite(again["rows"][0]["best_val_loss"])
     capsys.readouterr()
+
+
+def test_killed_run_resumes_without_redoing_finished_work(tmp_path, monkeypatch):
+    from hypergradient.search import objectives as objectives_mod
+
+    out = tmp_path / "run"
+    argv = ["hpo-vs-gradient", "--no-progress", "--out", str(out), "--set", *TINY[:-1],
+            "samplers=tpe", "hybrid=false"]  # fmt: skip
+    real, calls = objectives_mod._train_sgd, {"n": 0}
+
+    def killed_on_the_sixth_run(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # SystemExit passes through Optuna: the trial stays RUNNING
+            raise SystemExit("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(objectives_mod, "_train_sgd", killed_on_the_sixth_run)
+    with pytest.raises(SystemExit):
+        main(argv)
+    url = f"sqlite:///{out.resolve() / 'study.db'}"
+    (cut,) = [
+        (s.study_name, t.number)
+        for s in optuna.get_all_study_summaries(url)
+        for t in optuna.load_study(study_name=s.study_name, storage=url).trials
+        if t.state.name == "RUNNING"
+    ]
+    before = optuna.load_study(study_name=cut[0], storage=url).trials[: cut[1]]
+    gradient_before = torch.load(out / "checkpoint.pt", weights_only=False)["history"]
+
+    monkeypatch.setattr(objectives_mod, "_train_sgd", real)
+    assert main([*argv, "--resume"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    study = optuna.load_study(study_name=cut[0], storage=url)
+    assert study.trials[cut[1]].state.name == "FAIL"  # the cut-off trial, not counted twice
+    for old, new in zip(before, study.trials):  # finished trials kept as they were
+        assert (old.params, old.value, old.state) == (new.params, new.value, new.state)
+    assert torch.load(out / "checkpoint.pt", weights_only=False)["history"] == gradient_before
+    for run in results["searches"]:
+        assert run["compute"] >= results["search_budget"]

@@ -81,7 +81,8 @@ _SCENARIOS = ("continuous", "discrete")
 
 @dataclass
 class HpoVsGradientConfig:
-    """Options of ``hypergradient hpo-vs-gradient`` (defaults: about 3-6 minutes on 2 cores)."""
+    """Options of ``hypergradient hpo-vs-gradient`` (defaults: 2-8 minutes on a loaded 2-core
+    machine)."""
 
     dataset: str = field(
         default="digits", metadata=help_text("digits, mnist or fashion-mnist (as weight-decay)")

@@ -377,7 +377,8 @@ def optimize(
     re-queued); otherwise it runs one trial of ``objective`` (with a heartbeat when the
     storage has one).  A trial that started when two workers raced for the last slot of the
     budget is failed at once (user attribute ``"hypergradient:surplus"``) instead of being run,
-    so the count is exact.
+    so the count is exact.  Without a heartbeat nothing tells a dead worker's running trial
+    from a slow one, and it holds its slot until :func:`fail_running_trials` (or a timeout).
 
     Args:
         objective: ``objective(trial) -> float``; report intermediate values with
@@ -406,7 +407,7 @@ def optimize(
         if n_trials is not None:
             # trial numbers are given out one by one by the database: the first n_trials live
             # ones (failed trials excepted) make the budget, a later one is surplus
-            before = [t for t in study.get_trials(deepcopy=False, states=live_states)]
+            before = study.get_trials(deepcopy=False, states=live_states)
             if sum(t.number < trial.number for t in before) >= n_trials:
                 trial.set_user_attr(SURPLUS_ATTR, True)
                 raise _Surplus(f"trial {trial.number} is beyond the budget of {n_trials}")
