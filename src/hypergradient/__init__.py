@@ -23,6 +23,7 @@ from . import linalg as linalg
 from . import meta as meta
 from . import optim as optim
 from . import optimizers as optimizers
+from . import pretrain as pretrain
 from . import search as search
 from . import stochastic as stochastic
 from . import testing as testing
