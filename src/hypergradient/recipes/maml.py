@@ -1,4 +1,4 @@
-r"""``hypergradient maml`` and ``hypergradient imaml``: few-shot learning on Omniglot.
+r"""``hypergradient maml``, ``imaml`` and ``hyper-representation``: few-shot Omniglot.
 
 Meta-training (:mod:`hypergradient.meta`): every meta-iteration draws ``meta_batch``
 N-way K-shot episodes from the characters of Omniglot's background alphabets that are not
@@ -18,7 +18,11 @@ with :math:`\varphi_i` from
 * ``imaml`` (:class:`~hypergradient.meta.IMAML`): ``inner_steps`` gradient steps on the
   proximal problem :math:`\hat L(\varphi) + \frac\lambda2\|\varphi-\theta\|^2`, the
   meta-gradient by ``cg_steps`` conjugate-gradient steps on
-  :math:`(I + \hat H/\lambda)\,x = \nabla L^{query}` (memory independent of the inner steps).
+  :math:`(I + \hat H/\lambda)\,x = \nabla L^{query}` (memory independent of the inner steps);
+* ``hyper-representation`` (:class:`~hypergradient.meta.HyperRepresentation`, Franceschi et
+  al. 2018): the network below the head is the meta-parameter (hyperparameter), each
+  episode fits a linear head from zero by ``inner_steps`` gradient steps, and the
+  hypergradient is back-propagated through those steps.
 
 The network is the MAML Omniglot one (``blocks`` 3x3 stride-2 convolutions with batch norm
 and ReLU, ``channels`` wide) on ``image_size`` x ``image_size`` images; its classification
@@ -66,8 +70,10 @@ from ..meta import (
     MAML,
     MLP,
     AbstractMetaLearner,
+    AbstractModel,
     ConvNet,
     Episode,
+    HyperRepresentation,
     SinusoidTasks,
     nearest_neighbour_predict,
     omniglot_one_shot_runs,
@@ -218,7 +224,7 @@ class MetaLearningConfig:
 
 @dataclass
 class MAMLConfig(MetaLearningConfig):
-    """Options of ``hypergradient maml`` (defaults: about 7 minutes on 2 busy CPU cores)."""
+    """Options of ``hypergradient maml`` (defaults: 5 min 18 s on 2 busy CPU cores)."""
 
     first_order: bool = field(
         default=False, metadata=help_text("first-order MAML (drop the second-order terms)")
@@ -233,15 +239,33 @@ class MAMLConfig(MetaLearningConfig):
 
 
 @dataclass
+class HyperRepresentationConfig(MetaLearningConfig):
+    """Options of ``hypergradient hyper-representation`` (defaults: 2 min 2 s on 2 busy CPU
+    cores)."""
+
+    inner_steps: int = field(
+        default=20, metadata=help_text("gradient steps on the per-episode linear head")
+    )
+    inner_lr: float = field(default=0.1, metadata=help_text("their step size"))
+    head_l2: float = field(
+        default=0.0, metadata=help_text("ridge penalty rho/2 ||W||^2 on the head's weights")
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive("head_l2", self.head_l2, allow_zero=True)
+
+
+@dataclass
 class IMAMLConfig(MetaLearningConfig):
-    """Options of ``hypergradient imaml`` (defaults: about 8 minutes on 2 busy CPU cores)."""
+    """Options of ``hypergradient imaml`` (defaults: 5 min 23 s on 2 busy CPU cores)."""
 
     inner_steps: int = field(
         default=10, metadata=help_text("gradient steps on the proximal inner problem")
     )
     inner_lr: float = field(default=0.3, metadata=help_text("their step size"))
     lam: float = field(
-        default=1.0,
+        default=0.5,
         metadata=help_text("lambda: strength of the proximal term (lam/2) ||phi - theta||^2"),
     )
     cg_steps: int = field(
@@ -334,6 +358,7 @@ def _evaluate(learner: AbstractMetaLearner, theta, episodes: list[Episode]) -> d
 def run_meta_learning(
     name: str,
     config: MetaLearningConfig,
+    model: AbstractModel,
     learner: AbstractMetaLearner,
     run_dir: Path,
     *,
@@ -341,11 +366,11 @@ def run_meta_learning(
     progress: bool,
     console,
 ) -> dict[str, Any]:
-    """The meta-training loop and evaluation shared by the ``maml`` and ``imaml`` recipes."""
+    """The meta-training loop and evaluation shared by the recipes: ``model.init`` gives
+    the meta-parameters, ``learner`` adapts and differentiates."""
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = _Data(config, name)
-    model = learner.model
     theta = {
         k: v.requires_grad_(True)
         for k, v in model.init(torch.Generator().manual_seed(config.seed), torch.float32).items()
@@ -555,12 +580,11 @@ class MAMLRecipe(AbstractRecipe):
 
     def run(self, config, run_dir, *, resume, progress, console):
         config.validate()
-        learner = MAML(
-            _model(config), config.inner_steps, config.inner_lr, first_order=config.first_order
-        )
+        model = _model(config)
+        learner = MAML(model, config.inner_steps, config.inner_lr, first_order=config.first_order)
         with torch_threads(config.threads):
             return run_meta_learning(
-                self.name, config, learner, Path(run_dir),
+                self.name, config, model, learner, Path(run_dir),
                 resume=resume, progress=progress, console=console,
             )  # fmt: skip
 
@@ -584,8 +608,9 @@ class IMAMLRecipe(AbstractRecipe):
 
     def run(self, config, run_dir, *, resume, progress, console):
         config.validate()
+        model = _model(config)
         learner = IMAML(
-            _model(config),
+            model,
             lam=config.lam,
             inner_steps=config.inner_steps,
             inner_lr=config.inner_lr,
@@ -593,6 +618,40 @@ class IMAMLRecipe(AbstractRecipe):
         )
         with torch_threads(config.threads):
             return run_meta_learning(
-                self.name, config, learner, Path(run_dir),
+                self.name, config, model, learner, Path(run_dir),
+                resume=resume, progress=progress, console=console,
+            )  # fmt: skip
+
+
+@register_recipe
+class HyperRepresentationRecipe(AbstractRecipe):
+    """Few-shot Omniglot with a hyper-representation (Franceschi et al. 2018): the
+    convolutional layers are the hyperparameters shared by all episodes, and every episode
+    fits its own linear head on top of them from zero by ``inner_steps`` gradient steps (the
+    inner problem); the hypergradient of the query loss is back-propagated through those head
+    steps (reverse mode) into the shared layers.  Evaluation as in ``hypergradient maml``.
+    ``data=sinusoid`` fits a linear head on a 1-40-40 MLP representation.
+
+    Writes config.toml, results.json, meta_training.png and checkpoint.pt (every
+    meta-iteration) into the run folder; --resume continues a killed run from its checkpoint.
+    """
+
+    name = "hyper-representation"
+    help = "few-shot Omniglot (or sinusoids) with a learned representation, per-episode heads"
+    config_cls = HyperRepresentationConfig
+
+    def run(self, config, run_dir, *, resume, progress, console):
+        config.validate()
+        # the representation only: the head is not among the meta-parameters
+        model = MLP(1, (40, 40)) if config.data == "sinusoid" else _model(config)
+        learner = HyperRepresentation(
+            model.features,
+            inner_steps=config.inner_steps,
+            inner_lr=config.inner_lr,
+            head_l2=config.head_l2,
+        )
+        with torch_threads(config.threads):
+            return run_meta_learning(
+                self.name, config, model, learner, Path(run_dir),
                 resume=resume, progress=progress, console=console,
             )  # fmt: skip
