@@ -640,3 +640,17 @@ def test_pretrain_loss_checks_the_number_of_tasks():
     model = MultitaskMLP(4, 3, num_tasks=5, num_classes=2)
     with pytest.raises(hg.HypergradientError, match="TaskWeights has num_tasks=4"):
         model.pretrain_loss(TaskWeights(4))
+
+
+def test_readme_example_runs_and_downweights_the_noise_tasks(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [b for b in readme.split("```python\n")[1:] if "pretrain.MetaPretrainer(" in b]
+    assert blocks, "README.md should show pretrain.MetaPretrainer"
+    namespace: dict = {}
+    exec(compile(blocks[0].split("```")[0], "README.md", "exec"), namespace)  # noqa: S102
+    printed = capsys.readouterr().out
+    ratio = float(printed.split("noise/useful weight ")[1].split()[0])
+    assert ratio < 0.5, printed
+    assert "linear_acc" in printed and "full_acc" in printed
