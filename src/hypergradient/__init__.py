@@ -19,6 +19,7 @@ from . import deq as deq
 from . import estimators as estimators
 from . import hparams as hparams
 from . import kfac as kfac
+from . import learned as learned
 from . import linalg as linalg
 from . import meta as meta
 from . import optim as optim

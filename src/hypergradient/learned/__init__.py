@@ -1,0 +1,95 @@
+r"""Learned optimizers: architectures, a task suite, and meta-training by the estimators.
+
+Vocabulary of ``learned_optimization`` (Metz et al.):
+
+* an architecture (:class:`MLPLearnedOptimizer`, :class:`HierarchicalLearnedOptimizer`) has
+  ``init(generator) -> theta`` (a flat ``dict[str, Tensor]``), a pure
+  ``update(theta, grads, params, state, inputs) -> (updates, state)`` and
+  ``opt_fn(theta)``, a ``torch.optim`` constructor (:class:`LearnedOptim`);
+* a :class:`Task` is one problem and a task family (:class:`ClassifierFamily`,
+  :class:`NoisyQuadraticFamily`, :class:`FredholmFamily`) samples tasks of one shape; its
+  :meth:`~AbstractTaskFamily.unrolled_system` is what the gradient estimators of
+  :mod:`hypergradient.estimators` differentiate;
+* :func:`meta_train` fits ``theta`` with truncated back-propagation, ES, PES or the mixed
+  estimator, a truncation schedule, Adam and gradient clipping, with checkpoints;
+  :func:`evaluate_learned` / :func:`tune_adam` compare it with Adam on held-out tasks.
+
+Example (a few seconds)::
+
+    >>> import torch
+    >>> from hypergradient import learned
+    >>> lopt = learned.MLPLearnedOptimizer(hidden=8)
+    >>> family = learned.NoisyQuadraticFamily(dim=4, noise=0.0)
+    >>> result = learned.meta_train(
+    ...     lopt, [family], num_steps=30, estimator="tbptt", num_pairs=2, meta_lr=3e-2,
+    ...     schedule=learned.TruncationSchedule(horizon=10, truncation_length=5))
+    >>> losses = [r["loss"] for r in result.history]
+    >>> sum(losses[-5:]) < sum(losses[:5])
+    True
+"""
+
+from .architectures import ARCHITECTURES as ARCHITECTURES
+from .architectures import TIMESCALES as TIMESCALES
+from .architectures import AbstractLearnedOptimizer as AbstractLearnedOptimizer
+from .architectures import HierarchicalLearnedOptimizer as HierarchicalLearnedOptimizer
+from .architectures import LearnedOptim as LearnedOptim
+from .architectures import MLPLearnedOptimizer as MLPLearnedOptimizer
+from .architectures import StepInputs as StepInputs
+from .architectures import loss_features as loss_features
+from .architectures import num_meta_parameters as num_meta_parameters
+from .architectures import second_moment_normalize as second_moment_normalize
+from .architectures import step_inputs as step_inputs
+from .meta_train import ESTIMATORS as ESTIMATORS
+from .meta_train import Evaluation as Evaluation
+from .meta_train import MetaTrainResult as MetaTrainResult
+from .meta_train import TruncationSchedule as TruncationSchedule
+from .meta_train import evaluate_adam as evaluate_adam
+from .meta_train import evaluate_learned as evaluate_learned
+from .meta_train import make_estimator as make_estimator
+from .meta_train import meta_train as meta_train
+from .meta_train import plot_history as plot_history
+from .meta_train import sample_tasks as sample_tasks
+from .meta_train import tune_adam as tune_adam
+from .tasks import AbstractTaskFamily as AbstractTaskFamily
+from .tasks import ClassifierFamily as ClassifierFamily
+from .tasks import FredholmFamily as FredholmFamily
+from .tasks import InnerTrainingSystem as InnerTrainingSystem
+from .tasks import NoisyQuadraticFamily as NoisyQuadraticFamily
+from .tasks import Task as Task
+from .tasks import clipped_log_loss as clipped_log_loss
+from .tasks import digits_mlp_suite as digits_mlp_suite
+from .tasks import train_task as train_task
+
+__all__ = [
+    "ARCHITECTURES",
+    "ESTIMATORS",
+    "TIMESCALES",
+    "AbstractLearnedOptimizer",
+    "AbstractTaskFamily",
+    "ClassifierFamily",
+    "Evaluation",
+    "FredholmFamily",
+    "HierarchicalLearnedOptimizer",
+    "InnerTrainingSystem",
+    "LearnedOptim",
+    "MLPLearnedOptimizer",
+    "MetaTrainResult",
+    "NoisyQuadraticFamily",
+    "StepInputs",
+    "Task",
+    "TruncationSchedule",
+    "clipped_log_loss",
+    "digits_mlp_suite",
+    "evaluate_adam",
+    "evaluate_learned",
+    "loss_features",
+    "make_estimator",
+    "meta_train",
+    "num_meta_parameters",
+    "plot_history",
+    "sample_tasks",
+    "second_moment_normalize",
+    "step_inputs",
+    "train_task",
+    "tune_adam",
+]
