@@ -298,7 +298,10 @@ def meta_train(
     signature = {
         "optimizer": describe(optimizer),
         "families": [f.name for f in families],
-        "estimator": estimator if isinstance(estimator, str) else repr(estimator),
+        # a factory is named by its qualified name (its repr holds a memory address)
+        "estimator": estimator
+        if isinstance(estimator, str)
+        else getattr(estimator, "__qualname__", type(estimator).__qualname__),
         "schedule": [
             schedule.horizon,
             schedule.truncation_length,
