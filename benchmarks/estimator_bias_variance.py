@@ -43,11 +43,8 @@ Writes ``<out>/estimator_bias_variance.{json,md,png}`` (``--out``, default
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -59,6 +56,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient.estimators as E
+from _common import machine_info
 from hypergradient.estimators import EstimatorState
 
 HERE = Path(__file__).resolve()
@@ -526,17 +524,6 @@ def run_crossover(horizons: list[int], chains: int, calls: int) -> dict:
 # ======================================================================================
 # Reporting
 # ======================================================================================
-
-
-def machine_info() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
 
 
 def _z_cell(z: float | None) -> str:

@@ -40,12 +40,10 @@ cheaper than the second-order methods in time and in memory.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -66,6 +64,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
+from _common import machine_info, status_kib
 from hypergradient.hparams import AbstractHyperparameter
 
 HERE = Path(__file__).resolve()
@@ -399,17 +398,6 @@ def tensor_memory(problem) -> tuple[dict, dict]:
     return tensors, allocator
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
 def rss_probe(setup: str, method_name: str, data_dir: str | None) -> dict:
     """In a fresh process: peak RSS of 5 hypergradients over the RSS right before them."""
     problem = cost_problem(setup, data_dir)
@@ -417,7 +405,7 @@ def rss_probe(setup: str, method_name: str, data_dir: str | None) -> dict:
     for _ in range(3):  # warm-up: lazy initialisation and allocator pools are not the method
         _call(method, problem)
     gc.collect()
-    before = _status_kib("VmRSS")
+    before = status_kib("VmRSS")
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the RSS high-water mark
@@ -425,7 +413,7 @@ def rss_probe(setup: str, method_name: str, data_dir: str | None) -> dict:
         return {"peak_increase_kib": None}
     for _ in range(5):
         _call(method, problem)
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     return {"peak_increase_kib": None if hwm is None or before is None else hwm - before}
 
 
@@ -491,26 +479,6 @@ def cost_experiment(setups, calls: int, rss: bool, data_dir, threads: int, devic
 # ======================================================================================
 # Reporting
 # ======================================================================================
-
-
-def machine_info(threads: int, device: str = "cpu") -> dict:
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
-    }
 
 
 LABELS = {
@@ -761,7 +729,7 @@ def main(argv=None) -> int:
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
     result = {
-        "machine": machine_info(args.threads, args.device),
+        "machine": machine_info(threads=args.threads, device=args.device),
         "command": " ".join(["python benchmarks/evograd_rotation.py", *sys.argv[1:]]),
         "config": {"seeds": seeds, "steps": steps, "n_train": 1000, "n_val": 300,
                    "batch": BATCH, "model_lr": MODEL_LR, "angle_lr": ANGLE_LR,

@@ -27,12 +27,10 @@ Writes ``<out>/hypergrad_cost.json`` and ``<out>/hypergrad_cost.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -50,6 +48,8 @@ from rich.table import Table
 from sklearn.datasets import load_digits
 from torch.func import grad as func_grad
 from torch.func import jacrev, jvp, vjp
+
+from _common import machine_info, reset_peak_rss, status_kib
 
 try:
     import hypergradient as hg
@@ -405,28 +405,6 @@ def time_interleaved(fns: dict[str, Callable], repeats: int, warmup: int) -> dic
 # ======================================================================================
 
 
-def _status_kib(field_name: str) -> int | None:
-    """``VmRSS`` / ``VmHWM`` of this process in KiB (Linux), or None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset this process's RSS high-water mark (Linux >= 4.0: ``echo 5 > clear_refs``)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_probe(method: str, weights: Path | None) -> dict:
     """Peak RSS increase during the first call of ``method`` over the RSS right before it.
 
@@ -440,11 +418,11 @@ def memory_probe(method: str, weights: Path | None) -> dict:
     rows = {row.name: row for row in problem_a_rows(make_problem_a(trained))}
     fn = rows[method].fn
     gc.collect()
-    rss_before = _status_kib("VmRSS")
+    rss_before = status_kib("VmRSS")
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    reset = _reset_peak_rss()
+    reset = reset_peak_rss()
     fn()
-    hwm_after = _status_kib("VmHWM")
+    hwm_after = status_kib("VmHWM")
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if reset and rss_before is not None and hwm_after is not None:
         peak, how = hwm_after - rss_before, "VmHWM (reset right before) - VmRSS before"
@@ -660,33 +638,6 @@ def run_problem_b(repeats: int, warmup: int, console: Console) -> dict:
 # ======================================================================================
 
 
-def machine_info(repeats: int) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "repeats": repeats,
-        # Other jobs on a 2-core box slow torch's threads badly: check this before trusting.
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -823,7 +774,7 @@ def main(argv=None) -> int:
     warmup = 1 if args.quick else 2
     console = Console(width=max(Console().width, 150))  # wide tables even in a pipe
     started = time.perf_counter()
-    result = {"machine": machine_info(repeats)}
+    result = {"machine": machine_info(repeats=repeats)}
     memory = "none" if args.skip_memory else ("some" if args.quick else "all")
     result["problem_a"] = run_problem_a(repeats, warmup, memory, console)
     result["problem_b"] = run_problem_b(repeats, warmup, console)

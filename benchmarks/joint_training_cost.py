@@ -35,11 +35,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -58,6 +56,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
+from _common import machine_info, reset_peak_rss, status_kib
 from hypergradient.recipes import weight_decay as recipe
 from hypergradient.recipes.weight_decay import WeightDecayConfig
 
@@ -209,42 +208,22 @@ def time_setup(config: WeightDecayConfig, data, repeats: int, warmup: int) -> di
 # ======================================================================================
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def memory_probe(kind: str, setup: str, hyper_steps: int, data_dir: str | None) -> dict:
     """Peak RSS of one run of ``kind`` over the RSS right before it (data already loaded)."""
     config = make_config(setup, hyper_steps, data_dir)
     recipe.load_data(config)  # imports what loading needs (scikit-learn: ~150 MiB); freed
     gc.collect()
-    rss_before_data = _status_kib("VmRSS")  # every module imported, no data held
+    rss_before_data = status_kib("VmRSS")  # every module imported, no data held
     data = recipe.load_data(config)
     run = {"plain": plain_run, "joint": joint_run}[kind]
     run(dataclasses.replace(config, hyper_steps=2), data)  # warm-up: lazy imports, pools
     gc.collect()
-    rss_before = _status_kib("VmRSS")
-    if not _reset_peak_rss() or rss_before is None:
+    rss_before = status_kib("VmRSS")
+    if not reset_peak_rss() or rss_before is None:
         return {"kind": kind, "peak_increase_mib": None, "how": "no /proc/self/clear_refs"}
     keep: list = []
     run(config, data, keep=keep)
-    hwm, rss_after = _status_kib("VmHWM"), _status_kib("VmRSS")
+    hwm, rss_after = status_kib("VmHWM"), status_kib("VmRSS")
     return {
         "kind": kind,
         "peak_increase_mib": (hwm - rss_before) / 1024,
@@ -291,32 +270,6 @@ def run_memory_probes(setup: str, hyper_steps: int, data_dir: str | None) -> dic
 # ======================================================================================
 # Reporting
 # ======================================================================================
-
-
-def machine_info(repeats: int) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "repeats": repeats,
-        # other jobs on a 2-core box slow torch's threads badly: check this before trusting
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _fmt(value, fmt: str) -> str:
@@ -542,7 +495,7 @@ def main(argv=None) -> int:
     console = Console(width=max(Console().width, 130))  # wide tables even in a pipe
     setups = args.setups or [s for s in SETUPS if s == "digits" or mnist_available(args.data_dir)]
     started = time.perf_counter()
-    result = {"machine": machine_info(repeats), "hyper_steps": hyper_steps, "setups": {}}
+    result = {"machine": machine_info(repeats=repeats), "hyper_steps": hyper_steps, "setups": {}}
     result["command"] = " ".join(["python benchmarks/joint_training_cost.py", *sys.argv[1:]])
     for setup in setups:
         config = make_config(setup, hyper_steps, args.data_dir)

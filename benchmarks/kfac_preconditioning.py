@@ -37,10 +37,8 @@ Writes ``<out>/kfac_preconditioning.json`` and ``<out>/kfac_preconditioning.md``
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -55,6 +53,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from torch.func import jacrev  # noqa: E402
+
+from _common import machine_info
 
 try:
     import hypergradient as hg
@@ -358,19 +358,6 @@ def run_twin(twin: Twin, repeats: int, limit: int) -> dict:
     }
 
 
-def machine_info(repeats: int) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "repeats": repeats,
-        "load_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-    }
-
-
 def _ms(s: float | None) -> str:
     return "-" if s is None else f"{1e3 * s:.1f} ms"
 
@@ -381,9 +368,9 @@ def markdown(result: dict) -> str:
         "### K-FAC preconditioning of implicit hypergradients "
         "(`benchmarks/kfac_preconditioning.py`)",
         "",
-        f"{m['date']}; {m['platform']}; torch {m['torch']} ({m['threads']} thread), "
+        f"{m['date']}; {m['platform']}; torch {m['torch']} ({m['torch_threads']} thread), "
         f"Python {m['python']}; median of {m['repeats']} interleaved repeats; 1-minute load "
-        f"average at the start {m['load_1min']:.2f}.",
+        f"average at the start {m['load_average_at_start'][0]:.2f}.",
         "",
         f"CG iterations until the implicit hypergradient is within relative error {TARGET:g} "
         f"of the exact one (dense Hessian solve); *solve* = one `implicit_hypergrad` call with "
@@ -437,7 +424,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)  # small ops: one thread is faster and steadier on a busy machine
     repeats = 3 if args.quick else args.repeats
     makers = [default_twin, scaled_twin] if args.quick else [default_twin, scaled_twin, digits_twin]
-    result = {"machine": machine_info(repeats), "target_rel_err": TARGET, "instances": []}
+    result = {"machine": machine_info(repeats=repeats), "target_rel_err": TARGET, "instances": []}
     for make in makers:
         result["instances"].append(run_twin(make(), repeats, args.limit))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -38,11 +38,8 @@ final theta go to ``--work`` (default: a folder in the temporary directory), whe
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -56,6 +53,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from hypergradient import learned
+from _common import machine_info
 from hypergradient.learned.meta_train import smoothed
 
 HERE = Path(__file__).resolve()
@@ -205,25 +203,6 @@ def estimator_study(args) -> list[dict]:
             "runs": rows,
         }
     ]
-
-
-def machine_info(threads: int) -> dict:
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "cpu_model": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 # ------------------------------------------------------------------------------ reporting
@@ -399,7 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
-    machine = machine_info(args.threads)
+    machine = machine_info(threads=args.threads)
 
     lopt, families, result, wall = meta_train_main(args)
     # the outer steps' own time, kept in the checkpoint (a resumed run reports it whole)

@@ -42,11 +42,9 @@ reverse mode, and agrees with it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -57,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
+
+from _common import machine_info, reset_peak_rss, status_kib
 
 try:
     import hypergradient as hg
@@ -152,36 +152,16 @@ def run_method(method: str, steps: int, problem) -> tuple[dict, dict]:
 # ======================================================================================
 
 
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def probe(method: str, steps: int, save_to: Path) -> dict:
     run_method(method, 3, build_problem(3))  # warm-up: lazy imports, pools, vmap tracing
     problem = build_problem(steps)
     gc.collect()
-    rss_before = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before = status_kib("VmRSS")
+    reset = reset_peak_rss()
     start = time.perf_counter()
     grads, info = run_method(method, steps, problem)
     wall = time.perf_counter() - start
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     torch.save(grads, save_to)
     measured = reset and hwm is not None and rss_before is not None
     return {
@@ -250,31 +230,6 @@ def agreement(results: dict, steps: int) -> dict:
 # ======================================================================================
 # Reporting
 # ======================================================================================
-
-
-def machine_info(threads: int) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        # other jobs on a 2-core box slow torch badly: check this before trusting times
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _fmt(value, fmt: str) -> str:
@@ -452,7 +407,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     _, _, w0, _, _, _ = build_problem(1)
     result = {
-        "machine": machine_info(args.threads),
+        "machine": machine_info(threads=args.threads),
         "command": " ".join(["python benchmarks/long_horizon.py", *sys.argv[1:]]),
         "num_weights": sum(v.numel() for v in w0.values()),
         "runs": {},

@@ -37,11 +37,9 @@ within noise) while second-order MAML's grows linearly.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -50,6 +48,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from _common import machine_info, reset_peak_rss, status_kib
 
 HERE = Path(__file__).resolve()
 METHODS = ("maml", "fomaml", "imaml")
@@ -62,26 +62,6 @@ MIB = 1024 * 1024
 # ======================================================================================
 # One (method, K) in a fresh subprocess
 # ======================================================================================
-
-
-def _status_kib(field_name: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field_name + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def _learner(method: str, steps: int):
@@ -103,13 +83,13 @@ def probe(method: str, steps: int) -> dict:
     _learner(method, 1).meta_gradient(theta, episode)  # warm-up: lazy inits, allocator pools
     learner = _learner(method, steps)
     gc.collect()
-    rss_before = _status_kib("VmRSS")
-    reset = _reset_peak_rss()
+    rss_before = status_kib("VmRSS")
+    reset = reset_peak_rss()
     start = time.perf_counter()
     with meta.SavedTensorMeter() as meter:
         result = learner.meta_gradient(theta, episode)
     wall = time.perf_counter() - start
-    hwm = _status_kib("VmHWM")
+    hwm = status_kib("VmHWM")
     measured = reset and hwm is not None and rss_before is not None
     return {
         "method": method,
@@ -139,28 +119,6 @@ def run_probe_subprocess(method: str, steps: int) -> dict:
 # ======================================================================================
 # Reporting
 # ======================================================================================
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine_info() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "threads": 1,
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
 
 
 def _growth(rows: list[dict], key: str) -> float | None:
@@ -255,7 +213,7 @@ def main(argv=None) -> int:
     console = Console()
     steps = QUICK_STEPS if args.quick else STEPS
     start = time.perf_counter()
-    result = {"machine": machine_info(), "steps": list(steps), "methods": list(METHODS)}
+    result = {"machine": machine_info(threads=1), "steps": list(steps), "methods": list(METHODS)}
     rows: dict[str, list[dict]] = {}
     for method in METHODS:
         rows[method] = []

@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import gc
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -50,6 +47,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
+from _common import machine_info
 from hypergradient.deq import (
     Anderson,
     EquilibriumLayer,
@@ -380,19 +378,6 @@ def backward_timing(model: DEQClassifier, data, batch: int, repeats: int) -> dic
 # ======================================================================================
 
 
-def machine_info(repeats: int) -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "repeats": repeats,
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
 def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -619,7 +604,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (5 if args.quick else 31)
     started = time.perf_counter()
     result: dict = {
-        "machine": machine_info(repeats),
+        "machine": machine_info(repeats=repeats),
         "command": "python benchmarks/phantom_gradients.py" + (" --quick" if args.quick else ""),
         "config": {"seeds": seeds, "epochs": epochs, "hidden": HIDDEN, "ks": list(KS)},
     }

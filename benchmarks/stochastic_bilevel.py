@@ -52,11 +52,8 @@ Writes ``<out>/stochastic_bilevel.{json,md,png}`` and ``<out>/saba_vs_soba.png``
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -70,6 +67,8 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_breast_cancer
 from torch.func import hessian, jacrev
+
+from _common import machine_info
 
 try:
     from hypergradient import stochastic as st
@@ -465,32 +464,6 @@ def run_problem_b(num_steps: int, console: Console) -> dict:
 # ======================================================================================
 # Reporting
 # ======================================================================================
-
-
-def machine_info() -> dict:
-    return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_model": _cpu_model(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        # Other jobs on a small shared box slow everything: check this before trusting.
-        "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _cpu_model() -> str | None:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def _seconds(value: float | None) -> str:
