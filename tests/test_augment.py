@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,32 +19,9 @@ from rich.console import Console
 from torch import nn
 
 import hypergradient as hg
+from _datasets import DATASETS, needs_mnist
 from hypergradient import HypergradientError
 from hypergradient.hparams.augment import AugmentationNet
-
-
-def _find_datasets() -> Path | None:
-    env = os.environ.get("HYPERGRADIENT_TEST_DATA", "").strip()
-    here = Path(__file__).resolve()
-    if env:
-        candidates = [Path(env)]
-    else:
-        candidates = [
-            here.parents[2] / "shared" / "datasets",
-            here.parents[1] / "shared" / "datasets",
-        ]
-    for c in candidates:
-        if (c / "mnist").is_dir():
-            return c
-    return None
-
-
-DATASETS = _find_datasets()
-needs_mnist = pytest.mark.skipif(
-    DATASETS is None,
-    reason="MNIST not found: set HYPERGRADIENT_TEST_DATA, or keep shared/datasets/mnist "
-    "beside the repository (../shared/datasets)",
-)
 
 SHAPE = (1, 14, 14)
 

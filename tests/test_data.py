@@ -19,35 +19,13 @@ import pytest
 import torch
 
 import hypergradient.data as hd
+from _datasets import DATASETS
+from _datasets import needs_mnist as needs_data
 from hypergradient import HypergradientError
 from hypergradient.data import download as dl
 from hypergradient.data import vision
 
 # --------------------------------------------------------------------------- real data
-
-
-def _find_datasets() -> Path | None:
-    env = os.environ.get("HYPERGRADIENT_TEST_DATA", "").strip()
-    here = Path(__file__).resolve()
-    if env:  # an explicit folder is the only one tried
-        candidates = [Path(env)]
-    else:
-        candidates = [
-            here.parents[2] / "shared" / "datasets",
-            here.parents[1] / "shared" / "datasets",
-        ]
-    for c in candidates:
-        if (c / "mnist").is_dir():
-            return c
-    return None
-
-
-DATASETS = _find_datasets()
-needs_data = pytest.mark.skipif(
-    DATASETS is None,
-    reason="dataset folder not found: set HYPERGRADIENT_TEST_DATA, or keep shared/datasets "
-    "beside the repository (../shared/datasets)",
-)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from rich.console import Console
 from torch import nn
 
 import hypergradient as hg
+from _datasets import DATASETS, needs_mnist
 from hypergradient import HypergradientError
 from hypergradient.hparams.distill import (
     IMAGES,
@@ -30,30 +30,6 @@ from hypergradient.recipes import distill as recipe
 from hypergradient.recipes._base import available_recipes
 from hypergradient.recipes._config import build_config
 from hypergradient.testing import finite_difference_hypergrad, relative_error
-
-
-def _find_datasets() -> Path | None:
-    env = os.environ.get("HYPERGRADIENT_TEST_DATA", "").strip()
-    here = Path(__file__).resolve()
-    if env:  # an explicit folder is the only one tried
-        candidates = [Path(env)]
-    else:
-        candidates = [
-            here.parents[2] / "shared" / "datasets",
-            here.parents[1] / "shared" / "datasets",
-        ]
-    for c in candidates:
-        if (c / "mnist").is_dir():
-            return c
-    return None
-
-
-DATASETS = _find_datasets()
-needs_mnist = pytest.mark.skipif(
-    DATASETS is None,
-    reason="MNIST folder not found: set HYPERGRADIENT_TEST_DATA, or keep shared/datasets "
-    "beside the repository (../shared/datasets)",
-)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@ meta-gradients against closed forms, dense solves, finite differences and the co
 unrolled hypergradient; memory accounting; every error message."""
 
 import dataclasses
-import os
 from pathlib import Path
 
 import pytest
@@ -12,32 +11,11 @@ import torch.nn.functional as F
 from torch.func import hessian
 
 import hypergradient as hg
+from _datasets import OMNIGLOT_DATASETS as DATASETS
+from _datasets import needs_omniglot
 from hypergradient import HypergradientError, meta
 from hypergradient.meta._base import pull_back
 from hypergradient.testing import finite_difference_hypergrad, relative_error
-
-
-def _find_datasets() -> Path | None:
-    env = os.environ.get("HYPERGRADIENT_TEST_DATA", "").strip()
-    here = Path(__file__).resolve()
-    candidates = (
-        [Path(env)]
-        if env
-        else [here.parents[2] / "shared" / "datasets", here.parents[1] / "shared" / "datasets"]
-    )
-    names = ("images_background_small1.zip", "images_background_small2.zip", "all_runs.zip")
-    for c in candidates:
-        if all((c / "omniglot" / name).is_file() for name in names):
-            return c
-    return None
-
-
-DATASETS = _find_datasets()
-needs_omniglot = pytest.mark.skipif(
-    DATASETS is None,
-    reason="Omniglot files not found: set HYPERGRADIENT_TEST_DATA, or keep shared/datasets "
-    "(with omniglot/) beside the repository",
-)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -2,38 +2,14 @@
 
 import dataclasses
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 
+from _datasets import OMNIGLOT_DATASETS as DATASETS
+from _datasets import needs_omniglot
 from hypergradient.cli import main
 from hypergradient.recipes.maml import HyperRepresentationConfig, IMAMLConfig, MAMLConfig
-
-
-def _find_datasets() -> Path | None:
-    env = os.environ.get("HYPERGRADIENT_TEST_DATA", "").strip()
-    here = Path(__file__).resolve()
-    candidates = (
-        [Path(env)]
-        if env
-        else [here.parents[2] / "shared" / "datasets", here.parents[1] / "shared" / "datasets"]
-    )
-    for c in candidates:
-        if all((c / "omniglot" / f).is_file() for f in ("images_background_small1.zip",
-                                                       "images_background_small2.zip",
-                                                       "all_runs.zip")):  # fmt: skip
-            return c
-    return None
-
-
-DATASETS = _find_datasets()
-needs_omniglot = pytest.mark.skipif(
-    DATASETS is None,
-    reason="Omniglot files not found: set HYPERGRADIENT_TEST_DATA, or keep shared/datasets "
-    "(with omniglot/) beside the repository",
-)
 
 SINE = ["data=sinusoid", "shots=5", "queries=10", "meta_batch=2", "val_episodes=4"]
 TINY = {
