@@ -50,6 +50,28 @@ class AbstractRecipe(abc.ABC):
         """Run the experiment described by ``config`` in ``run_dir``; see the module docstring."""
 
 
+class ThreadedRecipe(AbstractRecipe):
+    """A recipe whose config has ``validate()`` and ``threads``: :meth:`run` validates the
+    config, sets torch's intra-op threads for the run (restored after; tiny ops run many times
+    faster on one thread of a busy machine) and calls :meth:`_run` with ``run_dir`` as a Path.
+    """
+
+    def run(
+        self, config: Any, run_dir: Path, *, resume: bool, progress: bool, console: Console
+    ) -> dict[str, Any]:
+        config.validate()
+        with torch_threads(config.threads):
+            return self._run(
+                config, Path(run_dir), resume=resume, progress=progress, console=console
+            )
+
+    @abc.abstractmethod
+    def _run(
+        self, config: Any, run_dir: Path, *, resume: bool, progress: bool, console: Console
+    ) -> dict[str, Any]:
+        """The experiment itself, with a validated config and the threads set."""
+
+
 def register_recipe(cls: type[AbstractRecipe]) -> type[AbstractRecipe]:
     _RECIPES[cls.name] = cls
     return cls

@@ -69,13 +69,12 @@ from ..hparams.augment import AugmentationNet
 from ..hypergrad.methods import Implicit
 from ..train import BatchStream, BilevelTrainer
 from ._base import (
-    AbstractRecipe,
+    ThreadedRecipe,
     machine,
     progress_bar,
     pyplot,
     register_recipe,
     resume_or_start_over,
-    torch_threads,
     write_json_atomic,
     write_results,
 )
@@ -637,7 +636,7 @@ _LABELS = {
 
 
 @register_recipe
-class AugmentRecipe(AbstractRecipe):
+class AugmentRecipe(ThreadedRecipe):
     """Learn a data-augmentation network (every weight a hyperparameter) by implicit
     hypergradients on a small MNIST subset, next to the same classifier trained without
     augmentation and with a hand-designed random affine augmentation, for the same SGD steps.
@@ -652,13 +651,6 @@ class AugmentRecipe(AbstractRecipe):
     name = "augment"
     help = "learn a data-augmentation network by implicit hypergradients (MNIST subset)"
     config_cls = AugmentConfig
-
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
-        with torch_threads(config.threads):
-            return self._run(
-                config, Path(run_dir), resume=resume, progress=progress, console=console
-            )
 
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)

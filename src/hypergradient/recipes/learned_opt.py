@@ -43,12 +43,11 @@ from rich.table import Table
 from .. import learned
 from .._errors import HypergradientError
 from ._base import (
-    AbstractRecipe,
+    ThreadedRecipe,
     machine,
     progress_bar,
     pyplot,
     register_recipe,
-    torch_threads,
     write_results,
 )
 from ._config import check_choice, check_data_dir, check_positive, check_positive_int, help_text
@@ -235,7 +234,7 @@ def build_optimizer(config: LearnedOptConfig) -> learned.AbstractLearnedOptimize
 
 
 @register_recipe
-class LearnedOptRecipe(AbstractRecipe):
+class LearnedOptRecipe(ThreadedRecipe):
     """Meta-train a learned optimizer (per-parameter MLP or hierarchical LSTM + MLP) on a
     suite of small tasks (digits MLPs and CNNs of several widths and batch sizes, noisy
     quadratics, Fredholm deblurring) with truncated backprop, ES, PES or the mixed
@@ -251,13 +250,6 @@ class LearnedOptRecipe(AbstractRecipe):
     name = "learned-opt"
     help = "meta-train a learned optimizer on a task suite and race it against tuned Adam"
     config_cls = LearnedOptConfig
-
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
-        with torch_threads(config.threads):
-            return self._run(
-                config, Path(run_dir), resume=resume, progress=progress, console=console
-            )
 
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)

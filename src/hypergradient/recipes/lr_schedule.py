@@ -50,7 +50,7 @@ from .._errors import HypergradientError
 from ..data import Split, load_digits_split
 from ..hypergrad.reversible import reversible_hypergrad
 from ._base import (
-    AbstractRecipe,
+    ThreadedRecipe,
     load_checkpoint,
     machine,
     progress_bar,
@@ -58,7 +58,6 @@ from ._base import (
     register_recipe,
     resume_or_start_over,
     save_atomic,
-    torch_threads,
     write_results,
 )
 from ._config import check_fraction, check_positive, check_positive_int, help_text
@@ -254,7 +253,7 @@ class Problem:
 
 
 @register_recipe
-class LRScheduleRecipe(AbstractRecipe):
+class LRScheduleRecipe(ThreadedRecipe):
     """Learning-rate and momentum schedules (and initial weight scales) of a digits MLP
     fitted by exact reversible hypergradients (Maclaurin et al. 2015): every hyper-step
     trains the model for `steps` full-batch SGD-momentum steps from the same start, reverses
@@ -268,12 +267,6 @@ class LRScheduleRecipe(AbstractRecipe):
     name = "lr-schedule"
     help = "learn learning-rate and momentum schedules by exact reversible hypergradients"
     config_cls = LRScheduleConfig
-
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
-        with torch_threads(config.threads):
-            return self._run(config, Path(run_dir), resume=resume, progress=progress,
-                             console=console)  # fmt: skip
 
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ from ..pretrain import (
 )
 from ..pretrain.synthetic import accuracy
 from ._base import (
-    AbstractRecipe,
+    ThreadedRecipe,
     load_checkpoint,
     machine,
     progress_bar,
@@ -63,7 +63,6 @@ from ._base import (
     register_recipe,
     resume_or_start_over,
     save_atomic,
-    torch_threads,
     write_results,
 )
 from ._config import check_choice, check_positive, check_positive_int, help_text
@@ -330,7 +329,7 @@ class Problem:
 
 
 @register_recipe
-class MetaPretrainRecipe(AbstractRecipe):
+class MetaPretrainRecipe(ThreadedRecipe):
     """Per-task loss weights of multitask pre-training learned by meta-learning (Raghu et
     al. 2021): the hypergradient of the downstream validation loss after fine-tuning flows
     back through unrolled fine-tuning and, by implicit differentiation, through
@@ -344,12 +343,6 @@ class MetaPretrainRecipe(AbstractRecipe):
     name = "meta-pretrain"
     help = "learn multitask pre-training task weights by meta-learning (Raghu et al. 2021)"
     config_cls = MetaPretrainConfig
-
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
-        with torch_threads(config.threads):
-            return self._run(config, Path(run_dir), resume=resume, progress=progress,
-                             console=console)  # fmt: skip
 
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)
