@@ -16,6 +16,7 @@ Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
 
 from . import data as data
 from . import deq as deq
+from . import distributed as distributed
 from . import estimators as estimators
 from . import hparams as hparams
 from . import kfac as kfac
@@ -55,6 +56,7 @@ __all__ = [
     "Implicit",
     "Unrolled",
     "data",
+    "distributed",
     "hparams",
     "ConvergenceError",
     "ConvergenceWarning",

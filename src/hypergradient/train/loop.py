@@ -132,6 +132,10 @@ class BilevelTrainer:
         log_dir: if given, every hyper-step is appended to ``log_dir/hyper_steps.jsonl`` (and
             to TensorBoard when the ``tensorboard`` package is installed).
         seed: seeds the order of the batches.
+        wrap_loss: ``wrap_loss(loss, batch_size) -> loss``, applied to every training and
+            validation loss the trainer evaluates (``loss(params, hparams) -> scalar`` on a
+            batch of ``batch_size`` examples).  ``hg.distributed.DataParallel()`` makes them
+            global losses over the ranks of a ``torchrun`` job (data-parallel training).
 
     Cost per hyper-step: ``hyper_every`` ordinary training steps plus one hypergradient (see
     the method); memory: the model, one hyperparameter tensor per hyperparameter and the
@@ -155,6 +159,7 @@ class BilevelTrainer:
         callbacks: Iterable[Callable[[BilevelTrainer, dict], None]] = (),
         log_dir: str | os.PathLike | None = None,
         seed: int = 0,
+        wrap_loss: Callable[[Callable, int], Callable] | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise HypergradientError(
@@ -195,6 +200,7 @@ class BilevelTrainer:
         self.cold_start_steps = cold_start_steps or hyper_every
         self.criterion = criterion
         self.callbacks = list(callbacks)
+        self.wrap_loss = wrap_loss
         self.forward = as_function(model)
         params = {k: v.detach() for k, v in model.named_parameters()}
         self.hparams = {
@@ -225,6 +231,12 @@ class BilevelTrainer:
     def _train_batch(self):
         return self.train_stream.next() if self.train_stream is not None else None
 
+    def _wrap(self, loss: Callable, batch: Any) -> Callable:
+        """``loss`` through ``wrap_loss`` (given the batch's number of examples), if set."""
+        if self.wrap_loss is None:
+            return loss
+        return self.wrap_loss(loss, 1 if batch is None else len(batch[0]))
+
     def _detached_hparams(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.hparams.items()}
 
@@ -249,10 +261,17 @@ class BilevelTrainer:
             batch = self._train_batch()
             self.optimizer.zero_grad(set_to_none=True)
             if split is None:
-                loss = self.hyper.training_loss(forward, params, hp, batch, self.criterion)
+                loss = self._wrap(
+                    lambda p, h, b=batch: self.hyper.training_loss(
+                        forward, p, h, b, self.criterion
+                    ),
+                    batch,
+                )(params, hp)
                 loss.backward()
             else:
-                loss = split.data_loss(forward, params, batch, self.criterion)
+                loss = self._wrap(
+                    lambda p, h, b=batch: split.data_loss(forward, p, b, self.criterion), batch
+                )(params, {})
                 loss.backward()
                 split.add_penalty_gradient(params)
                 if i == steps - 1:  # log the same training loss as the unsplit path
@@ -296,11 +315,16 @@ class BilevelTrainer:
 
         outer_values: list[float] = []
 
+        val_mean = self._wrap(
+            lambda p, h: criterion(forward(p, xv), yv, reduction="none").mean(), val_batch
+        )
+
         def outer_loss(p, h):
-            value = criterion(forward(p, xv), yv, reduction="none").mean()
+            value = val_mean(p, h)
             outer_values.append(float(value.detach()))
             return value
 
+        inner_loss = self._wrap(inner_loss, train_batch)
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         lr, momentum = self._optimizer_lr_momentum()
         grads = self.method.hypergrad(
@@ -310,7 +334,7 @@ class BilevelTrainer:
             val_loss = outer_values[0]  # already evaluated there: no second forward pass
         else:
             with torch.no_grad():
-                val_loss = float(criterion(forward(params, xv), yv, reduction="none").mean())
+                val_loss = float(outer_loss(params, self._detached_hparams()))
         return grads, val_loss
 
     def step(self) -> dict[str, Any]:
