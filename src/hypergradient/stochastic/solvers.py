@@ -253,6 +253,19 @@ def _generator(state: BilevelState) -> torch.Generator:
     return gen
 
 
+def _inner_sgd(
+    problem: FiniteSumBilevelProblem, z: Tree, x: Tree, gen: torch.Generator, steps: int, lr: float
+) -> tuple[Tree, int]:
+    """``steps`` SGD steps on the inner objective from ``z``, a fresh inner batch each;
+    returns the new ``z`` and the number of inner samples they read (StocBiO, AmIGO)."""
+    samples = 0
+    for _ in range(steps):
+        i = problem.draw_inner(gen)
+        z = tree_axpy(-lr, inner_grad(problem, z, x, i), z)
+        samples += len(problem.inner_batches[i])
+    return z, samples
+
+
 def _saga(new: Tree, old: Tree, mean: Tree) -> Tree:
     """``new - old + mean``: the SAGA estimate (unbiased, variance -> 0 at a fixed point)."""
     return tree_map(lambda a, b, c: a - b + c, new, old, mean)
@@ -570,12 +583,9 @@ class StocBiO(AbstractBilevelSolver):
         gen = _generator(state)
         batches = problem.inner_batches
         eta = self.inner_step if self.neumann_step is None else self.neumann_step
-        z, x = state.z, state.x
-        inner_samples = state.inner_samples
-        for _ in range(self.inner_steps):
-            i = problem.draw_inner(gen)
-            z = tree_axpy(-self.inner_step, inner_grad(problem, z, x, i), z)
-            inner_samples += len(batches[i])
+        x = state.x
+        z, used = _inner_sgd(problem, state.z, x, gen, self.inner_steps, self.inner_step)
+        inner_samples = state.inner_samples + used
         j = problem.draw_outer(gen)
         outer = outer_oracle(problem, z, x, j)
         term, total = outer.grad_z, outer.grad_z
@@ -661,12 +671,9 @@ class AmIGO(AbstractBilevelSolver):
     def step(self, problem: FiniteSumBilevelProblem, state: BilevelState) -> BilevelState:
         gen = _generator(state)
         eta = self.inner_step if self.linear_step is None else self.linear_step
-        z, v, x = state.z, state.v, state.x
-        inner_samples, outer_samples = state.inner_samples, state.outer_samples
-        for _ in range(self.inner_steps):
-            i = problem.draw_inner(gen)
-            z = tree_axpy(-self.inner_step, inner_grad(problem, z, x, i), z)
-            inner_samples += len(problem.inner_batches[i])
+        v, x = state.v, state.x
+        z, used = _inner_sgd(problem, state.z, x, gen, self.inner_steps, self.inner_step)
+        inner_samples, outer_samples = state.inner_samples + used, state.outer_samples
         for _ in range(self.linear_steps):
             i, j = problem.draw_inner(gen), problem.draw_outer(gen)
             hvp = inner_oracle(problem, z, v, x, i, with_grad=False).hvp
