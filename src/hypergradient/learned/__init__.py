@@ -26,8 +26,14 @@ Example (a few seconds)::
     >>> losses = [r["loss"] for r in result.history]
     >>> sum(losses[-5:]) < sum(losses[:5])
     True
+
+Reverse engineering (:mod:`hypergradient.learned.analysis`, Maheswaranathan et al. 2021):
+fixed points, linearised dynamics (effective momentum), update-vs-gradient saturation and
+effective learning-rate schedules of any component-wise optimizer, e.g. the component-wise
+:class:`GRULearnedOptimizer`.
 """
 
+from . import analysis as analysis
 from .architectures import ARCHITECTURES as ARCHITECTURES
 from .architectures import TIMESCALES as TIMESCALES
 from .architectures import AbstractLearnedOptimizer as AbstractLearnedOptimizer
@@ -50,6 +56,7 @@ from .meta_train import meta_train as meta_train
 from .meta_train import plot_history as plot_history
 from .meta_train import sample_tasks as sample_tasks
 from .meta_train import tune_adam as tune_adam
+from .recurrent import GRULearnedOptimizer as GRULearnedOptimizer
 from .tasks import AbstractTaskFamily as AbstractTaskFamily
 from .tasks import ClassifierFamily as ClassifierFamily
 from .tasks import FredholmFamily as FredholmFamily
@@ -69,6 +76,7 @@ __all__ = [
     "ClassifierFamily",
     "Evaluation",
     "FredholmFamily",
+    "GRULearnedOptimizer",
     "HierarchicalLearnedOptimizer",
     "InnerTrainingSystem",
     "LearnedOptim",
