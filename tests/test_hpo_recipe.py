@@ -19,19 +19,11 @@ import torch
 
 optuna = pytest.importorskip("optuna")
 
+from _cli import one_line_error  # noqa: E402
 from hypergradient.cli import main  # noqa: E402
 from hypergradient.recipes import available_recipes  # noqa: E402
 from hypergradient.recipes import weight_decay as wd_recipe  # noqa: E402
 from hypergradient.recipes.hpo import HpoVsGradientConfig, HpoVsGradientRecipe  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 BAD_VALUES = {
     "dataset": "cifar",
@@ -68,13 +60,6 @@ BAD_VALUES = {
 }
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    return err
-
-
 def test_every_option_has_a_bad_value_case():
     assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(HpoVsGradientConfig)}
     assert available_recipes()["hpo-vs-gradient"] is HpoVsGradientRecipe
@@ -86,7 +71,7 @@ def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsy
     assert (
         main(["hpo-vs-gradient", "--out", str(out), "--set", f"{option}={BAD_VALUES[option]}"]) == 2
     )
-    assert f"'{option}'" in _one_line_error(capsys)
+    assert f"'{option}'" in one_line_error(capsys)
     assert not out.exists()  # rejected before anything is written
 
 
@@ -100,7 +85,7 @@ def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsy
 )
 def test_cross_option_errors(setting, pattern, tmp_path, capsys):
     assert main(["hpo-vs-gradient", "--out", str(tmp_path / "run"), "--set", setting]) == 2
-    assert re.search(pattern, _one_line_error(capsys))
+    assert re.search(pattern, one_line_error(capsys))
     assert not (tmp_path / "run").exists()
 
 

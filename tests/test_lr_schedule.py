@@ -14,13 +14,6 @@ from hypergradient.recipes.lr_schedule import LRScheduleConfig, Problem, interpo
 TINY = ["hidden=6", "n_train=80", "n_val=40", "steps=12", "knots=4", "hyper_steps=3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _run(out, *extra) -> int:
     return main(["lr-schedule", "--out", str(out), "--no-progress", "--set", *TINY, *extra])

@@ -14,20 +14,12 @@ import re
 import pytest
 import torch
 
+from _cli import one_line_error
 from hypergradient.cli import _default_text, main
 from hypergradient.pretrain import MetaPretrainer
 from hypergradient.recipes import available_recipes
 from hypergradient.recipes._config import option_help
 from hypergradient.recipes.meta_pretrain import MetaPretrainConfig, Problem
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY = ["num_useful=3", "num_noise=3", "dim=10", "n_pretrain=40", "n_train=30", "n_val=30",
         "n_test=200", "hidden=4", "pretrain_steps=60", "warmup=10", "period=5", "eval_every=2",
@@ -45,12 +37,6 @@ def _without_timings(tree):
         return [_without_timings(v) for v in tree]
     return tree
 
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    return err
 
 
 def test_tiny_run_writes_its_files_and_learns_weights_that_favour_the_useful_tasks(
@@ -131,7 +117,7 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
     assert _run(out) == 0
     capsys.readouterr()
     assert _run(out, "hyper_lr=0.5", "--resume") == 2
-    assert "hyper_lr" in _one_line_error(capsys)
+    assert "hyper_lr" in one_line_error(capsys)
 
 
 def test_full_finetuning_minres_and_minibatches_run_too(tmp_path):
@@ -146,7 +132,7 @@ def test_full_finetuning_minres_and_minibatches_run_too(tmp_path):
 def test_a_conjugate_gradient_breakdown_is_one_line_with_advice(tmp_path, capsys):
     # far from a minimum the pre-training Hessian of the tanh network is indefinite
     assert _run(tmp_path / "run", "solver=cg", "max_steps=20") == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "the implicit solve failed at pre-training step 15" in err
     assert "solver='minres'" in err
 
@@ -211,5 +197,5 @@ def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsy
     out = tmp_path / "run"
     code = main(["meta-pretrain", "--out", str(out), "--set", f"{option}={BAD_VALUES[option]}"])
     assert code == 2
-    assert f"'{option}'" in _one_line_error(capsys)
+    assert f"'{option}'" in one_line_error(capsys)
     assert not out.exists()  # rejected before anything is written

@@ -4,7 +4,6 @@ import dataclasses
 import json
 
 import pytest
-import torch
 
 from _datasets import OMNIGLOT_DATASETS as DATASETS
 from _datasets import needs_omniglot
@@ -22,13 +21,6 @@ TINY = {
 }  # fmt: skip
 RECIPES = ("maml", "imaml", "hyper-representation")
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _run(recipe, out, *extra) -> int:

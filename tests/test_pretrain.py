@@ -22,14 +22,6 @@ from hypergradient.pretrain import (
 from hypergradient.testing import finite_difference_hypergrad, relative_error
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergradient as hg
+from _cli import one_line_error
 from hypergradient.cli import _default_text, main
 from hypergradient.recipes import available_recipes, build_config
 from hypergradient.recipes import weight_decay as wd_recipe
@@ -203,12 +204,6 @@ BAD_VALUES = {
 }
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    return err
-
 
 def test_every_option_has_a_bad_value_case():
     assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(WeightDecayConfig)}
@@ -222,7 +217,7 @@ def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsy
         value = str(tmp_path / "a-file")
     out = tmp_path / "run"
     assert main(["weight-decay", "--out", str(out), "--set", f"{option}={value}"]) == 2
-    assert f"'{option}'" in _one_line_error(capsys)
+    assert f"'{option}'" in one_line_error(capsys)
     assert not out.exists()  # rejected before anything is written
 
 
@@ -244,15 +239,15 @@ def test_config_errors_are_one_line(args, toml, pattern, tmp_path, capsys, monke
         (tmp_path / "c.toml").write_text(toml)
         args = [a.replace("{toml}", str(tmp_path / "c.toml")) for a in args]
     assert main(["weight-decay", "--out", str(tmp_path / "run"), *args]) == 2
-    assert re.search(pattern, _one_line_error(capsys))
+    assert re.search(pattern, one_line_error(capsys))
 
 
-def test_missing_dataset_files_give_one_line_error(tmp_path, capsys):
+def test_missing_dataset_files_giveone_line_error(tmp_path, capsys):
     empty = tmp_path / "data"
     empty.mkdir()
     argv = ["weight-decay", "--out", str(tmp_path / "run"), "--no-progress"]
     assert main([*argv, "--set", "dataset=mnist", f"data_dir={empty}"]) == 2
-    err = _one_line_error(capsys)
+    err = one_line_error(capsys)
     assert "option 'dataset' = 'mnist'" in err and "train-images-idx3-ubyte.gz" in err
 
 

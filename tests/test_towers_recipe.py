@@ -15,20 +15,12 @@ import re
 import pytest
 import torch
 
+from _cli import one_line_error
 from hypergradient.cli import _default_text, main
 from hypergradient.recipes import available_recipes, build_config
 from hypergradient.recipes import towers as towers_recipe
 from hypergradient.recipes._config import option_help
 from hypergradient.recipes.towers import Data, TowersConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 BAD_VALUES = {
     "heights": "1,0",
@@ -46,12 +38,6 @@ BAD_VALUES = {
 }
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    return err
-
 
 def test_every_option_has_a_bad_value_case():
     assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(TowersConfig)}
@@ -61,7 +47,7 @@ def test_every_option_has_a_bad_value_case():
 def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["towers", "--out", str(out), "--set", f"{option}={BAD_VALUES[option]}"]) == 2
-    assert f"'{option}'" in _one_line_error(capsys)
+    assert f"'{option}'" in one_line_error(capsys)
     assert not out.exists()  # rejected before anything is written
 
 
@@ -76,7 +62,7 @@ def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsy
 def test_list_and_cross_option_errors(setting, pattern, tmp_path, capsys):
     argv = ["towers", "--out", str(tmp_path / "run"), "--set", "n_train=200", setting]
     assert main(argv) == 2
-    assert re.search(pattern, _one_line_error(capsys))
+    assert re.search(pattern, one_line_error(capsys))
 
 
 def test_help_lists_every_option(capsys):
