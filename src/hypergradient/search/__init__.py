@@ -14,7 +14,10 @@ batch size.  This package covers the rest, and measures both on one compute axis
 * :mod:`~hypergradient.search.objectives` - objectives for the ``weight-decay`` recipe's
   MLP (width, batch size, decay, learning rate; or decays by hypergradient inside trials);
 * :mod:`~hypergradient.search.resampling` - nested vs non-nested cross-validation;
-* :mod:`~hypergradient.search.racing` - F-race and successive halving over folds or seeds.
+* :mod:`~hypergradient.search.racing` - F-race and successive halving over folds or seeds;
+* :mod:`~hypergradient.search.warmstart` - warm-starting Bayesian optimisation from similar
+  datasets (Kim et al. 2017): learned dataset meta-features, nearest tasks' best
+  configurations enqueued as a study's first trials.
 
 Optuna is optional: ``pip install "hypergradient[hpo]"``.  Only the functions that need it
 import it; resampling and racing do not.
@@ -53,6 +56,18 @@ from .study import make_pruner as make_pruner
 from .study import make_sampler as make_sampler
 from .study import make_storage as make_storage
 from .study import optimize as optimize
+from .warmstart import MetaDataset as MetaDataset
+from .warmstart import MetaFeatureNet as MetaFeatureNet
+from .warmstart import SurfaceGrid as SurfaceGrid
+from .warmstart import WarmStarter as WarmStarter
+from .warmstart import build_meta_dataset as build_meta_dataset
+from .warmstart import enqueue_warm_start as enqueue_warm_start
+from .warmstart import gp_sampler as gp_sampler
+from .warmstart import instance_features as instance_features
+from .warmstart import surface_search as surface_search
+from .warmstart import svm_surface as svm_surface
+from .warmstart import train_meta_features as train_meta_features
+from .warmstart import warm_start_configs as warm_start_configs
 
 __all__ = [
     "Choice",
@@ -60,20 +75,28 @@ __all__ = [
     "Float",
     "Fold",
     "Int",
+    "MetaDataset",
+    "MetaFeatureNet",
     "NestedResult",
     "OuterFold",
     "RaceResult",
     "StepUnit",
+    "SurfaceGrid",
     "TuneResult",
+    "WarmStarter",
     "best_at",
+    "build_meta_dataset",
     "compute_curve",
     "create_study",
     "default_storage",
+    "enqueue_warm_start",
     "fail_running_trials",
     "finished_trials",
+    "gp_sampler",
     "grid_of",
     "grid_tuner",
     "hypergradient_cost",
+    "instance_features",
     "kfold",
     "make_pruner",
     "make_sampler",
@@ -87,4 +110,8 @@ __all__ = [
     "race_tuner",
     "reference_unit",
     "suggest",
+    "surface_search",
+    "svm_surface",
+    "train_meta_features",
+    "warm_start_configs",
 ]
