@@ -30,6 +30,18 @@ def help_text(text: str) -> dict[str, str]:
     return {"help": text}
 
 
+def threads_field() -> Any:
+    """The ``threads`` option every recipe has: torch's intra-op threads during the run."""
+    return dataclasses.field(
+        default=1,
+        metadata=help_text(
+            "torch intra-op threads during the run (0: leave torch's setting). The recipes' "
+            "tensors are small: one thread is about as fast, and on a busy 2-core machine two "
+            "threads spin-wait and make every step several times slower"
+        ),
+    )
+
+
 def option_help(cls) -> list[tuple[str, str, Any]]:
     """``(name, help, default)`` for every field of a config dataclass."""
     out = []

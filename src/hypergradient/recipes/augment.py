@@ -85,6 +85,7 @@ from ._config import (
     check_positive,
     check_positive_int,
     help_text,
+    threads_field,
 )
 
 _MNIST_TRAIN_TOTAL, _MNIST_TEST_TOTAL = 60_000, 10_000
@@ -223,13 +224,7 @@ class AugmentConfig:
     seed: int = field(
         default=0, metadata=help_text("seed of the data split, the inits, noise and batch order")
     )
-    threads: int = field(
-        default=1,
-        metadata=help_text(
-            "torch intra-op threads during the run (0: leave torch's setting); on a busy "
-            "2-core machine two threads spin-wait and slow every step down"
-        ),
-    )
+    threads: int = threads_field()
 
     @property
     def inner_budget(self) -> int:

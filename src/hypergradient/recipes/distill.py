@@ -63,16 +63,11 @@ from ._base import (
     torch_threads,
     write_results,
 )
-from ._config import check_choice, check_positive, check_positive_int, help_text
+from ._config import check_choice, check_positive, check_positive_int, help_text, threads_field
 
 _DATASETS = ("mnist", "digits")
 _MODELS = ("linear", "mlp")
 _PARAM_INITS = ("random", "fixed", "zeros")
-_THREADS_HELP = (
-    "torch intra-op threads during the run (0: leave torch's setting). The models and the 10 "
-    "synthetic images are tiny: one thread is fastest, and on a busy 2-core machine the "
-    "default 2 threads made the distill default about 8x slower"
-)
 
 
 # ============================================================================ data, models
@@ -533,7 +528,7 @@ class DistillConfig:
         default=50, metadata=help_text("hyper-steps between test-accuracy evaluations (curve)")
     )
     seed: int = field(default=0, metadata=help_text("random seed (data order, initialisations)"))
-    threads: int = field(default=1, metadata=help_text(_THREADS_HELP))
+    threads: int = threads_field()
 
     def validate(self) -> None:
         _check_common(self, "distill")
@@ -875,7 +870,7 @@ class WarmColdConfig:
         default=200, metadata=help_text("SGD steps from zero when retraining on warm-start data")
     )
     seed: int = field(default=0, metadata=help_text("random seed"))
-    threads: int = field(default=1, metadata=help_text(_THREADS_HELP))
+    threads: int = threads_field()
 
     def validate(self) -> None:
         _check_common(self, "distill-warm-cold")

@@ -74,7 +74,7 @@ from ._base import (
     write_json_atomic,
     write_results,
 )
-from ._config import check_choice, check_positive, check_positive_int, help_text
+from ._config import check_choice, check_positive, check_positive_int, help_text, threads_field
 
 _SCENARIOS = ("continuous", "discrete")
 
@@ -169,9 +169,7 @@ class HpoVsGradientConfig:
         metadata=help_text("Optuna database URL (none: sqlite:///<run folder>/study.db)"),
     )
     seed: int = field(default=0, metadata=help_text("seed of data split, init, batches, samplers"))
-    threads: int = field(
-        default=1, metadata=help_text("torch threads during the run (0: leave torch's setting)")
-    )
+    threads: int = threads_field()
 
     def weight_decay_config(self, **changes) -> wd_recipe.WeightDecayConfig:
         """The ``weight-decay`` recipe's config of the gradient run (and of every trial)."""

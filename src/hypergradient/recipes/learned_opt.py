@@ -50,7 +50,14 @@ from ._base import (
     register_recipe,
     write_results,
 )
-from ._config import check_choice, check_data_dir, check_positive, check_positive_int, help_text
+from ._config import (
+    check_choice,
+    check_data_dir,
+    check_positive,
+    check_positive_int,
+    help_text,
+    threads_field,
+)
 
 _EVAL_SEED = 10_000
 
@@ -132,7 +139,7 @@ class LearnedOptConfig:
     )
     checkpoint_every: int = field(default=10, metadata=help_text("outer steps between saves"))
     seed: int = field(default=0, metadata=help_text("seed of theta's init and every task draw"))
-    threads: int = field(default=1, metadata=help_text("torch threads (0: leave torch's setting)"))
+    threads: int = threads_field()
 
     def validate(self) -> None:
         check_choice("architecture", self.architecture, sorted(learned.ARCHITECTURES))

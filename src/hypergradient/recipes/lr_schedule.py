@@ -60,7 +60,7 @@ from ._base import (
     save_atomic,
     write_results,
 )
-from ._config import check_fraction, check_positive, check_positive_int, help_text
+from ._config import check_fraction, check_positive, check_positive_int, help_text, threads_field
 
 
 @dataclass
@@ -101,9 +101,7 @@ class LRScheduleConfig:
         default=52, metadata=help_text("fixed-point fraction bits of the exact training run")
     )
     seed: int = field(default=0, metadata=help_text("data split and initial weights"))
-    threads: int = field(
-        default=1, metadata=help_text("torch threads (0: torch's default; 1 is fastest here)")
-    )
+    threads: int = threads_field()
 
     @property
     def num_knots(self) -> int:

@@ -97,6 +97,7 @@ from ._config import (
     check_positive,
     check_positive_int,
     help_text,
+    threads_field,
 )
 
 _DATA = ("omniglot", "sinusoid")
@@ -167,9 +168,7 @@ class MetaLearningConfig:
     seed: int = field(
         default=0, metadata=help_text("initial weights, episode draws, evaluation episodes")
     )
-    threads: int = field(
-        default=1, metadata=help_text("torch threads (0: torch's default; 1 is fastest here)")
-    )
+    threads: int = threads_field()
 
     def validate(self) -> None:
         check_choice("data", self.data, _DATA)

@@ -65,7 +65,7 @@ from ._base import (
     save_atomic,
     write_results,
 )
-from ._config import check_choice, check_positive, check_positive_int, help_text
+from ._config import check_choice, check_positive, check_positive_int, help_text, threads_field
 
 _SOLVERS = ("neumann", "cg", "identity", "exact", "minres")
 
@@ -149,9 +149,7 @@ class MetaPretrainConfig:
         default=0.1, metadata=help_text("learning rate of the final full fine-tuning")
     )
     seed: int = field(default=0, metadata=help_text("problem, initial weights and batches"))
-    threads: int = field(
-        default=1, metadata=help_text("torch threads (0: torch's default; 1 is fastest here)")
-    )
+    threads: int = threads_field()
 
     @property
     def num_tasks(self) -> int:

@@ -51,7 +51,7 @@ from .. import towers
 from .._errors import HypergradientError
 from ..data import load_digits_split
 from ._base import AbstractRecipe, register_recipe, write_results
-from ._config import check_choice, check_positive, check_positive_int
+from ._config import check_choice, check_positive, check_positive_int, threads_field
 
 _OPTIMIZERS: dict[str, type[towers.AbstractTowerOptimizer]] = {
     "sgd": towers.SGD,
@@ -127,13 +127,7 @@ class TowersConfig:
     seed: int = field(
         default=0, metadata=_help("seed of the data split, the initial weights and batch order")
     )
-    threads: int = field(
-        default=1,
-        metadata=_help(
-            "torch intra-op threads during the run (0: leave torch's setting); the tensors "
-            "are tiny and one thread is fastest"
-        ),
-    )
+    threads: int = threads_field()
 
     def validate(self) -> None:
         _check_list("heights", self.heights, int, "heights=1,2,3")

@@ -62,7 +62,14 @@ from ._base import (
     write_json_atomic,
     write_results,
 )
-from ._config import check_choice, check_data_dir, check_positive, check_positive_int, help_text
+from ._config import (
+    check_choice,
+    check_data_dir,
+    check_positive,
+    check_positive_int,
+    help_text,
+    threads_field,
+)
 
 _DATASETS = ("digits", "mnist", "fashion-mnist")
 _SOLVERS = ("neumann", "cg", "exact", "identity", "minres", "gmres")
@@ -162,14 +169,7 @@ class WeightDecayConfig:
     seed: int = field(
         default=0, metadata=help_text("seed of the data split, the init and batch order")
     )
-    threads: int = field(
-        default=1,
-        metadata=help_text(
-            "torch intra-op threads during the run (0: leave torch's setting). The MLP's "
-            "matrices are small: one thread is about as fast, and on a busy 2-core machine 2 "
-            "threads spin-wait and made every step several times slower"
-        ),
-    )
+    threads: int = threads_field()
 
     @property
     def inner_budget(self) -> int:
