@@ -130,6 +130,19 @@ def stochastic(dp: hgd.DataParallel) -> dict[str, object]:
     return out
 
 
+def kfac_factors(dp: hgd.DataParallel) -> dict[str, torch.Tensor]:
+    """K-FAC's Kronecker factors of the linear model from each rank's shard, averaged."""
+    x, _ = _data(13, seed=1)
+    x = x[_shard(13, dp, "uneven")]
+    params, _ = _point()
+    net = torch.nn.Linear(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        net.weight.copy_(params["W"])
+        net.bias.copy_(params["b"])
+    block = hg.kfac.curvature_factors(net, x)[""]
+    return dp.average({"A": block.A, "G": block.G}, count=len(x))
+
+
 def errors(dp: hgd.DataParallel) -> dict[str, str]:
     """The messages of the collective checks (every rank must reach the same verdict)."""
     out = {}
@@ -144,6 +157,8 @@ def errors(dp: hgd.DataParallel) -> dict[str, str]:
     except hg.HypergradientError as err:
         out["not_replicated"] = str(err)
     out["weighted_mean"] = str(dp.all_reduce_mean(float(dp.rank), count=dp.rank + 1))
+    stats = dp.average({"A": torch.full((2, 2), float(dp.rank))}, count=dp.rank + 1)
+    out["average"] = str(float(stats["A"][0, 0]))
     return out
 
 
@@ -195,6 +210,7 @@ def compute(dp: hgd.DataParallel, checkpoint_dir: Path) -> dict[str, object]:
             results[f"{split}/{key}"] = value
     for key, value in stochastic(dp).items():
         results[f"stochastic/{key}"] = value
+    results["kfac"] = kfac_factors(dp)
     for key, value in errors(dp).items():
         results[f"errors/{key}"] = value
     for method in ("implicit", "unrolled"):

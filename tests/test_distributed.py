@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
+import runpy
+import signal
 import socket
 import subprocess
 import sys
@@ -68,6 +71,8 @@ def runs(tmp_path_factory):
         "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")]),
         "OMP_NUM_THREADS": "1",
     }
+    if sys.platform == "linux":  # gloo on loopback: no dependence on the hostname resolving
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     command = [
         sys.executable,
         "-m",
@@ -78,15 +83,29 @@ def runs(tmp_path_factory):
         str(WORKER),
         str(out),
     ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    two = torch.load(out, weights_only=False)
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+    # the reference runs here while the two ranks start up (most of their time is imports)
+    proc = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: a failure kills the ranks too
+    )
     try:
-        one = _load_worker().compute(hgd.DataParallel(), tmp / "one")
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            one = _load_worker().compute(hgd.DataParallel(), tmp / "one")
+        finally:
+            torch.set_default_dtype(old)
+        output, _ = proc.communicate(timeout=180)
     finally:
-        torch.set_default_dtype(old)
+        if proc.poll() is None:  # a failure above: do not leave the ranks running
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-6000:]
+    two = torch.load(out, weights_only=False)
     return two, one
 
 
@@ -143,6 +162,13 @@ def test_stochastic_solvers_split_each_batch(runs):
         assert two["spread"][key] <= 1e-12
 
 
+def test_averaged_kfac_factors_are_the_global_batch_factors(runs):
+    # the factors are means over examples, so c_r-weighted averaging of 9 + 4 rows is exact
+    two, one = runs
+    assert _max_diff(two["kfac"], one["kfac"]) <= TOL
+    assert two["spread"]["kfac"] <= 1e-12
+
+
 def test_forward_mode_is_refused_with_a_fix(runs):
     two, _ = runs
     for split in ("even", "uneven"):
@@ -156,6 +182,7 @@ def test_collective_checks(runs):
     assert "replicas differ by up to 1.000e+00" in two["errors/not_replicated"]
     # ranks 0 and 1 report 0.0 and 1.0 over 1 and 2 examples: (0*1 + 1*2) / 3
     assert float(two["errors/weighted_mean"]) == pytest.approx(2 / 3, abs=1e-15)
+    assert float(two["errors/average"]) == pytest.approx(2 / 3, abs=1e-15)
 
 
 # ---------------------------------------------------------------------- one process
@@ -177,6 +204,9 @@ def test_single_process_is_the_identity():
     model = torch.nn.Linear(2, 1)
     assert dp.broadcast(model) is model
     assert dp.all_reduce_mean(0.25, 4) == 0.25
+    stats = {"A": torch.eye(2)}
+    averaged = dp.average(stats, count=5)
+    assert torch.equal(averaged["A"], stats["A"]) and averaged["A"] is not stats["A"]
     assert dp.log_dir("runs/x") == "runs/x"
     assert hgd.init_from_env().world_size == 1  # no WORLD_SIZE here: one process
 
@@ -274,3 +304,35 @@ def test_trainer_without_wrap_loss_is_unchanged():
     for k in plain.hparams:
         assert torch.equal(plain.hparams[k], wrapped.hparams[k])
     assert [r["val_loss"] for r in plain.history] == [r["val_loss"] for r in wrapped.history]
+
+
+# ---------------------------------------------------------------------- documentation
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _readme_section() -> str:
+    text = README.read_text()
+    start = text.index("## Data-parallel bilevel training (torch.distributed)")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_readme_example_prints_what_the_readme_says(capsys):
+    section = _readme_section()
+    (block,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    exec(compile(block, str(README), "exec"), {})  # noqa: S102
+    printed = capsys.readouterr().out.splitlines()
+    # one process prints the digits the README shows for two ranks
+    claimed = re.findall(r"ranks 2: (\w+) (-?[0-9.]+)", section)
+    assert [f"ranks 1: {name} {value}" for name, value in claimed] == printed
+
+
+def test_example_script_prints_the_readme_lines(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["distributed_weight_decay.py", "--hyper-steps", "10"])
+    script = README.parent / "examples" / "distributed_weight_decay.py"
+    runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "1 rank(s), backend None"
+    # the README shows the two-rank run; its hyper-step 10 line is the same on one process
+    line = next(x for x in _readme_section().splitlines() if x.startswith("hyper-step  10"))
+    assert printed[1] == line

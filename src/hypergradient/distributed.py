@@ -63,8 +63,9 @@ Safety per method (what must hold for ranks to stay identical and results exact)
   shared seed; anything computed from a rank's local batch alone (e.g. a local loss used
   to pick a tower member) makes the ranks diverge.
 * **K-FAC factors** - **not** automatic: the Kronecker factors are computed from a rank's
-  own activations and output gradients; without all-reducing them (weighted by
-  :math:`c_r`) the preconditioners, hence the weights, differ across ranks.
+  own activations and output gradients; average them with :meth:`DataParallel.average`
+  (weighted by :math:`c_r`) before building the preconditioner, or the preconditioners,
+  hence the CG iterates and the weights, differ across ranks.
 * **BatchNorm statistics** - **not** automatic: in training mode, a batch-norm layer
   normalises by the *local* batch statistics, so the global loss is not
   :math:`\sum_r c_r L_r` of the single-process loss; use ``torch.nn.SyncBatchNorm``
@@ -399,6 +400,26 @@ class DataParallel:
                 f"values (dp.broadcast), seed every RNG identically, and check the safety "
                 f"notes of hypergradient.distributed for rank-local state."
             )
+
+    @torch.no_grad()
+    def average(self, tree: Any, count: int) -> Any:
+        r"""The example-weighted mean :math:`\sum_r c_r x_r` of per-rank statistics.
+
+        For statistics that are means over a rank's ``count`` examples - K-FAC's Kronecker
+        factors, BatchNorm running statistics, a local metric - this is the statistic of the
+        global batch.  ``tree`` is a tensor or a dict of tensors; returns a new one (detached).
+        Collective: every rank must call it.  One all-reduce per tensor.
+        """
+        weight = self.weight(count)
+        leaves, spec = tree_flatten(tree)
+        if not self.distributed:
+            return tree_unflatten([t.detach().clone() for t in leaves], spec)
+        out = []
+        for t in leaves:
+            buf = t.detach().to(self.device) * weight
+            _dist().all_reduce(buf, op=_dist().ReduceOp.SUM, group=self.group)
+            out.append(buf.to(t.device))
+        return tree_unflatten(out, spec)
 
     def all_reduce_mean(self, value: float, count: int) -> float:
         """The example-weighted mean of a per-rank metric (e.g. a local accuracy)."""
