@@ -23,6 +23,7 @@ from hypergradient.learned import (
     step_inputs,
 )
 from hypergradient.learned.analysis import (
+    AbstractStateSpaceOptimizer,
     AdamSystem,
     HeavyBallSystem,
     LearnedGRUSystem,
@@ -58,7 +59,7 @@ def _mlp(**kwargs):
     return lopt, theta
 
 
-def _quadratic(w):
+def _quadratic(w, t=0):
     return 0.5 * (torch.linspace(0.01, 1.0, w.numel()) * w.square()).sum()
 
 
@@ -205,6 +206,38 @@ def test_gru_linearisation_predicts_impulse_and_fixed_point_slope():
     curve = update_curve(system, [0.2 - h, 0.2 + h], state=fp.state)
     slope = float(curve.updates[1] - curve.updates[0]) / (2 * h)
     assert -lin.long_run_lr == pytest.approx(slope, rel=1e-6)
+
+
+class _TwoMomenta(AbstractStateSpaceOptimizer):
+    """s1' = 0.5 s1 + g, s2' = 0.99 s2 + g, update = -(s1' + weight * s2')."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+    @property
+    def state_size(self):
+        return 2
+
+    def init_state(self, shape=()):
+        return torch.zeros((*shape, 2))
+
+    def step(self, state, g):
+        new = torch.tensor([0.5, 0.99]) * state + g.unsqueeze(-1)
+        return new, -(new[..., 0] + self.weight * new[..., 1])
+
+
+@pytest.mark.parametrize(("weight", "expected"), [(1e-5, 0.5), (1e-2, 0.99)])
+def test_effective_momentum_is_the_slowest_mode_the_update_reads(weight, expected):
+    system = _TwoMomenta(weight)
+    lin = linearize(system, fixed_point(system, 0.0).state, 0.0)
+    assert abs(lin.top_eigenvalue - 0.99) < 1e-12
+    # C = (-0.99 weight, -0.5), B = (1, 1) in the (slow, fast) eigenbasis: the residues
+    # r/(1 - lambda) give 99 weight against 0.5/0.5 = 1 of the sustained response
+    slow = 99 * weight / (1 + 99 * weight)
+    torch.testing.assert_close(lin.mode_shares, torch.tensor([slow, 1 - slow]))
+    # weight 1e-5: the slow mode carries 0.1% (< 1%), so the memory is the fast mode's
+    assert lin.effective_momentum == pytest.approx(expected, abs=1e-12)
+    assert lin.long_run_lr == pytest.approx(2 + 100 * weight, rel=1e-12)
 
 
 # --------------------------------------------------------------- the learned optimizers
@@ -363,6 +396,7 @@ def test_bad_inputs_raise():
     with pytest.raises(HypergradientError, match="takes no options"):
         state_space(lopt, theta, weight=1.0)
     assert isinstance(state_space(lopt, theta), LearnedGRUSystem)
+    assert isinstance(state_space(*_mlp(), feature_scales=torch.ones(10)), LearnedMLPSystem)
     with pytest.raises(HypergradientError, match="does not fit"):
         LearnedGRUSystem(lopt, {"x": torch.zeros(1)})
     with pytest.raises(HypergradientError, match="hidden must be an int"):

@@ -78,6 +78,9 @@ from .architectures import (
 )
 from .recurrent import GRULearnedOptimizer
 
+#: A mode counts for the effective momentum when it carries this share of the response.
+_MODE_SHARE = 0.01
+
 # ----------------------------------------------------------------------------------------
 # The interface and the systems.
 
@@ -613,16 +616,25 @@ class Linearization:
         return complex(self.eigenvalues[0])
 
     @property
+    def mode_shares(self) -> torch.Tensor:
+        r"""Each mode's share of the total response to a sustained gradient,
+        :math:`|r_i / (1 - \lambda_i)| / \sum_j |r_j / (1 - \lambda_j)|` (``(S,)``, NaN
+        when no mode reaches the update)."""
+        gap = (1 - self.eigenvalues).abs().clamp(min=1e-12)
+        weight = self.residues.abs() / gap
+        total = float(weight.sum())
+        return weight / total if total > 0 else torch.full_like(weight, math.nan)
+
+    @property
     def effective_momentum(self) -> float:
-        r""":math:`|\lambda|` of the slowest mode that reaches the update (residue above
-        :math:`10^{-9}` of the largest; all modes if none does): the momentum
-        :math:`\beta` of a heavy ball with the same memory, timescale
-        :math:`1/(1-\beta)`."""
-        mags = self.residues.abs()
-        if not bool((mags > 0).any()):
+        r""":math:`|\lambda|` of the slowest mode with at least 1% of the total response
+        (:attr:`mode_shares`; the top eigenvalue when no mode reaches the update): the
+        momentum :math:`\beta` of a heavy ball with the same memory, timescale
+        :math:`1/(1-\beta)`.  A slow mode the update barely reads does not count."""
+        shares = self.mode_shares
+        if not bool(torch.isfinite(shares).all()):
             return float(self.eigenvalues[0].abs())
-        visible = mags > 1e-9 * float(mags.max())
-        return float(self.eigenvalues[visible][0].abs())
+        return float(self.eigenvalues[shares >= _MODE_SHARE][0].abs())
 
     @property
     def timescale(self) -> float:
@@ -971,7 +983,7 @@ def _shape(x: object) -> object:
 
 def trace(
     system: AbstractStateSpaceOptimizer,
-    loss_fn: Callable[[torch.Tensor], torch.Tensor],
+    loss_fn: Callable[[torch.Tensor, int], torch.Tensor],
     w0: torch.Tensor,
     num_steps: int,
 ) -> Trace:
@@ -982,7 +994,8 @@ def trace(
 
     Args:
         system: the optimizer.
-        loss_fn: ``w -> loss`` (0-d), differentiable.
+        loss_fn: ``(w, t) -> loss`` (0-d), differentiable in ``w``; ``t`` is the step
+            (a mini-batch index for stochastic losses).
         w0: ``(N,)`` initial parameters.
         num_steps: :math:`T`.
 
@@ -991,7 +1004,9 @@ def trace(
     where = "trace(system, loss_fn, w0, num_steps)"
     system = _check_system(where, system)
     if not callable(loss_fn):
-        raise HypergradientError(f"{where}: loss_fn must be callable w -> loss, got {loss_fn!r}.")
+        raise HypergradientError(
+            f"{where}: loss_fn must be callable (w, t) -> loss, got {loss_fn!r}."
+        )
     if not isinstance(w0, torch.Tensor) or w0.dim() != 1 or not w0.is_floating_point():
         raise HypergradientError(f"{where}: w0 must be a floating (N,) tensor, got {_shape(w0)}.")
     if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
@@ -999,9 +1014,9 @@ def trace(
     w = w0.detach().clone()
     s = system.init_state(w.shape).to(w)
     grads, updates, losses, lrs = [], [], [], []
-    for _ in range(num_steps):
+    for t in range(num_steps):
         wr = w.clone().requires_grad_(True)
-        loss = loss_fn(wr)
+        loss = loss_fn(wr, t)
         (g,) = torch.autograd.grad(loss, wr)
         (s_new, u), (_, du) = jvp(system.step, (s, g), (torch.zeros_like(s), torch.ones_like(g)))
         grads.append(g)
@@ -1153,8 +1168,9 @@ def plot_report(result: Mapping[str, Any], path: str | Path) -> None:
     curve = result["update_curve"]
     gs, us = curve["gradients"], curve["updates"]
     ax.plot(gs, us, "o-", ms=3, label=r"$\Delta^*(g)$ at the fixed points")
-    ax.plot(gs, [-lin["long_run_lr"] * g for g in gs], "--", color="grey",
-            label="linear at g=0 (long-run lr)")  # fmt: skip
+    g0, u0 = lin["g"], result["fixed_point"]["update"]
+    ax.plot(gs, [u0 - lin["long_run_lr"] * (g - g0) for g in gs], "--", color="grey",
+            label=f"tangent at g={g0:.3g} (long-run lr)")  # fmt: skip
     lo, hi = min(us), max(us)
     pad = 0.2 * (hi - lo + 1e-30)
     ax.set_ylim(lo - pad, hi + pad)
@@ -1199,7 +1215,6 @@ def plot_report(result: Mapping[str, Any], path: str | Path) -> None:
         ax.plot(sched["lr_ratio"], label=r"$-\langle\Delta_t, g_t\rangle / \|g_t\|^2$")
         if sched["instant_lr"] is not None:
             ax.plot(sched["instant_lr"], label=r"$-\partial\Delta_t/\partial g_t$")
-        ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_xlabel("training step t")
         ax.set_ylabel("effective learning rate")
         ax.set_title("effective learning-rate schedule over training")

@@ -1,0 +1,407 @@
+"""Reverse engineering a learned optimizer (Maheswaranathan et al. 2021, papers.md section 18).
+
+1. A component-wise GRU learned optimizer (hidden 16,
+   ``hypergradient.learned.GRULearnedOptimizer``) is meta-trained by truncated backprop
+   (episodes of T = 100 steps, truncations of 50, 8 particles, Adam on theta 1e-2 -> 1e-3
+   along a half cosine, clipping 1, meta-loss = mean log full training loss) on random 10-d
+   quadratics with condition numbers 10, 31.6 and 100 (curvatures log-uniform over
+   [1/kappa, 1], targets N(0, I), no noise), one family per outer step in turn.
+2. Heavy ball (``torch.optim.SGD`` with momentum) is tuned for the same family: learning
+   rate x momentum grid, lowest mean log loss at step 100 over 8 meta-training-seed tasks
+   per condition number; its momentum is beta*.
+3. The analysis (``hypergradient.learned.analysis.report``) of the trained GRU: the g = 0
+   fixed point and its linearisation (top eigenvalue = effective momentum), the update vs
+   gradient at the fixed points (saturation ratio Delta*(10 g)/Delta*(g) at the typical
+   gradient g_typ = the rms gradient at initialisation), the impulse response and the
+   effective learning-rate schedule over a held-out training run; the same for the tuned
+   heavy ball (where the analysis must give back beta* and the lr exactly) and Adam.
+4. Section 18's targets: (a) |lambda_top| in [0.5, 0.99] and |lambda_top - beta*| < 0.15,
+   (b) saturation ratio < 5, (c) median over 60 held-out quadratics (20 per condition
+   number, a seed never used in training) of loss(GRU) / loss(tuned heavy ball) at step 100
+   below 1.
+5. An ``MLPLearnedOptimizer`` meta-trained with a small budget on the same quadratics,
+   analysed at the operating point of a held-out run at step 50
+   (``LearnedMLPSystem.from_history``): its state is its momenta at fixed decays, so the
+   learned part is how it reads them (impulse response, fixed-point update curve).
+
+Run from the repository root (about 10 CPU-minutes; the GRU meta-training ~5)::
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src nice -n 5 python benchmarks/reverse_engineering.py
+    PYTHONPATH=src python benchmarks/reverse_engineering.py --quick     # ~1 minute
+
+Writes ``<out>/reverse_engineering.{json,md}`` (summary and targets),
+``<out>/reverse_engineering_{gru,heavy_ball,adam,mlp}.{json,png}`` (the reports) and
+``<out>/reverse_engineering_training.png`` (meta-training curves).  ``--work`` keeps the
+trained thetas (``--reuse`` loads them instead of training again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+try:
+    from hypergradient import learned
+except ImportError:  # a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    from hypergradient import learned
+from _common import machine_info
+from hypergradient.learned import analysis
+
+HERE = Path(__file__).resolve()
+DEFAULT_OUT = HERE.parent / "results"
+CONDITIONS = (10.0, 31.6, 100.0)
+DIM = 10
+NOISE = 0.1
+HORIZON = 100
+LRS = [0.025 * 2 ** (k / 2) for k in range(15)]  # 0.025 ... 3.2
+MOMENTA = [0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99]
+
+
+def families() -> list[learned.NoisyQuadraticFamily]:
+    return [learned.NoisyQuadraticFamily(dim=DIM, condition=k, noise=NOISE) for k in CONDITIONS]
+
+
+def stacked(tasks: list[learned.Task]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Curvatures and targets ``(n, d)`` and per-step target noise ``(n, T, d)``."""
+    return (
+        torch.stack([t.data["h"] for t in tasks]),
+        torch.stack([t.data["c"] for t in tasks]),
+        torch.stack([t.data["noise"] for t in tasks]),
+    )
+
+
+def run_losses(system, h, c, xi, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``steps`` steps of a component-wise system from w = 0 on the noisy quadratics
+    (gradient of 0.5 sum h (w - c - xi_t)^2 at step t), all tasks at once.  Returns the
+    expected loss (``eval_loss``: 0.5 sum h (w - c)^2 + 0.5 s^2 sum h) and its excess over
+    the noise floor, ``(n,)`` each (inf where diverged)."""
+    w = torch.zeros_like(h)
+    s = system.init_state(h.shape)
+    with torch.no_grad():
+        for t in range(steps):
+            s, u = system.step(s, h * (w - c - xi[:, t]))
+            w = w + u
+    excess = 0.5 * (h * (w - c).square()).sum(dim=1)
+    excess = torch.where(torch.isfinite(excess), excess, torch.full_like(excess, math.inf))
+    return excess + 0.5 * NOISE**2 * h.sum(dim=1), excess
+
+
+def heavy_ball_losses(h, c, xi, lr: float, beta: float, steps: int):
+    """:func:`run_losses` of torch.optim.SGD(lr, momentum=beta)."""
+    return run_losses(analysis.HeavyBallSystem(lr=lr, momentum=beta), h, c, xi, steps)
+
+
+def tune_heavy_ball(h, c, xi, steps: int) -> dict:
+    """The (lr, beta) of the grid with the lowest mean log expected loss at ``steps``."""
+    best = None
+    table = []
+    for beta in MOMENTA:
+        for lr in LRS:
+            loss, _ = heavy_ball_losses(h, c, xi, lr, beta, steps)
+            score = float(torch.log(loss.clamp(min=1e-30)).mean())
+            table.append({"lr": lr, "momentum": beta, "mean_log_loss": score})
+            if math.isfinite(score) and (best is None or score < best["mean_log_loss"]):
+                best = table[-1]
+    best_per_beta = {}
+    for row in table:
+        b = row["momentum"]
+        if b not in best_per_beta or row["mean_log_loss"] < best_per_beta[b]["mean_log_loss"]:
+            best_per_beta[b] = row
+    return {"best": best, "best_per_momentum": list(best_per_beta.values())}
+
+
+def meta_train(lopt, num_steps: int, meta_lr: float, truncation: int, particles: int, seed: int):
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = learned.meta_train(
+        lopt,
+        families(),
+        num_steps=num_steps,
+        estimator="tbptt",
+        num_pairs=particles,
+        meta_lr=meta_lr,
+        meta_lr_final=meta_lr / 10,
+        clip_norm=1.0,
+        schedule=learned.TruncationSchedule(horizon=HORIZON, truncation_length=truncation),
+        seed=seed,
+    )
+    return result, time.perf_counter() - t0, time.process_time() - c0
+
+
+def trained(lopt, path: Path, reuse: bool, steps: int, meta_lr, truncation, particles):
+    """``(theta, history, wall_s, cpu_s)``: meta-trained now and saved to ``path``, or
+    loaded from it with ``reuse``."""
+    if reuse and path.is_file():
+        saved = torch.load(path)
+        return saved["theta"], saved["history"], saved["wall_s"], saved["cpu_s"]
+    result, wall, cpu = meta_train(lopt, steps, meta_lr, truncation, particles, seed=0)
+    saved = {"theta": result.theta, "history": result.history, "wall_s": wall, "cpu_s": cpu}
+    torch.save(saved, path)
+    return result.theta, result.history, wall, cpu
+
+
+def quadratic_loss(task: learned.Task):
+    """The task's mini-batch loss ``(w, t) -> loss`` (for ``analysis.trace``)."""
+    h, c, xi = task.data["h"], task.data["c"], task.data["noise"]
+    return lambda w, t: 0.5 * (h * (w - c - xi[t]).square()).sum()
+
+
+def record_mlp_run(lopt, theta, task: learned.Task, steps: int) -> dict:
+    """A run of the MLP learned optimizer (its own update) recording g, Delta, w, loss."""
+    params = {k: v.clone() for k, v in task.params.items()}
+    state = lopt.init_state(params)
+    out = {"g": [], "u": [], "w": [], "loss": []}
+    loss_fn = quadratic_loss(task)
+    for t in range(steps):
+        w = params["w"]
+        g = task.data["h"] * (w - task.data["c"] - task.data["noise"][t])
+        inputs = learned.step_inputs(t / steps, like=w)
+        with torch.no_grad():
+            updates, state = lopt.update(theta, {"w": g}, params, state, inputs)
+        out["g"].append(g)
+        out["u"].append(updates["w"])
+        out["w"].append(w)
+        out["loss"].append(float(loss_fn(w, t)))
+        params = {"w": w + updates["w"]}
+    return {k: torch.stack(v) if k != "loss" else torch.tensor(v) for k, v in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--work", type=Path, default=None, help="folder for trained thetas")
+    parser.add_argument("--reuse", action="store_true", help="load thetas from --work")
+    parser.add_argument("--gru-steps", type=int, default=900)
+    parser.add_argument("--mlp-steps", type=int, default=150)
+    parser.add_argument("--quick", action="store_true", help="tiny budgets (smoke run)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    if args.quick:
+        args.gru_steps, args.mlp_steps = 30, 6
+    work = args.work or Path(tempfile.mkdtemp(prefix="reverse_engineering_"))
+    work.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    prefix = "reverse_engineering" if not args.quick else "reverse_engineering_quick"
+
+    # 1. the GRU optimizer
+    gru = learned.GRULearnedOptimizer(hidden=16)
+    gru_theta, gru_history, gru_wall, gru_cpu = trained(
+        gru, work / "gru.pt", args.reuse, args.gru_steps, 1e-2, 50, 8
+    )
+    print(f"GRU meta-trained: {len(gru_history)} steps, cpu {gru_cpu:.0f} s", flush=True)
+
+    # 2. heavy ball tuned on meta-training-seed tasks (8 per condition number)
+    train_tasks = [t for f in families() for t in learned.sample_tasks(f, 8, HORIZON, seed=1)]
+    tuned = tune_heavy_ball(*stacked(train_tasks), HORIZON)
+    lr_star, beta_star = tuned["best"]["lr"], tuned["best"]["momentum"]
+    print(f"tuned heavy ball: lr={lr_star:.3g} beta={beta_star}", flush=True)
+
+    # 3. held-out comparison (20 per condition number, a seed never used)
+    held = [t for f in families() for t in learned.sample_tasks(f, 20, HORIZON, seed=12345)]
+    h, c, xi = stacked(held)
+    hb_final, hb_excess = heavy_ball_losses(h, c, xi, lr_star, beta_star, HORIZON)
+    gru_final, gru_excess = run_losses(analysis.state_space(gru, gru_theta), h, c, xi, HORIZON)
+    ratios = (gru_final / hb_final).tolist()
+    excess_ratio = statistics.median((gru_excess / hb_excess).tolist())
+    per_condition = {}
+    for i, kappa in enumerate(CONDITIONS):
+        part = ratios[20 * i : 20 * (i + 1)]
+        per_condition[f"{kappa:g}"] = statistics.median(part)
+    median_ratio = statistics.median(ratios)
+
+    # 4. analysis of the GRU, heavy ball and Adam
+    g_typ = float(h.mul(c).square().mean().sqrt())  # rms (noise-free) gradient at w = 0
+    probe = held[2 * 20]  # a held-out kappa = 100 task
+    probe_loss = quadratic_loss(probe)
+    w0 = torch.zeros(DIM)
+    gru_system = analysis.state_space(gru, gru_theta)
+    gru_report = analysis.report(
+        gru_system,
+        g_typical=g_typ,
+        run=analysis.trace(gru_system, probe_loss, w0, HORIZON),
+        name=f"{prefix}_gru",
+        out_dir=args.out,
+    )
+    hb_system = analysis.HeavyBallSystem(lr=lr_star, momentum=beta_star)
+    hb_report = analysis.report(
+        hb_system,
+        g_typical=g_typ,
+        run=analysis.trace(hb_system, probe_loss, w0, HORIZON),
+        name=f"{prefix}_heavy_ball",
+        out_dir=args.out,
+    )
+    adam_system = analysis.AdamSystem(lr=0.1)
+    adam_report = analysis.report(
+        adam_system,
+        g_typical=g_typ,
+        g_linearize=g_typ,
+        run=analysis.trace(adam_system, probe_loss, w0, HORIZON),
+        name=f"{prefix}_adam",
+        out_dir=args.out,
+    )
+    lin = gru_report["linearization"]
+    top = lin["top_eigenvalue_modulus"]
+    targets = {
+        "a_top_eigenvalue_in_range": 0.5 <= top <= 0.99,
+        "a_close_to_tuned_momentum": abs(top - beta_star) < 0.15,
+        "b_saturation_ratio_below_5": gru_report["saturation_ratio"] < 5,
+        "c_median_loss_ratio_below_1": median_ratio < 1,
+    }
+    print(f"GRU: top |lambda| {top:.4f}, saturation {gru_report['saturation_ratio']:.3g}, "
+          f"median loss ratio {median_ratio:.3g}", flush=True)  # fmt: skip
+
+    # 5. the MLP learned optimizer, meta-trained briefly on the same quadratics
+    mlp = learned.MLPLearnedOptimizer(hidden=16)
+    mlp_theta, mlp_history, mlp_wall, mlp_cpu = trained(
+        mlp, work / "mlp.pt", args.reuse, args.mlp_steps, 3e-3, 25, 4
+    )
+    mlp_final = []
+    for task in held:
+        run = record_mlp_run(mlp, mlp_theta, task, HORIZON)
+        w = run["w"][-1] + run["u"][-1]
+        mlp_final.append(float(task.eval_loss({"w": w})))
+    mlp_ratio = statistics.median(a / float(b) for a, b in zip(mlp_final, hb_final))
+    run = record_mlp_run(mlp, mlp_theta, probe, HORIZON)
+    at = HORIZON // 2
+    mlp_system, mlp_states = analysis.LearnedMLPSystem.from_history(
+        mlp, mlp_theta, run["g"][: at + 1], run["w"][at], progress=at / HORIZON
+    )
+    g_mlp = float(run["g"][at].square().mean().sqrt())
+    # one component's view: its own weight (the rest of the tensor sits in the scales)
+    mlp_one = analysis.LearnedMLPSystem(
+        mlp, mlp_theta, mlp_system.feature_scales, 0.0, mlp_system.step_count, at / HORIZON
+    )
+    mlp_report = analysis.report(
+        mlp_one,
+        g_typical=g_mlp,
+        g_linearize=g_mlp,
+        run=analysis.Trace(run["g"], run["u"], run["loss"]),
+        name=f"{prefix}_mlp",
+        out_dir=args.out,
+    )
+
+    if gru_history:
+        learned.plot_history(
+            gru_history,
+            args.out / f"{prefix}_training.png",
+            title="GRU learned optimizer: meta-training on random quadratics",
+        )
+
+    def brief(rep: dict) -> dict:
+        lz = rep["linearization"]
+        return {
+            "linearized_at_g": lz["g"],
+            "top_eigenvalue": lz["top_eigenvalue"],
+            "top_eigenvalue_modulus": lz["top_eigenvalue_modulus"],
+            "effective_momentum": lz["effective_momentum"],
+            "impulse_momentum": lz["impulse_momentum"],
+            "effective_lr": lz["effective_lr"],
+            "long_run_lr": lz["long_run_lr"],
+            "saturation_ratio": rep["saturation_ratio"],
+            "momentum_vs_g": rep["momentum_vs_g"],
+            "lr_ratio_first_last": [rep["schedule"]["lr_ratio"][i] for i in (0, 1, 10, -1)],
+        }
+
+    summary = {
+        "machine": machine_info(threads=1),
+        "setup": {
+            "family": f"NoisyQuadraticFamily(dim={DIM}, condition in {CONDITIONS}, noise={NOISE})",
+            "horizon": HORIZON,
+            "gru": {
+                "hidden": 16,
+                "meta_steps": len(gru_history),
+                "truncation": 50,
+                "particles": 8,
+                "wall_s": gru_wall,
+                "cpu_s": gru_cpu,
+            },
+            "mlp": {
+                "hidden": 16,
+                "meta_steps": len(mlp_history),
+                "truncation": 25,
+                "particles": 4,
+                "wall_s": mlp_wall,
+                "cpu_s": mlp_cpu,
+            },
+            "heavy_ball_grid": {"lrs": LRS, "momenta": MOMENTA},
+            "g_typical": g_typ,
+        },
+        "tuned_heavy_ball": tuned,
+        "held_out": {
+            "num_tasks": len(held),
+            "median_loss_ratio_gru_vs_heavy_ball": median_ratio,
+            "median_loss_ratio_by_condition": per_condition,
+            "median_excess_loss_ratio_gru_vs_heavy_ball": excess_ratio,
+            "median_loss_gru": statistics.median(gru_final.tolist()),
+            "median_loss_heavy_ball": statistics.median(hb_final.tolist()),
+            "median_loss_ratio_mlp_vs_heavy_ball": mlp_ratio,
+        },
+        "gru": brief(gru_report),
+        "heavy_ball": brief(hb_report),
+        "adam": brief(adam_report),
+        "mlp": {**brief(mlp_report), "operating_step": at, "g_typical": g_mlp},
+        "targets": targets,
+    }
+    (args.out / f"{prefix}.json").write_text(json.dumps(analysis._finite(summary), indent=1))
+    (args.out / f"{prefix}.md").write_text(markdown(summary))
+    print(markdown(summary))
+
+
+def markdown(s: dict) -> str:
+    def row(name, r):
+        return (
+            f"| {name} | {r['linearized_at_g']:.3g} | {r['top_eigenvalue_modulus']:.4f} | "
+            f"{r['effective_momentum']:.4f} | {r['impulse_momentum']:.4f} | "
+            f"{r['effective_lr']:.4g} | {r['long_run_lr']:.4g} | {r['saturation_ratio']:.3g} |"
+        )
+
+    hb = s["tuned_heavy_ball"]["best"]
+    held = s["held_out"]
+    t = s["targets"]
+    lines = [
+        "# Reverse engineering a learned optimizer (papers.md section 18)",
+        "",
+        f"Family: {s['setup']['family']}, {s['setup']['horizon']} steps; "
+        f"g_typ = {s['setup']['g_typical']:.3g} (rms gradient at w = 0).  "
+        f"GRU meta-training: {s['setup']['gru']['meta_steps']} steps, "
+        f"CPU {s['setup']['gru']['cpu_s']:.0f} s.",
+        "",
+        f"Tuned heavy ball: lr = {hb['lr']:.3g}, beta* = {hb['momentum']}.",
+        "",
+        "| optimizer | linearised at g | top abs(lambda) | effective momentum | "
+        "impulse-fit momentum | lr = -dDelta/dg | long-run lr | saturation ratio |",
+        "|---|---|---|---|---|---|---|---|",
+        row("GRU (learned)", s["gru"]),
+        row("heavy ball (tuned)", s["heavy_ball"]),
+        row("Adam (lr 0.1)", s["adam"]),
+        row("MLP (learned, step 50)", s["mlp"]),
+        "",
+        f"Held-out ({held['num_tasks']} tasks): median loss(GRU)/loss(tuned heavy ball) at "
+        f"step 100 = {held['median_loss_ratio_gru_vs_heavy_ball']:.3g} (by condition number: "
+        + ", ".join(f"{k}: {v:.3g}" for k, v in held["median_loss_ratio_by_condition"].items())
+        + f"); of the excess over the noise floor: "
+        f"{held['median_excess_loss_ratio_gru_vs_heavy_ball']:.3g}; "
+        f"MLP/heavy ball = {held['median_loss_ratio_mlp_vs_heavy_ball']:.3g}.",
+        "",
+        "| target (section 18) | holds |",
+        "|---|---|",
+        f"| (a) top abs(lambda) at g=0 in [0.5, 0.99] | {t['a_top_eigenvalue_in_range']} |",
+        f"| (a) abs(lambda - beta*) < 0.15 | {t['a_close_to_tuned_momentum']} |",
+        f"| (b) saturation ratio < 5 | {t['b_saturation_ratio_below_5']} |",
+        f"| (c) median loss ratio vs tuned heavy ball < 1 | {t['c_median_loss_ratio_below_1']} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
