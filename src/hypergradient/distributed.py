@@ -78,7 +78,9 @@ Safety per method (what must hold for ranks to stay identical and results exact)
 Requirements: every rank must build the same graph (same parameters used, same number of
 loss evaluations); every rank must hold at least one example of each batch; and the
 weights and hyperparameters must start identical (:meth:`DataParallel.broadcast`).
-:meth:`DataParallel.check_replicated` verifies the last point at any time.
+:meth:`DataParallel.check_replicated` verifies the last point at any time.  An exception on
+one rank only (say a NaN in its shard) leaves the others waiting in their next collective until
+the process group's ``timeout`` (:func:`init_from_env`), when ``torchrun`` stops the job.
 
 Launch::
 
