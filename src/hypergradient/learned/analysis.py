@@ -448,6 +448,14 @@ def _scalar(where: str, name: str, g: object, like: torch.Tensor) -> torch.Tenso
     return torch.tensor(float(g), dtype=like.dtype)
 
 
+def _tolerance(where: str, tol: object, base: float, dtype: torch.dtype) -> float:
+    if tol is None:
+        return max(base, 100 * torch.finfo(dtype).eps)
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+        raise HypergradientError(f"{where}: tol must be a number > 0 or None, got {tol!r}.")
+    return float(tol)
+
+
 def _state(where: str, system: AbstractStateSpaceOptimizer, state: object) -> torch.Tensor:
     if state is None:
         return system.init_state()
@@ -493,7 +501,7 @@ def fixed_point(
     state: torch.Tensor | None = None,
     num_iters: int = 500,
     newton_steps: int = 20,
-    tol: float = 1e-10,
+    tol: float | None = None,
     throw: bool = True,
 ) -> FixedPoint:
     r"""A fixed point of :math:`s \mapsto F(s, g)` for a constant gradient ``g``.
@@ -512,7 +520,8 @@ def fixed_point(
         num_iters: at most this many iterations (stopped early once converged).
         newton_steps: at most this many Newton refinements.
         tol: convergence when :math:`\|F(s) - s\|_\infty \le` ``tol`` :math:`(1 +
-            \|s\|_\infty)`.
+            \|s\|_\infty)`; default :math:`\max(10^{-10}, 100\,\epsilon)` for the
+            state's dtype (float32 cannot get below about :math:`10^{-7}`).
         throw: raise :class:`~hypergradient.ConvergenceError` when not converged (else
             return with ``converged=False``).
 
@@ -526,8 +535,7 @@ def fixed_point(
     for name, value in (("num_iters", num_iters), ("newton_steps", newton_steps)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise HypergradientError(f"{where}: {name} must be an int >= 0, got {value!r}.")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise HypergradientError(f"{where}: tol must be a number > 0, got {tol!r}.")
+    tol = _tolerance(where, tol, 1e-10, s.dtype)
 
     def residual_of(x: torch.Tensor) -> float:
         return float((system.step(x, g_t)[0] - x).abs().max())
@@ -805,18 +813,20 @@ def saturation_ratio(
     *,
     factor: float = 10.0,
     state: torch.Tensor | None = None,
-    tol: float = 1e-8,
+    tol: float | None = None,
 ) -> float:
     r""":math:`\Delta^*(\text{factor}\cdot g)/\Delta^*(g)` at the fixed points (both
     reached by continuation from ``state``): ``factor`` for a linear update (SGD, heavy
-    ball), about 1 for a sign-like (clipped) one (Adam).  ``tol``: of :func:`fixed_point`
-    (approximate fixed points, as in the paper: saturated gates make some very slow);
+    ball), about 1 for a sign-like (clipped) one (Adam).  ``tol``: of :func:`fixed_point`,
+    default :math:`\max(10^{-8}, 100\,\epsilon)` (approximate fixed points, as in the
+    paper: saturated gates make some very slow);
     raises :class:`~hypergradient.ConvergenceError` when one is not found."""
     where = "saturation_ratio(system, g)"
     _scalar(where, "g", g, torch.zeros(()))
     if float(g) == 0:
         raise HypergradientError(f"{where}: g must be nonzero (the ratio's denominator).")
     _check_number(where, "factor", factor, 1e-12, math.inf)
+    tol = _tolerance(where, tol, 1e-8, system.init_state().dtype)
     curve = update_curve(system, [float(g), factor * float(g)], state=state, throw=True, tol=tol)
     i, j = (0, 1) if float(g) * factor >= float(g) else (1, 0)
     if curve.updates[i] == 0:
