@@ -57,6 +57,17 @@ from .meta_train import plot_history as plot_history
 from .meta_train import sample_tasks as sample_tasks
 from .meta_train import tune_adam as tune_adam
 from .recurrent import GRULearnedOptimizer as GRULearnedOptimizer
+from .self_training import OUTER_RULES as OUTER_RULES
+from .self_training import LinearLearnedOptimizer as LinearLearnedOptimizer
+from .self_training import PBTEvent as PBTEvent
+from .self_training import SelfTrainingResult as SelfTrainingResult
+from .self_training import evaluate_population as evaluate_population
+from .self_training import outer_update as outer_update
+from .self_training import pbt_exploit_explore as pbt_exploit_explore
+from .self_training import plot_self_training as plot_self_training
+from .self_training import rank_members as rank_members
+from .self_training import self_train as self_train
+from .self_training import self_training_families as self_training_families
 from .tasks import AbstractTaskFamily as AbstractTaskFamily
 from .tasks import ClassifierFamily as ClassifierFamily
 from .tasks import FredholmFamily as FredholmFamily
@@ -79,10 +90,14 @@ __all__ = [
     "GRULearnedOptimizer",
     "HierarchicalLearnedOptimizer",
     "InnerTrainingSystem",
+    "LinearLearnedOptimizer",
     "LearnedOptim",
     "MLPLearnedOptimizer",
     "MetaTrainResult",
     "NoisyQuadraticFamily",
+    "OUTER_RULES",
+    "PBTEvent",
+    "SelfTrainingResult",
     "StepInputs",
     "Task",
     "TruncationSchedule",
@@ -90,13 +105,20 @@ __all__ = [
     "digits_mlp_suite",
     "evaluate_adam",
     "evaluate_learned",
+    "evaluate_population",
     "loss_features",
     "make_estimator",
     "meta_train",
     "num_meta_parameters",
+    "outer_update",
+    "pbt_exploit_explore",
     "plot_history",
+    "plot_self_training",
+    "rank_members",
     "sample_tasks",
     "second_moment_normalize",
+    "self_train",
+    "self_training_families",
     "step_inputs",
     "train_task",
     "tune_adam",
