@@ -31,6 +31,11 @@ Reverse engineering (:mod:`hypergradient.learned.analysis`, Maheswaranathan et a
 fixed points, linearised dynamics (effective momentum), update-vs-gradient saturation and
 effective learning-rate schedules of any component-wise optimizer, e.g. the component-wise
 :class:`GRULearnedOptimizer`.
+
+Self-training (:mod:`hypergradient.learned.self_training`, Metz et al. 2021):
+:func:`self_train` outer-trains a random population of :class:`LinearLearnedOptimizer`
+with the learned optimizer of its own best member, ES meta-gradients and population-based
+training.
 """
 
 from . import analysis as analysis
@@ -81,6 +86,7 @@ from .tasks import train_task as train_task
 __all__ = [
     "ARCHITECTURES",
     "ESTIMATORS",
+    "OUTER_RULES",
     "TIMESCALES",
     "AbstractLearnedOptimizer",
     "AbstractTaskFamily",
@@ -90,12 +96,11 @@ __all__ = [
     "GRULearnedOptimizer",
     "HierarchicalLearnedOptimizer",
     "InnerTrainingSystem",
-    "LinearLearnedOptimizer",
     "LearnedOptim",
+    "LinearLearnedOptimizer",
     "MLPLearnedOptimizer",
     "MetaTrainResult",
     "NoisyQuadraticFamily",
-    "OUTER_RULES",
     "PBTEvent",
     "SelfTrainingResult",
     "StepInputs",
