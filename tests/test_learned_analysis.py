@@ -390,6 +390,8 @@ def test_bad_inputs_raise():
         trace(hb, _quadratic, torch.zeros(2, 2), 3)
     with pytest.raises(HypergradientError, match="g_typical must be > 0"):
         report(hb, g_typical=-1.0)
+    with pytest.raises(HypergradientError, match="gradient_range must be"):
+        report(hb, g_typical=1.0, gradient_range=(1.0, 0.5))
     with pytest.raises(HypergradientError, match="not component-wise"):
         state_space(HierarchicalLearnedOptimizer(), {})
     with pytest.raises(HypergradientError, match="GRULearnedOptimizer or an MLP"):

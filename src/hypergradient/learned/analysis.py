@@ -1051,6 +1051,7 @@ def report(
     name: str = "optimizer",
     out_dir: str | Path | None = None,
     num_gradients: int = 41,
+    gradient_range: tuple[float, float] = (1e-2, 1e2),
     num_impulse: int = 50,
     momentum_gradients: Sequence[float] | None = None,
 ) -> dict[str, Any]:
@@ -1064,7 +1065,8 @@ def report(
       ``momentum_gradients`` (default :math:`\pm` ``g_typical`` times 0.1, 1, 10): how the
       memory changes with the gradient's size (learning-rate adaptation);
     * ``update_curve`` and ``saturation_ratio``: :math:`\Delta^*(g)` on ``num_gradients``
-      points symmetric-log-spaced over :math:`\pm 100\,g_{\text{typ}}` and
+      points, :math:`0` and :math:`\pm g_{\text{typ}}` times log-spaced multiples over
+      ``gradient_range`` (default :math:`10^{-2}..10^2`), and
       :math:`\Delta^*(10 g_{\text{typ}})/\Delta^*(g_{\text{typ}})`;
     * ``schedule``: with ``run``, the effective learning rates per step (:class:`Trace`).
 
@@ -1084,6 +1086,12 @@ def report(
         raise HypergradientError(
             f"{where}: num_gradients must be an int >= 3, got {num_gradients!r}."
         )
+    lo, hi = gradient_range
+    if not 0 < lo < hi:
+        raise HypergradientError(
+            f"{where}: gradient_range must be (low, high) with 0 < low < high, got "
+            f"{gradient_range!r}."
+        )
     if run is not None and not isinstance(run, Trace):
         raise HypergradientError(f"{where}: run must be a Trace (see trace(...)), got {run!r}.")
 
@@ -1091,7 +1099,7 @@ def report(
     lin = linearize(system, fp.state, fp.g)
     nonlinear = impulse_response(system, fp.state, fp.g, num_impulse, delta=0.1 * g_typ)
     half = num_gradients // 2
-    mags = g_typ * torch.logspace(-2, 2, half)
+    mags = g_typ * torch.logspace(math.log10(lo), math.log10(hi), half)
     grid = torch.cat([-mags.flip(0), torch.zeros(num_gradients - 2 * half), mags])
     curve = update_curve(system, grid)
     try:
@@ -1179,7 +1187,8 @@ def plot_report(result: Mapping[str, Any], path: str | Path) -> None:
     gs, us = curve["gradients"], curve["updates"]
     ax.plot(gs, us, "o-", ms=3, label=r"$\Delta^*(g)$ at the fixed points")
     g0, u0 = lin["g"], result["fixed_point"]["update"]
-    ax.plot(gs, [u0 - lin["long_run_lr"] * (g - g0) for g in gs], "--", color="grey",
+    near = [g for g in gs if abs(g - g0) <= result["g_typical"]]  # where a tangent means much
+    ax.plot(near, [u0 - lin["long_run_lr"] * (g - g0) for g in near], "--", color="grey",
             label=f"tangent at g={g0:.3g} (long-run lr)")  # fmt: skip
     lo, hi = min(us), max(us)
     pad = 0.2 * (hi - lo + 1e-30)
