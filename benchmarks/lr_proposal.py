@@ -13,18 +13,30 @@ C. the top eigenvalue during that warm-up (progressive sharpening), and the spec
    density (stochastic Lanczos quadrature) at initialisation and after the warm-up;
 D. lambda_max(H_B) and the bound for B = 4..600 at the warmed-up weights, against
    Granziol's rule (linear in B, capped by the full-data bound) from the B = 8 measurement;
-E. mean-squared error on one-hot targets, rate measured at initialisation: 1x, 1.5x, 2x;
+E. mean-squared error on one-hot targets, rate measured at initialisation: 0.5x ... 3x;
 F. the same bound with momentum 0.9 (2 (1 + mu) / lambda) and for Adam (38 / lambda of the
-   preconditioned Hessian), after the warm-up of B: 0.1x, 0.3x, 1x.
+   preconditioned Hessian), after the warm-up of B: 0.1x, 0.3x, 1x;
+G. a linear model 64 -> 10 with one-hot least squares (a quadratic loss: the model the
+   bound is derived for), at initialisation: 0.5x ... 1.1x and 2x;
+H. the same linear model with cross-entropy (multinomial logistic regression: convex),
+   at initialisation: 0.5x ... 20x;
+I. Granziol's on-the-fly heavy-ball learner (rate 4 / (sqrt(lmax) + sqrt(lmin))^2 and
+   momentum ((sqrt(k) - 1) / (sqrt(k) + 1))^2 from the Lanczos edges of batch Gauss-Newton
+   matrices) on the settings of G, H and B: 0.25x ... 2x;
+S. per setting, the largest factor that trains stably in every seed, the smallest that
+   diverges in every seed, and so whether "the proposal trains stably, twice it diverges"
+   holds for some safety factor.
 
-Every run records the full training loss after every step.  Definitions used in the tables:
-*blew up*: the loss exceeded ln(10) = 2.303 (the loss of the uniform prediction) at some
-step, starting from below it - all the warm-up's progress lost; *diverged*: the last loss
-is not below the first (or not finite).
+Every run records the full training loss L_t after every step t = 0..N.  Definitions used in
+the tables: *stable*: max_t L_t <= L_0 and L_N < L_0 / 2 (never above the start, ends below
+half of it); *diverged*: L_N >= L_0 or not finite (the run ends no better than it
+started); *blew up*: the loss exceeded ln(10) = 2.303 (the loss of the uniform prediction)
+at some step, starting from below it - all the warm-up's progress lost.  A setting trains
+stably / diverges at a factor when every seed does.
 
 Run from the repository root::
 
-    OMP_NUM_THREADS=1 python benchmarks/lr_proposal.py            # ~3 minutes
+    OMP_NUM_THREADS=1 python benchmarks/lr_proposal.py            # ~6 minutes
     OMP_NUM_THREADS=1 python benchmarks/lr_proposal.py --quick    # one seed, short runs
 
 Writes ``<out>/lr_proposal.json``, ``<out>/lr_proposal.md`` and ``<out>/lr_proposal.png``.
@@ -52,7 +64,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
-from hypergradient.optimizers import propose_learning_rate
+from hypergradient.optimizers import curvature_operator, lanczos, propose_learning_rate
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
@@ -63,6 +75,10 @@ WARMUP_STEPS = 300
 WARMUP_FRACTION = 0.1  # warm-up rate = this x the rate proposed at initialisation
 CHANCE = math.log(10)
 BATCH_SIZES = (4, 8, 16, 32, 64, 128, 256, 600)
+FACTORS_E = (0.5, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+FACTORS_G = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 2.0)
+FACTORS_H = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0)
+FACTORS_I = (0.25, 0.5, 1.0, 2.0)
 
 
 def make_mlp(seed: int) -> nn.Module:
@@ -75,6 +91,37 @@ def make_mlp(seed: int) -> nn.Module:
             nn.Tanh(),
             nn.Linear(HIDDEN, 10),
         )
+
+
+def make_linear(seed: int) -> nn.Module:
+    """Multinomial logistic / least-squares regression: one affine layer 64 -> 10."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return nn.Linear(64, 10)
+
+
+def heavy_ball_rule(model, loss_fn, x, y, *, seed: int) -> tuple[float, float, float, float]:
+    """Granziol's on-the-fly learner: heavy-ball rate and momentum from the GGN's edges.
+
+    lambda_max and lambda_min are the mean top and bottom Ritz values of 20-step Lanczos
+    runs on the Gauss-Newton matrices of 10 batches of BATCH (the bottom one clipped at
+    0); alpha = 4 / (sqrt(lmax) + sqrt(lmin))^2, rho = ((sqrt(k) - 1) / (sqrt(k) + 1))^2,
+    k = lmax / lmin.  Returns (alpha, rho, lmax, lmin).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    tops, bottoms = [], []
+    for j in range(10):
+        idx = torch.randperm(x.shape[0], generator=gen)[:BATCH]
+        op = curvature_operator(model, loss_fn, (x[idx], y[idx]), kind="gauss_newton")
+        start = torch.randn(op.dim, generator=torch.Generator().manual_seed(seed + 1 + j))
+        ritz, _ = lanczos(op, start, 20).ritz()
+        tops.append(float(ritz[-1]))
+        bottoms.append(max(float(ritz[0]), 0.0))
+    lmax, lmin = statistics.mean(tops), statistics.mean(bottoms)
+    alpha = 4.0 / (math.sqrt(lmax) + math.sqrt(lmin)) ** 2
+    root_k = math.sqrt(lmax / lmin) if lmin > 0 else math.inf
+    rho = ((root_k - 1) / (root_k + 1)) ** 2 if lmin > 0 else 1.0
+    return alpha, rho, lmax, lmin
 
 
 def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -111,6 +158,16 @@ def train(model, x, y, loss_fn, lr, steps, *, seed, optimizer="sgd", momentum=0.
     return losses
 
 
+def is_stable(curve: list[float]) -> bool:
+    """Never above the starting loss, and ends below half of it."""
+    return max(curve) <= curve[0] and curve[-1] < 0.5 * curve[0]
+
+
+def is_diverged(curve: list[float]) -> bool:
+    """Ends non-finite or at/above the starting loss (``inf`` marks NaN too)."""
+    return not curve[-1] < curve[0]
+
+
 def summarise(curves: list[list[float]], *, blow_up_level: float | None) -> dict:
     finals = [c[-1] for c in curves]
     maxima = [max(c) for c in curves]
@@ -120,7 +177,8 @@ def summarise(curves: list[list[float]], *, blow_up_level: float | None) -> dict
         "final_max": max(finals),
         "max_loss_median": statistics.median(maxima),
         "max_loss_max": max(maxima),
-        "diverged": sum(1 for c in curves if not c[-1] < c[0]),
+        "stable": sum(1 for c in curves if is_stable(c)),
+        "diverged": sum(1 for c in curves if is_diverged(c)),
         "runs": len(curves),
     }
     if blow_up_level is not None:
@@ -134,13 +192,19 @@ def fmt(v: float) -> str:
     return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.1e}"
 
 
-def run_factors(start_states, x, y, loss_fn, lrs, factors, steps, *, optimizer="sgd", mom=0.0):
-    """For each factor, train every seed's model from its start state at factor x its lr."""
+def run_factors(
+    start_states, x, y, loss_fn, lrs, factors, steps, *, optimizer="sgd", mom=0.0, make=None
+):
+    """For each factor, train every seed's model from its start state at factor x its lr.
+
+    ``mom`` is one momentum for all seeds or a list (one per seed, the heavy-ball rule)."""
+    make = make or make_mlp
+    moms = mom if isinstance(mom, list) else [mom] * len(lrs)
     rows = {}
     for factor in factors:
         curves = []
-        for seed, (state, lr) in enumerate(zip(start_states, lrs)):
-            model = make_mlp(seed)
+        for seed, (state, lr, mu) in enumerate(zip(start_states, lrs, moms)):
+            model = make(seed)
             model.load_state_dict(state)
             curves.append(
                 train(
@@ -152,7 +216,7 @@ def run_factors(start_states, x, y, loss_fn, lrs, factors, steps, *, optimizer="
                     steps,
                     seed=100 + seed,
                     optimizer=optimizer,
-                    momentum=mom,
+                    momentum=mu,
                 )
             )
         rows[factor] = curves
@@ -163,7 +227,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, short runs")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw <out>/lr_proposal.png from the JSON"
+    )
     args = parser.parse_args()
+    if args.plot_only:
+        plot(json.loads((args.out / "lr_proposal.json").read_text()), args.out / "lr_proposal.png")
+        return
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     seeds = [0] if args.quick else [0, 1, 2, 3, 4]
@@ -216,7 +286,7 @@ def main() -> None:
         )
 
     factors_a = (0.25, 0.5, 1.0, 2.0)
-    factors_b = (0.5, 1.0, 2.0, 3.0)
+    factors_b = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
     runs_a = run_factors(
         init_states, x, y, cross_entropy, [p.lr for p in init_props], factors_a, steps
     )
@@ -256,7 +326,7 @@ def main() -> None:
         propose_learning_rate(make_mlp(s), one_hot_mse, (x, y), BATCH, density=False) for s in seeds
     ]
     runs_e = run_factors(
-        init_states, x, y, one_hot_mse, [p.lr for p in mse_props], (1.0, 1.5, 2.0), steps
+        init_states, x, y, one_hot_mse, [p.lr for p in mse_props], FACTORS_E, steps
     )
     print(f"E done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
@@ -286,6 +356,49 @@ def main() -> None:
         )
         extra[name] = (props, runs)
     print(f"F done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    # ---- G, H: a linear model (least squares: a quadratic; logistic regression: convex) ----
+    linear = {}
+    for name, loss_fn, factors in (
+        ("least squares", one_hot_mse, FACTORS_G),
+        ("logistic regression", cross_entropy, FACTORS_H),
+    ):
+        states = [{k: v.clone() for k, v in make_linear(s).state_dict().items()} for s in seeds]
+        props = [
+            propose_learning_rate(make_linear(s), loss_fn, (x, y), BATCH, density=False)
+            for s in seeds
+        ]
+        runs = run_factors(
+            states, x, y, loss_fn, [p.lr for p in props], factors, steps, make=make_linear
+        )
+        linear[name] = (props, runs, states)
+    print(f"G/H done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+
+    # ---- I: Granziol's heavy-ball learner (rate and momentum from the GGN's edges) -----------
+    heavy = {}
+    for name, loss_fn, make, states in (
+        ("least squares (G)", one_hot_mse, make_linear, linear["least squares"][2]),
+        ("logistic regression (H)", cross_entropy, make_linear, linear["logistic regression"][2]),
+        ("MLP, cross-entropy, after the warm-up (B)", cross_entropy, make_mlp, warm_states),
+    ):
+        rules = []
+        for s, state in enumerate(states):
+            model = make(s)
+            model.load_state_dict(state)
+            rules.append(heavy_ball_rule(model, loss_fn, x, y, seed=s))
+        runs = run_factors(
+            states,
+            x,
+            y,
+            loss_fn,
+            [r[0] for r in rules],
+            FACTORS_I,
+            steps,
+            mom=[r[1] for r in rules],
+            make=make,
+        )
+        heavy[name] = (rules, runs)
+    print(f"I done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     # ---- record ----------------------------------------------------------------------------
     def table(runs, props, blow_up_level):
@@ -327,10 +440,39 @@ def main() -> None:
         }
         for name, (props, runs) in extra.items()
     }
+    for key, name in (("G_least_squares", "least squares"), ("H_logistic", "logistic regression")):
+        props, runs, _ = linear[name]
+        results[key] = {
+            "lambda_batch": [p.lambda_batch for p in props],
+            "lambda_full": [p.lambda_full for p in props],
+            "lr": [p.lr for p in props],
+            "start_loss": [runs[factors_of(runs)[0]][i][0] for i in range(len(seeds))],
+            "rows": table(runs, props, None),
+        }
+    results["I_heavy_ball"] = {}
+    for name, (rules, runs) in heavy.items():
+        rows = []
+        for factor, curves in runs.items():
+            row = {"factor": factor, "lr_median": statistics.median(r[0] for r in rules) * factor}
+            row.update(summarise(curves, blow_up_level=None))
+            rows.append(row)
+        results["I_heavy_ball"][name] = {
+            "alpha": [r[0] for r in rules],
+            "rho": [r[1] for r in rules],
+            "lambda_max": [r[2] for r in rules],
+            "lambda_min": [r[3] for r in rules],
+            "rows": rows,
+        }
+    results["S_windows"] = windows(results)
     results["curves_seed0"] = {
         "A": {str(f): c[0] for f, c in runs_a.items()},
         "B": {str(f): c[0] for f, c in runs_b.items()},
         "E": {str(f): c[0] for f, c in runs_e.items()},
+        "G": {str(f): c[0] for f, c in linear["least squares"][1].items()},
+        "H": {str(f): c[0] for f, c in linear["logistic regression"][1].items()},
+        "I": {
+            str(f): c[0] for f, c in heavy["MLP, cross-entropy, after the warm-up (B)"][1].items()
+        },
     }
     densities = {
         "init": init_props[0].density,
@@ -354,9 +496,53 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "lr_proposal.json").write_text(json.dumps(results, indent=1))
     (args.out / "lr_proposal.md").write_text(markdown(results))
-    plot(results, sharpening, args.out / "lr_proposal.png")
+    plot(results, args.out / "lr_proposal.png")
     print((args.out / "lr_proposal.md").read_text())
     print(f"wrote {args.out}/lr_proposal.{{json,md,png}} in {elapsed:.0f} s")
+
+
+def factors_of(runs: dict) -> list[float]:
+    return sorted(runs)
+
+
+def windows(r: dict) -> list[dict]:
+    """Per setting: the largest factor stable in every seed, the smallest diverging in
+    every seed, and the safety factors s on the grid with s stable and 2s diverging."""
+    settings = [
+        ("least squares, at init (G)", r["G_least_squares"]["rows"]),
+        ("logistic regression, at init (H)", r["H_logistic"]["rows"]),
+        ("MLP, one-hot MSE, at init (E)", r["E_init_mse"]["rows"]),
+        ("MLP, cross-entropy, at init (A)", r["A_init_cross_entropy"]["rows"]),
+        ("MLP, cross-entropy, after the warm-up (B)", r["B_warm_cross_entropy"]["rows"]),
+    ]
+    settings += [
+        (f"heavy-ball rule: {name} (I)", block["rows"]) for name, block in r["I_heavy_ball"].items()
+    ]
+    out = []
+    for name, rows in settings:
+        stable = [row["factor"] for row in rows if row["stable"] == row["runs"]]
+        diverged = [row["factor"] for row in rows if row["diverged"] == row["runs"]]
+        first_diverged = min(diverged) if diverged else None
+        # the claim "s trains stably, 2s diverges" for s on the grid (2s beyond the
+        # smallest factor that diverges in every seed, and every larger one diverges too)
+        claim = [
+            f
+            for f in stable
+            if first_diverged is not None
+            and 2 * f >= first_diverged
+            and all(
+                row["diverged"] == row["runs"] for row in rows if row["factor"] >= first_diverged
+            )
+        ]
+        out.append(
+            {
+                "setting": name,
+                "largest_stable": max(stable) if stable else None,
+                "smallest_diverged": first_diverged,
+                "claim_holds_for": claim,
+            }
+        )
+    return out
 
 
 def markdown(r: dict) -> str:
@@ -370,8 +556,11 @@ def markdown(r: dict) -> str:
         f"Python {m['python']}; {m['wall_seconds']:.0f} s.  {s['data']}; {s['model']}; "
         f"plain SGD, batch {s['batch_size']}, {s['steps_per_run']} steps per run, "
         f"{n} seeds (init and batch order).  Proposal: {s['proposal']}.  "
-        "*blew up*: the full training loss rose above ln 10 = 2.303 (uniform prediction) "
-        "from below; *diverged*: last loss not below the first.",
+        "Definitions (every run records the full training loss L_t after every step, "
+        "t = 0..N): *stable*: max_t L_t <= L_0 and L_N < L_0 / 2 (never above the start, "
+        "ends below half of it); *diverged*: L_N >= L_0 or not finite; *blew up*: L_t "
+        "rose above ln 10 = 2.303 (uniform prediction) from below.  A setting trains "
+        "stably / diverges at a factor when every seed does.",
         "",
     ]
 
@@ -381,8 +570,8 @@ def markdown(r: dict) -> str:
         if blow_up:
             head += " blew up |"
             sep += "---:|"
-        head += " diverged |"
-        sep += "---:|"
+        head += " stable | diverged |"
+        sep += "---:|---:|"
         out = [head, sep]
         for row in rows:
             line = (
@@ -392,7 +581,7 @@ def markdown(r: dict) -> str:
             )
             if blow_up:
                 line += f" {row['blew_up']}/{row['runs']} |"
-            line += f" {row['diverged']}/{row['runs']} |"
+            line += f" {row['stable']}/{row['runs']} | {row['diverged']}/{row['runs']} |"
             out.append(line)
         return out
 
@@ -457,24 +646,81 @@ def markdown(r: dict) -> str:
             *rows_table(block["rows"], True),
             "",
         ]
+    g, h = r["G_least_squares"], r["H_logistic"]
+    for label, block, what in (
+        (
+            "G. Least squares (one-hot MSE), a linear model 64 -> 10, at initialisation",
+            g,
+            "the loss is quadratic: the bound is exact up to the batch noise",
+        ),
+        (
+            "H. Logistic regression (cross-entropy), a linear model 64 -> 10, at initialisation",
+            h,
+            "convex, but the curvature falls as the logits grow",
+        ),
+    ):
+        lines += [
+            f"**{label}** ({what}).  lambda_max(H_32) = "
+            f"{statistics.median(block['lambda_batch']):.3f} (full data "
+            f"{statistics.median(block['lambda_full']):.3f}), proposed lr "
+            f"{statistics.median(block['lr']):.4f}; start loss "
+            f"{statistics.median(block['start_loss']):.3f}.",
+            "",
+            *rows_table(block["rows"], False),
+            "",
+        ]
+    for name, block in r["I_heavy_ball"].items():
+        lines += [
+            f"**I. Heavy-ball rule (Granziol's learner), {name}.**  alpha = 4 / (sqrt(lmax) "
+            "+ sqrt(lmin))^2, momentum rho = ((sqrt(k) - 1) / (sqrt(k) + 1))^2 from the mean "
+            "top / bottom Ritz values of 20-step Lanczos on 10 batch Gauss-Newton matrices: "
+            f"lmax {statistics.median(block['lambda_max']):.3g}, lmin "
+            f"{statistics.median(block['lambda_min']):.2g}, alpha "
+            f"{statistics.median(block['alpha']):.3g}, rho "
+            f"{statistics.median(block['rho']):.4f} (medians); factor x alpha, rho fixed.",
+            "",
+            *rows_table(block["rows"], False),
+            "",
+        ]
+    lines += [
+        '**S. Where the claim "the proposal trains stably, twice it diverges" holds.** '
+        "Largest factor (of the proposal) at which every seed is stable, smallest at which "
+        "every seed diverges, and the factors s of the grid with s stable and 2s diverging "
+        "(2s at or above the smallest diverging factor, every larger factor diverging too).",
+        "",
+        "| setting | largest stable | smallest diverged | s with s stable, 2s diverged |",
+        "|---|---:|---:|---|",
+    ]
+    for w in r["S_windows"]:
+        lines.append(
+            f"| {w['setting']} | {fmt_factor(w['largest_stable'])} | "
+            f"{fmt_factor(w['smallest_diverged'])} | "
+            f"{', '.join(f'{f}x' for f in w['claim_holds_for']) or 'none'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
-def plot(r: dict, sharpening, path: Path) -> None:
+def fmt_factor(f: float | None) -> str:
+    return "none" if f is None else f"{f}x"
+
+
+def plot(r: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
-    colors = {0.25: "C7", 0.5: "C2", 1.0: "C0", 1.5: "C4", 2.0: "C3", 3.0: "C1"}
+    fig, axes = plt.subplots(3, 3, figsize=(16, 13.5))
+    sharpening = [(t["step"], t["lambda_batch"], t["lambda_full"]) for t in r["C_sharpening_seed0"]]
 
     def curves(ax, key, title, lr_list):
         lr = statistics.median(lr_list)
-        for f, c in r["curves_seed0"][key].items():
+        n = len(r["curves_seed0"][key])
+        for i, (f, c) in enumerate(r["curves_seed0"][key].items()):
             f = float(f)
-            ys = [min(v, 1e3) for v in c]
-            ax.plot(ys, color=colors.get(f, "k"), label=f"{f}x (lr {f * lr:.3g})", lw=1.2)
+            ys = [min(v, 1e3) for v in c]  # diverged runs drawn at 1e3
+            color = plt.get_cmap("viridis")(i / max(n - 1, 1))
+            ax.plot(ys, color=color, label=f"{f}x (lr {f * lr:.3g})", lw=1.2)
         ax.axhline(CHANCE, color="gray", ls=":", lw=1)
         ax.set_yscale("log")
         ax.set_xlabel("SGD step")
@@ -485,6 +731,10 @@ def plot(r: dict, sharpening, path: Path) -> None:
     curves(axes[0, 0], "A", "A. CE, lr measured at init (seed 0)", r["A_init_cross_entropy"]["lr"])
     curves(axes[0, 1], "B", "B. CE, lr measured after warm-up", r["B_warm_cross_entropy"]["lr"])
     curves(axes[0, 2], "E", "E. one-hot MSE, lr measured at init", r["E_init_mse"]["lr"])
+    curves(axes[2, 0], "G", "G. least squares (linear), at init", r["G_least_squares"]["lr"])
+    curves(axes[2, 1], "H", "H. logistic regression (linear), at init", r["H_logistic"]["lr"])
+    mlp_hb = r["I_heavy_ball"]["MLP, cross-entropy, after the warm-up (B)"]
+    curves(axes[2, 2], "I", "I. heavy-ball rule, MLP CE after warm-up", mlp_hb["alpha"])
 
     ax = axes[1, 0]
     steps = [t[0] for t in sharpening]

@@ -6,9 +6,13 @@
 * Stochastic Lanczos quadrature: Gauss quadrature exactness, moments and mass of a known
   spectrum, the trace of a network's Hessian.
 * ``propose_learning_rate``: the mini-batch top eigenvalue of spiked least squares matches
-  the BBP prediction (papers.md section 9, calibration (a)); Adam's preconditioned
-  curvature against a dense computation; the model is left unchanged; on digits the
-  proposed SGD rate trains while twice it blows the loss up (the benchmark
+  the BBP prediction (papers.md section 9, calibration (a)); on streaming least squares the
+  largest stable SGD rate grows ~linearly with the batch size, then saturates, and stays
+  within a factor 2 of the bound (calibration (b)); Adam's preconditioned curvature against
+  a dense computation; the model is left unchanged; on digits the proposed SGD rate trains
+  an MLP while twice it blows the loss up (and then recovers: no divergence), and on a
+  quadratic loss (least squares, linear model) the bound is the divergence threshold, so
+  with ``safety=0.9`` the proposal trains stably and twice it diverges (the benchmark
   ``benchmarks/lr_proposal.py`` has the full study).
 """
 
@@ -254,6 +258,64 @@ def test_minibatch_top_eigenvalue_follows_the_bbp_prediction():
     assert proposals[-1].lr == pytest.approx(2 / proposals[-1].lambda_batch)
 
 
+def test_largest_stable_sgd_rate_grows_with_the_batch_then_saturates():
+    # papers.md section 9, calibration (b): streaming least squares in P = 500 dimensions,
+    # inputs x ~ N(0, I + 9 u u^T) (spike 10), noiseless targets x^T w*, w0 = 0, a fresh
+    # batch every step.  The largest rate whose 300 SGD steps do not end above the starting
+    # loss (bisection in log lr) grows about linearly with B for B <= 16 (criterion:
+    # exponent in [0.5, 1.1]; calibrated 0.67 with a laxer divergence test, observed 0.99)
+    # and saturates near 2 / lambda_max(Sigma) = 0.2 (criterion: lr(512) / lr(128) in
+    # [0.7, 1.3]; observed 1.04).  propose_learning_rate's bound 2 / mean lambda_max(H_B),
+    # measured on a fixed sample of 4096 points, is within a factor 2 of that largest
+    # stable rate at every B (observed ratios 0.9-1.3; the bisection starts from that
+    # bracket): the mini-batch spectrum predicts where SGD diverges, in the noise-dominated
+    # and in the saturated regime.
+    p, spike, steps = 500, 10.0, 300
+    f32 = {"dtype": torch.float32, "device": "cpu"}  # the simulation: float32 is plenty
+    gen = torch.Generator().manual_seed(3)
+    u = torch.randn(p, generator=gen, **f32)
+    u = u / u.norm()
+    w_star = torch.randn(p, generator=gen, **f32) / math.sqrt(p)
+
+    def sample(n, g):
+        spiked = math.sqrt(spike - 1) * torch.randn(n, 1, generator=g, **f32) * u
+        return torch.randn(n, p, generator=g, **f32) + spiked
+
+    def excess(w):  # population loss 0.5 (w - w*)^T Sigma (w - w*)
+        d = (w - w_star).double()
+        return 0.5 * float(d @ d + (spike - 1) * (u.double() @ d) ** 2)
+
+    def ends_below_start(lr, b):
+        g = torch.Generator().manual_seed(b)
+        w = torch.zeros(p, **f32)
+        for _ in range(steps):
+            x = sample(b, g)
+            w = w - lr * (x.T @ (x @ (w - w_star))) / b
+        return excess(w) <= excess(torch.zeros(p, **f32))  # False for NaN and inf too
+
+    x_fixed = sample(4096, torch.Generator().manual_seed(4)).double()
+    data = (x_fixed, (x_fixed @ w_star.double())[:, None])
+    model = nn.Linear(p, 1, bias=False)
+
+    def half_mse(out, target):
+        return 0.5 * ((out - target) ** 2).mean()
+
+    largest, bound = {}, {}
+    for b in (1, 4, 16, 128, 512):
+        bound[b] = propose_learning_rate(model, half_mse, data, b, density=False).lr
+        lo, hi = math.log(bound[b] / 2), math.log(bound[b] * 2)
+        # the largest stable rate lies within a factor 2 of the bound
+        assert ends_below_start(math.exp(lo), b), b
+        assert not ends_below_start(math.exp(hi), b), b
+        for _ in range(5):  # resolution 4^(1/32): 4%
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if ends_below_start(math.exp(mid), b) else (lo, mid)
+        largest[b] = math.exp(lo)
+    exponent = math.log(largest[16] / largest[1]) / math.log(16)
+    assert 0.5 <= exponent <= 1.1
+    assert 0.7 <= largest[512] / largest[128] <= 1.3
+
+
 def test_adam_preconditioned_curvature_against_dense():
     # batch_size = N: every "mini-batch" is the whole data set (in another order), so
     # v = g^2 with the full gradient g, and the bound is 2 (1 + b1) / (1 - b1) divided by
@@ -310,19 +372,23 @@ def digits_mlp(seed: int) -> nn.Module:
         )
 
 
-def sgd_run(model, x, y, lr, steps, batch_size, seed):
-    """Plain SGD; returns the full training loss before and after every step."""
+def sgd_run(model, x, y, lr, steps, batch_size, seed, loss_fn=F.cross_entropy):
+    """Plain SGD; returns the full training loss before and after every step (NaN as inf)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        losses = [float(F.cross_entropy(model(x), y))]
+
+    def full_loss():
+        with torch.no_grad():
+            value = float(loss_fn(model(x), y))
+        return value if math.isfinite(value) else math.inf
+
+    losses = [full_loss()]
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch_size,), generator=gen)
         opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        loss_fn(model(x[idx]), y[idx]).backward()
         opt.step()
-        with torch.no_grad():
-            losses.append(float(F.cross_entropy(model(x), y)))
+        losses.append(full_loss())
     return losses
 
 
@@ -360,8 +426,53 @@ def test_proposed_rate_trains_digits_and_twice_it_blows_up():
     assert max(proposed) < chance
     assert proposed[-1] < 0.5 * loss0
     # twice the rate: above the chance level within 20 steps (observed max 6.4-10 over
-    # seeds 0-4, 10.1 here: the top eigendirection grows by |1 - 2 lr lambda| = 3 a step)
+    # seeds 0-4, 10.1 here: the top eigendirection grows by |1 - 2 lr lambda| = 3 a step).
+    # This is a blow-up, not a divergence: over 400 steps the network "catapults" to a
+    # flatter region and ends below the 1x run in 5/5 seeds (benchmark, table B); it
+    # diverges for good from about 2.5-3x.
     assert max(doubled) > chance
+
+
+def test_on_least_squares_the_bound_is_the_edge_and_twice_the_proposal_diverges():
+    # The documented setting of the claim "the proposal trains stably, twice it diverges":
+    # a linear model 64 -> 10 on digits with one-hot least squares.  The loss is quadratic,
+    # the model the bound 2 / lambda_max(H_B) is derived for, so the bound is the edge
+    # itself: at exactly 1x the top direction neither shrinks nor grows (|1 - lr lambda| =
+    # 1) and the batch noise tips it over (benchmark: 1x ends above the start in 1/5 seeds
+    # and never stays below it); 0.95x trains stably and 1.05x diverges in 5/5 seeds.  So
+    # the proposal is taken with safety=0.9, a margin inside the edge: it trains stably and
+    # twice it (1.8x the bound) diverges.  (On the tanh MLP no safety does this: 2x the
+    # bound "catapults" and recovers; see the test above and benchmarks/lr_proposal.py.)
+    split = load_digits_split(dtype=torch.float64)
+    x, y = split.x_train, split.y_train
+
+    def one_hot_mse(out, target):
+        return 0.5 * ((out - F.one_hot(target, 10).to(out.dtype)) ** 2).sum(dim=1).mean()
+
+    for seed in range(3):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            start = nn.Linear(64, 10)
+        prop = propose_learning_rate(start, one_hot_mse, (x, y), 32, safety=0.9, density=False)
+        assert prop.lr == pytest.approx(0.9 * prop.lr_max)
+        # the mean offset of the pixels makes one outlier eigenvalue that batch noise
+        # barely moves: lambda_B ~ 11.5, full data ~ 11.4
+        assert prop.lambda_batch == pytest.approx(prop.lambda_full, rel=0.05)
+        curves = {}
+        for name, lr in (
+            ("proposal", prop.lr),
+            ("1.1x bound", 1.1 * prop.lr_max),
+            ("twice", 2 * prop.lr),
+        ):
+            model = nn.Linear(64, 10)
+            model.load_state_dict(start.state_dict())
+            curves[name] = sgd_run(model, x, y, lr, 200, 32, seed=100 + seed, loss_fn=one_hot_mse)
+        proposal = curves["proposal"]
+        # stable: never above the starting loss, ends below half of it (observed 0.23-0.27)
+        assert max(proposal) <= proposal[0] and proposal[-1] < 0.5 * proposal[0], seed
+        # diverges: ends above the starting loss or not finite (observed 1e26 and 1e187)
+        for name in ("1.1x bound", "twice"):
+            assert not curves[name][-1] < curves[name][0], (seed, name)
 
 
 @pytest.mark.parametrize(

@@ -730,16 +730,32 @@ def propose_learning_rate(
     ``safety * lr_max``.  The full-data bound (``B = N``) is measured too: for SGD the
     level at which the linear growth with ``B`` saturates.
 
-    Where to measure (see ``benchmarks/lr_proposal.py``): a network's top Hessian
-    eigenvalue changes during training.  With cross-entropy it grows about fivefold in
-    the first epochs ("progressive sharpening"), so a rate measured at initialisation is
-    too large (on the digits MLP it diverges); measured after a warm-up at a small rate,
-    once the eigenvalue has stopped growing, the rate trains stably while twice it makes
-    the loss blow up at once.  The bound is local: it says nothing of the "catapult"
-    by which a network may later escape to a flatter region.  For ``momentum`` near 1 and
-    for Adam the bound ignores the gradient noise that momentum amplifies and is not
-    reached in practice (measured: SGD with momentum 0.9 and Adam diverge or stall at
-    ``safety=1`` and train well at ``safety`` 0.1-0.3).
+    What the bound is (measured in ``benchmarks/lr_proposal.py``, digits, batch 32; a run
+    is *stable* if its full training loss never exceeds the starting value and ends below
+    half of it, *diverged* if it ends at or above the start or not finite):
+
+    * On a quadratic loss (least squares with a linear model) it is the edge itself: 0.9x
+      trains stably and 1.05x diverges in every seed, while at exactly 1x the top direction
+      neither shrinks nor grows and batch noise tips it over.  Take ``safety < 1`` there:
+      with ``safety`` 0.6-0.9 the rate trains stably and twice it diverges.
+    * On a network it is a local, quadratic-model bound.  A network's top eigenvalue
+      changes during training: with cross-entropy it grows about fivefold in the first
+      epochs ("progressive sharpening"), so a rate measured at initialisation is too large
+      (on the digits MLP it diverges); measure after a warm-up at a small rate.  Above the
+      bound the loss spikes (2x: far above the chance level within ~20 steps) but then
+      "catapults" to a flatter region and trains (Lewkowycz et al. 2020); it diverges for
+      good only from about 2.5-3x.  With cross-entropy a linear model (logistic
+      regression, convex) never diverges at all up to 20x: its curvature falls as the
+      logits grow.  So on these models no safety factor makes "twice the proposal
+      diverges" true.
+    * For ``momentum`` near 1 and for Adam the bound ignores the gradient noise that
+      momentum amplifies and is not reached in practice (measured: SGD with momentum 0.9
+      and Adam diverge or stall at ``safety=1`` and train well at ``safety`` 0.1-0.3).
+      Granziol's heavy-ball learner (rate :math:`4/(\sqrt{\lambda_{\max}} +
+      \sqrt{\lambda_{\min}})^2`, momentum from :math:`\kappa`) is not offered: a batch
+      Gauss-Newton matrix has rank at most ``B * outputs``, so the bottom Ritz value goes
+      to 0 and the momentum to 0.99+: SGD diverges at a quarter of the rule's rate on
+      least squares and on the digits MLP (and spikes at 1x on logistic regression).
 
     Args:
         model: the network (weights and buffers are left unchanged).
