@@ -211,3 +211,25 @@ def test_symmetric_noise_needs_no_correction(tmp_path):
     assert abs(rules["corrected"]["error"] - rules["naive"]["error"]) < 0.01
     assert rules["naive"]["error"] - rules["bayes"]["error"] < 0.01
     assert math.isfinite(run["estimated"]["prior"])
+
+
+def test_readme_example_runs(capsys):
+    """The README's label-noise example, as written, in a float32 session."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    (block,) = [b for b in blocks if "label_noise.flip_labels" in b]
+    torch.set_default_dtype(torch.float32)  # as a user's session would be
+    namespace: dict = {}
+    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    rates, threshold = namespace["rates"], namespace["threshold"]
+    # the exact posterior on [-2, 2] reaches sigmoid(-8) = 3e-4 of certainty: rates within 1e-3
+    assert rates.rho_pos == pytest.approx(0.4, abs=1e-3)
+    assert rates.rho_neg == pytest.approx(0.1, abs=1e-3)
+    assert threshold == pytest.approx(0.35, abs=1e-3)
+    eta_noisy, y = namespace["eta_noisy"], namespace["y"]
+    naive = float(((eta_noisy > 0.5).long() != y).float().mean())
+    corrected = float(((eta_noisy > threshold).long() != y).float().mean())
+    assert naive - corrected > 0.02
+    assert "corrected" in capsys.readouterr().out
