@@ -243,3 +243,16 @@ def test_readme_example_runs(capsys):
     assert float(su.match_directions(clusters.centers, w).min()) > 0.999
     assert float(su.match_directions(model.weight.detach(), w).min()) > 0.9999
     assert capsys.readouterr().out.startswith("3 ")
+
+
+def test_help_lists_every_option(capsys):
+    from hypergradient.cli import _default_text
+    from hypergradient.recipes._config import option_help
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["hidden-units", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, help_text, default in option_help(HiddenUnitsConfig):
+        assert re.search(rf"{name} \([^)]*, default {re.escape(_default_text(default))}\)", text)
+        assert " ".join(help_text.split()) in text, name

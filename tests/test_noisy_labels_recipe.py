@@ -233,3 +233,16 @@ def test_readme_example_runs(capsys):
     corrected = float(((eta_noisy > threshold).long() != y).float().mean())
     assert naive - corrected > 0.02
     assert "corrected" in capsys.readouterr().out
+
+
+def test_help_lists_every_option(capsys):
+    from hypergradient.cli import _default_text
+    from hypergradient.recipes._config import option_help
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["noisy-labels", "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for name, help_text, default in option_help(NoisyLabelsConfig):
+        assert re.search(rf"{name} \([^)]*, default {re.escape(_default_text(default))}\)", text)
+        assert " ".join(help_text.split()) in text, name
