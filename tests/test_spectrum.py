@@ -263,11 +263,11 @@ def test_largest_stable_sgd_rate_grows_with_the_batch_then_saturates():
     # inputs x ~ N(0, I + 9 u u^T) (spike 10), noiseless targets x^T w*, w0 = 0, a fresh
     # batch every step.  The largest rate whose 300 SGD steps do not end above the starting
     # loss (bisection in log lr) grows about linearly with B for B <= 16 (criterion:
-    # exponent in [0.5, 1.1]; calibrated 0.67 with a laxer divergence test, observed 0.99)
+    # exponent in [0.5, 1.1]; observed 0.99, calibrated 0.67 with an unstated test)
     # and saturates near 2 / lambda_max(Sigma) = 0.2 (criterion: lr(512) / lr(128) in
-    # [0.7, 1.3]; observed 1.04).  propose_learning_rate's bound 2 / mean lambda_max(H_B),
+    # [0.7, 1.3]; observed 1.01).  propose_learning_rate's bound 2 / mean lambda_max(H_B),
     # measured on a fixed sample of 4096 points, is within a factor 2 of that largest
-    # stable rate at every B (observed ratios 0.9-1.3; the bisection starts from that
+    # stable rate at every B (observed ratios 1.04-1.41; the bisection starts from that
     # bracket): the mini-batch spectrum predicts where SGD diverges, in the noise-dominated
     # and in the saturated regime.
     p, spike, steps = 500, 10.0, 300

@@ -754,7 +754,7 @@ def propose_learning_rate(
       Granziol's heavy-ball learner (rate :math:`4/(\sqrt{\lambda_{\max}} +
       \sqrt{\lambda_{\min}})^2`, momentum from :math:`\kappa`) is not offered: a batch
       Gauss-Newton matrix has rank at most ``B * outputs``, so the bottom Ritz value goes
-      to 0 and the momentum to 0.99+: SGD diverges at a quarter of the rule's rate on
+      to 0 and the momentum to 0.97-0.996: SGD diverges at a quarter of the rule's rate on
       least squares and on the digits MLP (and spikes at 1x on logistic regression).
 
     Args:
