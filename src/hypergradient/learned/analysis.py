@@ -1186,6 +1186,9 @@ def plot_report(result: Mapping[str, Any], path: str | Path) -> None:
     curve = result["update_curve"]
     gs, us = curve["gradients"], curve["updates"]
     ax.plot(gs, us, "o-", ms=3, label=r"$\Delta^*(g)$ at the fixed points")
+    slow = [(g, u) for g, u, ok in zip(gs, us, curve["converged"]) if not ok]
+    if slow:  # approximate fixed points (slow points): residual above the tolerance
+        ax.plot(*zip(*slow), "x", color="C3", label="slow points (not converged)")
     g0, u0 = lin["g"], result["fixed_point"]["update"]
     near = [g for g in gs if abs(g - g0) <= result["g_typical"]]  # where a tangent means much
     ax.plot(near, [u0 - lin["long_run_lr"] * (g - g0) for g in near], "--", color="grey",
