@@ -288,6 +288,12 @@ def test_gru_optimizer_update_and_meta_training():
     torch.testing.assert_close(updates["b"], u)
     torch.testing.assert_close(new["tensors"]["b"]["h"], h)
     assert tuple(new["tensors"]["a"]["h"].shape) == (2, 3, 4)
+    # as a torch.optim optimizer (no progress input: num_steps is not needed)
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = lopt.opt_fn(theta)([w])
+    w.grad = grads["b"].clone()
+    opt.step()
+    torch.testing.assert_close(w.detach(), 1 + u)
     # a few truncated-backprop meta-steps lower the meta-loss (it starts as the zero update)
     family = NoisyQuadraticFamily(dim=4, condition=10.0, noise=0.0)
     result = meta_train(

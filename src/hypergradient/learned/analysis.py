@@ -26,6 +26,9 @@ and read its mechanisms off three objects:
    trajectory and the least-squares ratio :math:`-\langle\Delta_t, g_t\rangle/\|g_t\|^2`,
    whose transients from the initial state are learned warm-up or decay schedules.
 
+Without access to the state, :func:`identify_impulse_response` fits the impulse response of
+any recorded run by least squares (a black-box ``torch.optim`` optimizer included).
+
 The systems (:class:`AbstractStateSpaceOptimizer`): :class:`HeavyBallSystem`,
 :class:`AdamSystem`, :class:`LearnedGRUSystem` (the component-wise GRU of
 :mod:`.recurrent`) and :class:`LearnedMLPSystem` (:class:`~.MLPLearnedOptimizer`, whose
