@@ -5,34 +5,44 @@
    (episodes of T = 100 steps, truncations of 50, 8 particles, Adam on theta 1e-2 -> 1e-3
    along a half cosine, clipping 1, meta-loss = mean log full training loss) on random 10-d
    quadratics with condition numbers 10, 31.6 and 100 (curvatures log-uniform over
-   [1/kappa, 1], targets N(0, I), no noise), one family per outer step in turn.
-2. Heavy ball (``torch.optim.SGD`` with momentum) is tuned for the same family: learning
-   rate x momentum grid, lowest mean log loss at step 100 over 8 meta-training-seed tasks
-   per condition number; its momentum is beta*.
+   [1/kappa, 1], targets N(0, I), target noise N(0, 0.1^2) per step: without noise tuned
+   heavy ball reaches losses far below the 1e-8 floor of the clipped log meta-loss), one
+   family per outer step in turn.
+2. Heavy ball (``torch.optim.SGD`` with momentum) is tuned for the same family: 15
+   learning rates x 11 momenta, lowest mean log expected loss at step 100 over 8
+   meta-training-seed tasks per condition number; its momentum is beta*.
 3. The analysis (``hypergradient.learned.analysis.report``) of the trained GRU: the g = 0
    fixed point and its linearisation (top eigenvalue = effective momentum), the update vs
    gradient at the fixed points (saturation ratio Delta*(10 g)/Delta*(g) at the typical
    gradient g_typ = the rms gradient at initialisation), the impulse response and the
    effective learning-rate schedule over a held-out training run; the same for the tuned
-   heavy ball (where the analysis must give back beta* and the lr exactly) and Adam.
+   heavy ball (where the analysis must give back beta* and the lr exactly) and Adam; and
+   the impulse responses identified by least squares (black box) from the held-out runs'
+   steps 50-100 of the GRU and heavy ball.
 4. Section 18's targets: (a) |lambda_top| in [0.5, 0.99] and |lambda_top - beta*| < 0.15,
    (b) saturation ratio < 5, (c) median over 60 held-out quadratics (20 per condition
    number, a seed never used in training) of loss(GRU) / loss(tuned heavy ball) at step 100
    below 1.
+   Every 50 outer steps of the GRU's meta-training the same g = 0 linearisation, the
+   saturation ratio and the held-out median loss ratio are recorded (watched only: the
+   final theta is taken whatever they say), ``<out>/reverse_engineering_evolution.png``.
 5. An ``MLPLearnedOptimizer`` meta-trained with a small budget on the same quadratics,
    analysed at the operating point of a held-out run at step 50
    (``LearnedMLPSystem.from_history``): its state is its momenta at fixed decays, so the
    learned part is how it reads them (impulse response, fixed-point update curve).
 
-Run from the repository root (about 10 CPU-minutes; the GRU meta-training ~5)::
+Run from the repository root (about 3 CPU-minutes, the GRU meta-training 70 s of them; 6
+minutes of wall time on a loaded 2-core machine)::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src nice -n 5 python benchmarks/reverse_engineering.py
-    PYTHONPATH=src python benchmarks/reverse_engineering.py --quick     # ~1 minute
+    PYTHONPATH=src python benchmarks/reverse_engineering.py --quick --out /tmp/re  # 20 s
 
 Writes ``<out>/reverse_engineering.{json,md}`` (summary and targets),
 ``<out>/reverse_engineering_{gru,heavy_ball,adam,mlp}.{json,png}`` (the reports) and
-``<out>/reverse_engineering_training.png`` (meta-training curves).  ``--work`` keeps the
-trained thetas (``--reuse`` loads them instead of training again).
+``<out>/reverse_engineering_{training,evolution}.png`` (meta-training curves; the analysis
+along meta-training).  ``--work DIR`` keeps the trained thetas, histories and snapshots
+(``--reuse`` loads them instead of training again).  ``--gru-steps 3000`` is the longer run
+the README quotes.
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from hypergradient import learned
 from _common import machine_info
+from hypergradient import ConvergenceError
 from hypergradient.learned import analysis
 
 HERE = Path(__file__).resolve()
@@ -63,6 +74,7 @@ DIM = 10
 NOISE = 0.1
 HORIZON = 100
 LRS = [0.025 * 2 ** (k / 2) for k in range(15)]  # 0.025 ... 3.2
+WATCH_EVERY = 50  # outer steps between the snapshots of the GRU along meta-training
 MOMENTA = [0.0, 0.3, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99]
 
 
@@ -144,7 +156,9 @@ def tune_heavy_ball(h, c, xi, steps: int) -> dict:
     return {"best": best, "best_per_momentum": list(best_per_beta.values())}
 
 
-def meta_train(lopt, num_steps: int, meta_lr: float, truncation: int, particles: int, seed: int):
+def meta_train(
+    lopt, num_steps: int, meta_lr: float, truncation: int, particles: int, seed: int, callback
+):
     t0, c0 = time.perf_counter(), time.process_time()
     result = learned.meta_train(
         lopt,
@@ -157,20 +171,99 @@ def meta_train(lopt, num_steps: int, meta_lr: float, truncation: int, particles:
         clip_norm=1.0,
         schedule=learned.TruncationSchedule(horizon=HORIZON, truncation_length=truncation),
         seed=seed,
+        callback=callback,
     )
     return result, time.perf_counter() - t0, time.process_time() - c0
 
 
-def trained(lopt, path: Path, reuse: bool, steps: int, meta_lr, truncation, particles):
-    """``(theta, history, wall_s, cpu_s)``: meta-trained now and saved to ``path``, or
-    loaded from it with ``reuse``."""
+def trained(lopt, path: Path, reuse: bool, steps: int, meta_lr, truncation, particles, watch=None):
+    """``(theta, history, wall_s, cpu_s, evolution)``: meta-trained now and saved to
+    ``path``, or loaded from it with ``reuse``.  ``watch(theta)`` (a dict) is recorded every
+    :data:`WATCH_EVERY` outer steps (its time is not counted in ``cpu_s``)."""
     if reuse and path.is_file():
         saved = torch.load(path)
-        return saved["theta"], saved["history"], saved["wall_s"], saved["cpu_s"]
-    result, wall, cpu = meta_train(lopt, steps, meta_lr, truncation, particles, seed=0)
-    saved = {"theta": result.theta, "history": result.history, "wall_s": wall, "cpu_s": cpu}
+        return (
+            saved["theta"],
+            saved["history"],
+            saved["wall_s"],
+            saved["cpu_s"],
+            saved.get("evolution", []),
+        )
+    evolution, spent = [], [0.0, 0.0]
+
+    def callback(step, record, theta):
+        if watch is not None and (step % WATCH_EVERY == 0 or step == steps - 1):
+            t0, c0 = time.perf_counter(), time.process_time()
+            snapshot = {k: v.detach().clone() for k, v in theta.items()}
+            evolution.append({"step": step + 1, **watch(snapshot)})
+            spent[0] += time.perf_counter() - t0
+            spent[1] += time.process_time() - c0
+
+    result, wall, cpu = meta_train(
+        lopt, steps, meta_lr, truncation, particles, seed=0, callback=callback
+    )
+    wall, cpu = wall - spent[0], cpu - spent[1]
+    saved = {
+        "theta": result.theta,
+        "history": result.history,
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "evolution": evolution,
+    }
     torch.save(saved, path)
-    return result.theta, result.history, wall, cpu
+    return result.theta, result.history, wall, cpu, evolution
+
+
+def watch_gru(lopt, h, c, xi, hb_final, g_typ):
+    """What :func:`trained` records along the GRU's meta-training: the g = 0 linearisation,
+    the saturation ratio and the held-out median loss ratio to tuned heavy ball (the
+    held-out tasks only watch: nothing is selected on them)."""
+
+    def watch(theta) -> dict:
+        system = analysis.state_space(lopt, theta)
+        fp = analysis.fixed_point(system, 0.0, throw=False)
+        lin = analysis.linearize(system, fp.state, 0.0)
+        try:
+            saturation = analysis.saturation_ratio(system, g_typ)
+        except ConvergenceError:
+            saturation = math.nan
+        loss, _ = run_losses(system, h, c, xi, HORIZON)
+        return {
+            "top_eigenvalue_modulus": abs(lin.top_eigenvalue),
+            "effective_momentum": lin.effective_momentum,
+            "effective_lr": lin.effective_lr,
+            "saturation_ratio": saturation,
+            "median_loss_ratio": statistics.median((loss / hb_final).tolist()),
+        }
+
+    return watch
+
+
+def plot_evolution(evolution: list[dict], beta_star: float, path: Path) -> None:
+    """Top eigenvalue at g = 0 and held-out loss ratio along meta-training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [e["step"] for e in evolution]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(steps, [e["top_eigenvalue_modulus"] for e in evolution], "o-", ms=3,
+             label="top abs(eigenvalue), g = 0 fixed point")  # fmt: skip
+    ax1.axhline(beta_star, color="grey", ls="--", label=f"tuned heavy-ball beta* = {beta_star}")
+    ax1.axhspan(beta_star - 0.15, beta_star + 0.15, color="grey", alpha=0.15)
+    ax1.set_xlabel("outer (meta-training) step")
+    ax1.set_ylabel("eigenvalue modulus")
+    ax1.legend(fontsize=8)
+    ax2.plot(steps, [e["median_loss_ratio"] for e in evolution], "o-", ms=3, color="C1")
+    ax2.axhline(1.0, color="grey", ls="--")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("outer (meta-training) step")
+    ax2.set_ylabel("held-out loss GRU / tuned heavy ball (median)")
+    fig.suptitle("GRU learned optimizer along meta-training")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def quadratic_loss(task: learned.Task):
@@ -217,23 +310,31 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     prefix = "reverse_engineering" if not args.quick else "reverse_engineering_quick"
 
-    # 1. the GRU optimizer
-    gru = learned.GRULearnedOptimizer(hidden=16)
-    gru_theta, gru_history, gru_wall, gru_cpu = trained(
-        gru, work / "gru.pt", args.reuse, args.gru_steps, 1e-2, 50, 8
-    )
-    print(f"GRU meta-trained: {len(gru_history)} steps, cpu {gru_cpu:.0f} s", flush=True)
-
-    # 2. heavy ball tuned on meta-training-seed tasks (8 per condition number)
+    # 1. heavy ball tuned on meta-training-seed tasks (8 per condition number)
     train_tasks = [t for f in families() for t in learned.sample_tasks(f, 8, HORIZON, seed=1)]
     tuned = tune_heavy_ball(*stacked(train_tasks), HORIZON)
     lr_star, beta_star = tuned["best"]["lr"], tuned["best"]["momentum"]
     print(f"tuned heavy ball: lr={lr_star:.3g} beta={beta_star}", flush=True)
-
-    # 3. held-out comparison (20 per condition number, a seed never used)
     held = [t for f in families() for t in learned.sample_tasks(f, 20, HORIZON, seed=12345)]
     h, c, xi = stacked(held)
     hb_final, hb_excess = heavy_ball_losses(h, c, xi, lr_star, beta_star, HORIZON)
+    g_typ = float(h.mul(c).square().mean().sqrt())  # rms (noise-free) gradient at w = 0
+
+    # 2. the GRU optimizer, watched along its meta-training
+    gru = learned.GRULearnedOptimizer(hidden=16)
+    gru_theta, gru_history, gru_wall, gru_cpu, evolution = trained(
+        gru,
+        work / "gru.pt",
+        args.reuse,
+        args.gru_steps,
+        1e-2,
+        50,
+        8,
+        watch=watch_gru(gru, h, c, xi, hb_final, g_typ),
+    )
+    print(f"GRU meta-trained: {len(gru_history)} steps, cpu {gru_cpu:.0f} s", flush=True)
+
+    # 3. held-out comparison (20 per condition number, a seed never used)
     gru_final, gru_excess = run_losses(analysis.state_space(gru, gru_theta), h, c, xi, HORIZON)
     ratios = (gru_final / hb_final).tolist()
     # black-box: the linear filter each optimizer applies over the second half of the runs
@@ -249,7 +350,6 @@ def main() -> None:
     median_ratio = statistics.median(ratios)
 
     # 4. analysis of the GRU, heavy ball and Adam
-    g_typ = float(h.mul(c).square().mean().sqrt())  # rms (noise-free) gradient at w = 0
     probe = held[2 * 20]  # a held-out kappa = 100 task
     probe_loss = quadratic_loss(probe)
     w0 = torch.zeros(DIM)
@@ -291,7 +391,7 @@ def main() -> None:
 
     # 5. the MLP learned optimizer, meta-trained briefly on the same quadratics
     mlp = learned.MLPLearnedOptimizer(hidden=16)
-    mlp_theta, mlp_history, mlp_wall, mlp_cpu = trained(
+    mlp_theta, mlp_history, mlp_wall, mlp_cpu, _ = trained(
         mlp, work / "mlp.pt", args.reuse, args.mlp_steps, 3e-3, 25, 4
     )
     mlp_final = []
@@ -322,6 +422,8 @@ def main() -> None:
         out_dir=args.out,
     )
 
+    if evolution:
+        plot_evolution(evolution, beta_star, args.out / f"{prefix}_evolution.png")
     if gru_history:
         learned.plot_history(
             gru_history,
@@ -383,6 +485,7 @@ def main() -> None:
         "adam": brief(adam_report),
         "mlp": {**brief(mlp_report), "operating_step": at, "g_typical": g_mlp},
         "targets": targets,
+        "evolution": evolution,
     }
     (args.out / f"{prefix}.json").write_text(json.dumps(analysis._finite(summary), indent=1))
     (args.out / f"{prefix}.md").write_text(markdown(summary))
@@ -430,6 +533,18 @@ def markdown(s: dict) -> str:
         f"{s['gru']['identified_steps_50_100']['momentum']:.3g}; heavy ball lr "
         f"{s['heavy_ball']['identified_steps_50_100']['lr']:.3g}, momentum "
         f"{s['heavy_ball']['identified_steps_50_100']['momentum']:.3g}.",
+        "",
+        "Along meta-training (g = 0 linearisation; held-out ratio only watched):",
+        "",
+        "| outer step | top abs(lambda) | effective momentum | lr = -dDelta/dg | "
+        "saturation ratio | median loss ratio |",
+        "|---:|---:|---:|---:|---:|---:|",
+        *(
+            f"| {e['step']} | {e['top_eigenvalue_modulus']:.4f} | {e['effective_momentum']:.4f} "
+            f"| {e['effective_lr']:.3g} | {e['saturation_ratio']:.3g} | "
+            f"{e['median_loss_ratio']:.3g} |"
+            for e in s.get("evolution", [])
+        ),
         "",
         "| target (section 18) | holds |",
         "|---|---|",
