@@ -18,9 +18,9 @@ and read its mechanisms off three objects:
    :math:`J = \partial F/\partial s` etc. (:func:`torch.func.jacrev`).  The impulse response
    of the update to a gradient pulse is :math:`c_0 = D`, :math:`c_k = C J^{k-1} B`; an
    eigenvalue :math:`\lambda` of :math:`J` is a memory of timescale
-   :math:`1/(1-|\lambda|)` steps, and the top one is the *effective momentum* (heavy ball
-   :math:`s' = \beta s + g`, :math:`\Delta = -\eta s'` gives :math:`J = \beta`,
-   :math:`c_k = -\eta\beta^k`);
+   :math:`1/(1-|\lambda|)` steps, and the slowest one the update reads is the *effective
+   momentum* (heavy ball :math:`s' = \beta s + g`, :math:`\Delta = -\eta s'` gives
+   :math:`J = \beta`, :math:`c_k = -\eta\beta^k`);
 3. the **effective learning rate** over a training run (:func:`trace`,
    :func:`effective_lr_schedule`): :math:`-\partial\Delta_t/\partial g_t` along the actual
    trajectory and the least-squares ratio :math:`-\langle\Delta_t, g_t\rangle/\|g_t\|^2`,
@@ -49,8 +49,8 @@ References:
     Maheswaranathan, Sussillo, Metz, Sun, Sohl-Dickstein (NeurIPS 2021), Reverse engineering
     learned optimizers reveals known and novel mechanisms.
     Sussillo, Barak (2013), Opening the black box: low-dimensional dynamics in
-    high-dimensional recurrent neural networks (fixed points by minimising
-    :math:`\|F(s) - s\|^2`).
+    high-dimensional recurrent neural networks (fixed and slow points of
+    :math:`\|F(s) - s\|^2`; found here by iteration, then Newton's method).
 """
 
 from __future__ import annotations
