@@ -15,6 +15,7 @@ Small grid (5 x 5, 2 folds) and small tasks (<= 80 rows) keep the file at a few 
 """
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,8 @@ def test_clear_errors(meta, trained, tmp_path):
         GRID.params((5, 0))
     with pytest.raises(HypergradientError, match="unknown"):
         ws.build_meta_dataset(["cifar"])
+    with pytest.raises(HypergradientError, match="at least 2"):
+        ws.build_meta_dataset(tasks=meta.tasks[:1], grid=GRID)
     with pytest.raises(HypergradientError, match="non-empty list"):
         ws.sklearn_tasks(["mnist"])
     with pytest.raises(HypergradientError, match="family"):
@@ -279,12 +282,28 @@ def test_clear_errors(meta, trained, tmp_path):
         ws.train_meta_features(list(meta.tasks))
     with pytest.raises(HypergradientError, match="steps"):
         ws.train_meta_features(meta, steps=0)
+    with pytest.raises(HypergradientError, match="lr"):
+        ws.train_meta_features(meta, lr=0.0)
+    with pytest.raises(HypergradientError, match="weight_decay"):
+        ws.train_meta_features(meta, weight_decay=-1.0)
     with pytest.raises(HypergradientError, match="shared grid"):
         ws.surface_distance(np.zeros((5, 5)), np.zeros((10, 10)))
     with pytest.raises(HypergradientError, match=r"\(n, 12\)"):
         ws.MetaFeatureNet()(torch.zeros(5, 3))
     with pytest.raises(HypergradientError, match="hidden"):
         ws.MetaFeatureNet(hidden=0)
+    with pytest.raises(HypergradientError, match="out_features"):
+        ws.MetaFeatureNet(out_features=0)
+    with pytest.raises(HypergradientError, match="empty"):
+        ws.MetaFeatureNet()(torch.zeros(0, ws.INSTANCE_FEATURES))
+    with pytest.raises(HypergradientError, match="max_rows"):
+        ws.sklearn_tasks(["iris"], max_rows=10)
+    with pytest.raises(HypergradientError, match="pairs"):
+        ws.image_pair_tasks("mnist", tmp_path, pairs=46)
+    with pytest.raises(HypergradientError, match="rows"):
+        ws.image_pair_tasks("mnist", tmp_path, rows=5)
+    with pytest.raises(HypergradientError, match="n_trials"):
+        ws.surface_search(np.zeros(GRID.shape), GRID, n_trials=0)
     with pytest.raises(HypergradientError, match="T >= 2"):
         ws.siamese_loss(torch.zeros(1, 3), torch.zeros(1, 1))
     with pytest.raises(HypergradientError, match=r"k=0.*\[1, "):
@@ -302,3 +321,22 @@ def test_clear_errors(meta, trained, tmp_path):
         ws.surface_search(np.zeros((3, 3)), GRID)
     with pytest.raises(HypergradientError, match="startup_trials"):
         ws.gp_sampler(startup_trials=0)
+
+
+# ----------------------------------------------------------------------------- README
+
+
+def test_readme_warm_start_example_runs(tmp_path, monkeypatch):
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
+    example = [b for b in blocks if "warm_start_configs" in b]
+    assert example, "README.md should show the warm-start example"
+    monkeypatch.chdir(tmp_path)  # the example writes its study under hypergradient-runs/
+    namespace: dict = {}
+    exec(compile(example[0], "README.md", "exec"), namespace)  # noqa: S102
+    study, configs, new = namespace["study"], namespace["configs"], namespace["new"]
+    assert len(study.trials) == 10
+    assert [t.params for t in study.trials[:3]] == configs  # the warm start ran first
+    first = min(new.surface[c["c_index"], c["gamma_index"]] for c in configs)
+    assert study.best_value <= first
+    assert (tmp_path / "hypergradient-runs/warm-start/study.db").is_file()
