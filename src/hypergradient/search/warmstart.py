@@ -706,7 +706,8 @@ def warm_start_configs(
 
     Neighbours are visited nearest first; each contributes its :meth:`Task.best_cell` unless
     an earlier one already did (then the next neighbour is asked), so the ``k`` configs are
-    distinct.  Returns Optuna parameter dicts (``{"c_index": i, "gamma_index": j}``) for
+    distinct (fewer than ``k`` only if all training tasks together have fewer distinct best
+    cells).  Returns Optuna parameter dicts (``{"c_index": i, "gamma_index": j}``) for
     :func:`enqueue_warm_start`.
     """
     if not isinstance(starter, WarmStarter):
