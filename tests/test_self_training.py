@@ -161,6 +161,7 @@ def test_self_training_from_random_init_lowers_the_held_out_meta_loss(monkeypatc
     # every outer step was done by the member with the best fitness at that step
     for record in result.history:
         assert record["updater"] == learned.rank_members(record["fitness"])[0]
+        assert record["best_es_loss"] == min(record["es_loss"])
 
 
 def test_an_all_zero_population_never_moves():

@@ -389,7 +389,8 @@ class SelfTrainingResult:
         history: one record per outer step: ``step`` (0-based), ``family``, ``updater``
             (the member whose optimizer updated every member at this step; ``None`` for
             ``outer="sgd"``/``"none"``), ``es_loss`` (per member: the mean meta-loss of its
-            ES particles, on fresh training tasks), ``fitness`` (per member, the mean of
+            ES particles, on fresh training tasks; ``best_es_loss`` and ``mean_es_loss``
+            over the members), ``fitness`` (per member, the mean of
             the last ``fitness_window`` ES losses), ``grad_norm`` and ``update_norm`` (per
             member), ``copies`` (PBT ``[destination, source]`` pairs at this step),
             ``diverged`` (members whose update was not finite), ``seconds``, and ``eval``
@@ -665,12 +666,11 @@ def self_train(
             vectorize=vectorize,
         )
         best_member = rank_members(losses)[0]
-        finite = [x for x in losses if math.isfinite(x)]
         record = {
             "step": step,
             "losses": losses,
             "best": losses[best_member],
-            "mean": sum(finite) / len(finite) if finite else math.inf,
+            "mean": _finite_mean(losses),
             "best_member": best_member,
         }
         evaluations.append(record)
@@ -798,6 +798,8 @@ def self_train(
                 "family": families[index].name,
                 "updater": updater,
                 "es_loss": es_loss,
+                "best_es_loss": min(es_loss),
+                "mean_es_loss": _finite_mean(es_loss),
                 "fitness": scores,
                 "grad_norm": grad_norms,
                 "update_norm": update_norms,
@@ -826,6 +828,11 @@ def self_train(
     if plot_path is not None:
         plot_self_training({outer: out}, Path(plot_path))
     return out
+
+
+def _finite_mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return sum(finite) / len(finite) if finite else math.inf
 
 
 def _norm(tree: Mapping[str, torch.Tensor]) -> float:
