@@ -309,10 +309,21 @@ def test_other_bad_inputs_raise():
         learned.LinearLearnedOptimizer(scale_mag=0.0)
     with pytest.raises(HypergradientError, match=r"init_scale must be a finite float > 0"):
         learned.LinearLearnedOptimizer(init_scale=-1.0)
+    with pytest.raises(HypergradientError, match=r"fraction must be a number in \(0, 0.5\]"):
+        learned.pbt_exploit_explore(
+            [{}], [{}], [0.0], fraction=0.0, generator=torch.Generator().manual_seed(0)
+        )
     with pytest.raises(HypergradientError, match=r"one entry per member, got 2, 1 and 2"):
         learned.pbt_exploit_explore(
             [{}, {}], [{}], [0.0, 1.0], generator=torch.Generator().manual_seed(0)
         )
+    lopt = learned.LinearLearnedOptimizer()
+    theta = lopt.init(torch.Generator().manual_seed(0))
+    state = lopt.init_state(theta)
+    with pytest.raises(HypergradientError, match=r"\(updater\).*missing keys \['b', 'w'\]"):
+        learned.outer_update(lopt, {"x": torch.zeros(1)}, theta, theta, state)
+    with pytest.raises(HypergradientError, match=r"grad must have the keys of theta"):
+        learned.outer_update(lopt, theta, theta, {"w": theta["w"]}, state)
     with pytest.raises(HypergradientError, match=r"curve\(which='worst'\): use 'best'"):
         st.SelfTrainingResult([], 0, [], []).curve("worst")
     with pytest.raises(HypergradientError, match=r"give at least one run"):

@@ -209,6 +209,13 @@ def outer_update(
     ``(new_theta, new_state)``.  A zero ``updater`` of :class:`LinearLearnedOptimizer`
     (or of the MLP optimizers' output layer) gives ``new_theta == theta``.
     """
+    where = "outer_update(...)"
+    _check_theta(f"{where} (updater)", updater, optimizer)
+    _check_theta(f"{where} (theta)", theta, optimizer)
+    if set(grad) != set(theta):
+        raise HypergradientError(
+            f"{where}: grad must have the keys of theta {sorted(theta)}, got {sorted(grad)}."
+        )
     first = next(iter(theta.values()))
     inputs = step_inputs(progress, loss, None, like=first)
     with torch.no_grad():
@@ -259,7 +266,7 @@ def pbt_exploit_explore(
             f"{where}: thetas, states and fitness must have one entry per member, got "
             f"{n_members}, {len(states)} and {len(fitness)}."
         )
-    n_copy = _copies(where, fraction, n_members)
+    n_copy = _copies(where, "fraction", fraction, n_members)
     _check_nonnegative(where, "perturb_scale", perturb_scale)
     order = rank_members(fitness)
     thetas, states = list(thetas), list(states)
@@ -281,14 +288,14 @@ def _perturb(x: torch.Tensor, scale: float, generator: torch.Generator) -> torch
     return x + scale * x.square().mean().sqrt() * noise.to(x.device)
 
 
-def _copies(where: str, fraction: object, n_members: int) -> int:
+def _copies(where: str, name: str, fraction: object, n_members: int) -> int:
     if (
         isinstance(fraction, bool)
         or not isinstance(fraction, (int, float))
         or not 0 < fraction <= 0.5
     ):
         raise HypergradientError(
-            f"{where}: pbt_fraction must be a number in (0, 0.5] (the share of the population "
+            f"{where}: {name} must be a number in (0, 0.5] (the share of the population "
             f"replaced, and the share copied), got {fraction!r}."
         )
     return max(1, round(fraction * n_members))
@@ -584,7 +591,7 @@ def self_train(
             f"{where}: outer_lr={outer_lr!r} is only used by outer='sgd'; with "
             f"outer={outer!r} there is no learning rate to set. Drop outer_lr."
         )
-    _copies(where, pbt_fraction, population_size)
+    _copies(where, "pbt_fraction", pbt_fraction, population_size)
     _check_nonnegative(where, "perturb_scale", perturb_scale)
     if resume and checkpoint is None:
         raise HypergradientError(
