@@ -42,7 +42,8 @@ and :math:`b = 0.1`, so a member can change its direction weights by about 1% an
 step size by about 0.001 per outer step.  A larger magnitude rate is unstable: the
 magnitude is exponential in features that are unbounded, and an updater that enlarges its
 own magnitude weights enlarges every member's next outer step (positive feedback; with
-:math:`b = 1` populations on noisy quadratics first improved, then blew up).  What breaks
+:math:`b = 1`, 2 of 4 populations on noisy quadratics first improved, then lost most of
+the gain).  What breaks
 the symmetry between ascending and descending members is selection: the best member
 updates everyone, and population-based training replaces the worst.
 
