@@ -29,8 +29,8 @@ Also the regret after the 3 initial configurations of a ``warm (random neighbour
 
 Run from the repository root::
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/warmstart_bo.py            # ~6 min
-    OMP_NUM_THREADS=1 python benchmarks/warmstart_bo.py --quick             # ~3 min
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/warmstart_bo.py            # ~5 CPU min
+    OMP_NUM_THREADS=1 python benchmarks/warmstart_bo.py --quick             # ~1 CPU min
     python benchmarks/warmstart_bo.py --data-dir /path/with/mnist --cache /tmp/ws.pkl
 
 Writes ``<out>/warmstart_bo.{json,md,png}`` (``--out``, default ``benchmarks/results``).
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--cache", type=str, default=None, help="pickle of the meta-dataset")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.bo_tasks = 300, 3
+        args.steps, args.bo_tasks, args.seeds = 300, 3, 1
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     import optuna
