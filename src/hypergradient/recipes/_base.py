@@ -160,6 +160,51 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+class RunCache:
+    """Finished runs of a study, one JSON file in the run folder (``runs.json``), so that
+    ``--resume`` recomputes only what is missing.
+
+    Runs are kept under string keys with the ``signature`` (the options that change a run);
+    a cache written under another signature is ignored, and a fresh (not resumed) study
+    deletes it, so runs of an earlier study never mix in. Every :meth:`put` rewrites the file
+    atomically: a killed study loses at most the run in progress.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        signature: dict[str, Any],
+        *,
+        resume: bool,
+        console: Console | None = None,
+        name: str = "runs.json",
+    ):
+        self.path = Path(run_dir) / name
+        self.signature = signature
+        self.runs: dict[str, Any] = {}
+        if not resume:
+            self.path.unlink(missing_ok=True)
+        elif not self.path.is_file():
+            if console is not None:
+                console.print(f"no {name} in {run_dir}: starting from the beginning")
+        else:
+            saved = json.loads(self.path.read_text())
+            if saved.get("signature") == json.loads(json.dumps(signature, default=float)):
+                self.runs = dict(saved["runs"])
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.runs
+
+    def __getitem__(self, key: str) -> Any:
+        return self.runs[key]
+
+    def put(self, key: str, run: Any) -> Any:
+        """Keep ``run`` under ``key`` and rewrite the file; returns ``run``."""
+        self.runs[key] = run
+        write_json_atomic(self.path, {"signature": self.signature, "runs": self.runs})
+        return run
+
+
 def load_checkpoint(path: Path, where: str) -> dict[str, Any]:
     """``torch.load`` of a checkpoint; a truncated or foreign file raises a
     :class:`~hypergradient.HypergradientError` that starts with ``where`` and says which."""

@@ -44,7 +44,6 @@ normalised gradients' cosine to the nearest true direction; recovery against ste
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -58,16 +57,15 @@ from rich.table import Table
 from .. import sigmoid_units as su
 from .._errors import HypergradientError
 from ._base import (
-    AbstractRecipe,
+    RunCache,
+    ThreadedRecipe,
     machine,
     progress_bar,
     pyplot,
     register_recipe,
-    torch_threads,
-    write_json_atomic,
     write_results,
 )
-from ._config import check_positive, check_positive_int, help_text
+from ._config import check_positive, check_positive_int, help_text, threads_field
 
 SUCCESS_COS = 0.99  # a fit "recovers every direction" when min_j |cos| exceeds this
 
@@ -115,9 +113,7 @@ class HiddenUnitsConfig:
         default_factory=lambda: [0, 1, 2],
         metadata=help_text("one target (and query set) per seed"),
     )
-    threads: int = field(
-        default=1, metadata=help_text("torch intra-op threads (0: leave torch's setting)")
-    )
+    threads: int = threads_field()
 
     def validate(self) -> None:
         for name in ("dim", "units", "n_points", "fit_iters", "restarts", "n_test"):
@@ -297,31 +293,23 @@ _RUN_KEYS = ("dim", "units", "min_norm", "max_norm", "n_points", "fd_step", "fit
              "restarts", "n_test")  # fmt: skip
 
 
-def run_all(config: HiddenUnitsConfig, run_dir: Path, *, resume: bool, on_fit=None):
-    """Every (seed, noise) run and every study point, cached in ``runs.json`` as they finish."""
-    cache_path = run_dir / "runs.json"
-    signature = {k: getattr(config, k) for k in _RUN_KEYS}
-    cached: dict[str, dict] = {}
-    if resume and cache_path.is_file():
-        saved = json.loads(cache_path.read_text())
-        if saved.get("signature") == signature:
-            cached = saved["runs"]
+def run_all(config: HiddenUnitsConfig, cache: RunCache, *, on_fit=None):
+    """Every (seed, noise) run and every study point, kept in ``cache`` as they finish."""
     runs, study = [], []
     jobs = [("run", seed, float(noise)) for seed in config.seeds for noise in config.noise]
     jobs += [("study", seed, float(s)) for s in config.study_norms for seed in config.seeds]
     for kind, seed, value in jobs:
         key = f"{kind},seed={seed},value={value!r}"
-        if key not in cached:
+        if key not in cache:
             if kind == "run":
-                cached[key] = run_one(config, seed, value, on_fit)
+                cache.put(key, run_one(config, seed, value, on_fit))
             else:
-                cached[key] = run_study(config, seed, value)
+                cache.put(key, run_study(config, seed, value))
                 if on_fit is not None:
                     on_fit(1)
-            write_json_atomic(cache_path, {"signature": signature, "runs": cached})
         elif on_fit is not None:
             on_fit(1 + config.restarts if kind == "run" else 1)
-        (runs if kind == "run" else study).append(cached[key])
+        (runs if kind == "run" else study).append(cache[key])
     return runs, study
 
 
@@ -367,7 +355,7 @@ def summarize(config: HiddenUnitsConfig, runs: list[dict], study: list[dict]) ->
 
 
 @register_recipe
-class HiddenUnitsRecipe(AbstractRecipe):
+class HiddenUnitsRecipe(ThreadedRecipe):
     """Recover the hidden units of a black-box sum of sigmoids f(x) = sum_j a_j
     sigmoid(w_j . x + b_j) (random target with known parameters) by estimating its gradient at
     random points (central differences), counting the units from the gradient matrix's
@@ -384,27 +372,17 @@ class HiddenUnitsRecipe(AbstractRecipe):
     help = "hidden units of a sum of sigmoids by clustering gradient estimates"
     config_cls = HiddenUnitsConfig
 
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
-        with torch_threads(config.threads):
-            return self._run(
-                config, Path(run_dir), resume=resume, progress=progress, console=console
-            )
-
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a fresh study: runs of an earlier one would mix in
-            (run_dir / "runs.json").unlink(missing_ok=True)
-        elif not (run_dir / "runs.json").is_file():
-            console.print(f"no runs.json in {run_dir}: starting from the beginning")
+        cache = RunCache(
+            run_dir, {k: getattr(config, k) for k in _RUN_KEYS}, resume=resume, console=console
+        )
         start = time.perf_counter()
         n_runs = len(config.seeds) * len(config.noise)
         total = n_runs * (1 + config.restarts) + len(config.seeds) * len(config.study_norms)
         with progress_bar(console, progress) as bar:
             task = bar.add_task(f"{n_runs} targets x noise levels (fits)", total=total)
-            runs, study = run_all(
-                config, run_dir, resume=resume, on_fit=lambda n: bar.advance(task, n)
-            )
+            runs, study = run_all(config, cache, on_fit=lambda n: bar.advance(task, n))
         results = {
             "recipe": self.name,
             "config": asdict(config),

@@ -42,7 +42,6 @@ posterior along :math:`x_1` with the thresholds; clean test error per rule),
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -57,16 +56,15 @@ from torch import nn
 from .. import label_noise
 from .._errors import HypergradientError
 from ._base import (
-    AbstractRecipe,
+    RunCache,
+    ThreadedRecipe,
     machine,
     progress_bar,
     pyplot,
     register_recipe,
-    torch_threads,
-    write_json_atomic,
     write_results,
 )
-from ._config import check_fraction, check_positive, check_positive_int, help_text
+from ._config import check_fraction, check_positive, check_positive_int, help_text, threads_field
 
 # the rules compared, in table order: (key, label)
 RULES = (
@@ -124,9 +122,7 @@ class NoisyLabelsConfig:
         default_factory=lambda: [0, 1, 2],
         metadata=help_text("one run per seed (data, noise, init); the table shows mean +- std"),
     )
-    threads: int = field(
-        default=1, metadata=help_text("torch intra-op threads (0: leave torch's setting)")
-    )
+    threads: int = threads_field()
 
     def validate(self) -> None:
         for name in ("rho_pos", "rho_neg"):
@@ -309,26 +305,16 @@ _RUN_KEYS = ("rho_pos", "rho_neg", "prior", "separation", "dim", "n_train", "hol
              "hidden", "steps", "lr", "weight_decay", "quantile")  # fmt: skip
 
 
-def run_all(
-    config: NoisyLabelsConfig, run_dir: Path, *, resume: bool, on_step=None
-) -> list[dict[str, Any]]:
-    """Every seed, each cached in ``seeds.json`` as soon as it finishes."""
-    cache_path = run_dir / "seeds.json"
-    signature = {k: getattr(config, k) for k in _RUN_KEYS}
-    cached: dict[str, dict] = {}
-    if resume and cache_path.is_file():
-        saved = json.loads(cache_path.read_text())
-        if saved.get("signature") == signature:
-            cached = saved["runs"]
+def run_all(config: NoisyLabelsConfig, cache: RunCache, *, on_step=None) -> list[dict[str, Any]]:
+    """Every seed, each kept in ``cache`` (``seeds.json``) as soon as it finishes."""
     runs = []
     for seed in config.seeds:
         key = str(seed)
-        if key not in cached:
-            cached[key] = run_seed(config, seed, on_step)
-            write_json_atomic(cache_path, {"signature": signature, "runs": cached})
+        if key not in cache:
+            cache.put(key, run_seed(config, seed, on_step))
         elif on_step is not None:
             on_step(2 * config.steps)
-        runs.append(cached[key])
+        runs.append(cache[key])
     return runs
 
 
@@ -361,7 +347,7 @@ def summarize(config: NoisyLabelsConfig, runs: list[dict]) -> dict[str, Any]:
 
 
 @register_recipe
-class NoisyLabelsRecipe(AbstractRecipe):
+class NoisyLabelsRecipe(ThreadedRecipe):
     """Train a classifier on labels flipped with class-conditional rates (two Gaussian classes,
     known ground truth), estimate the flip rates and the clean prior from the range of its
     posterior on held-out noisy data (Menon et al. 2015), and move the decision threshold to
@@ -377,26 +363,22 @@ class NoisyLabelsRecipe(AbstractRecipe):
     help = "class-conditional label noise: estimate the flip rates, correct the threshold"
     config_cls = NoisyLabelsConfig
 
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
-        with torch_threads(config.threads):
-            return self._run(
-                config, Path(run_dir), resume=resume, progress=progress, console=console
-            )
-
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a fresh study: seeds of an earlier one would mix in
-            (run_dir / "seeds.json").unlink(missing_ok=True)
-        elif not (run_dir / "seeds.json").is_file():
-            console.print(f"no seeds.json in {run_dir}: starting from the beginning")
+        cache = RunCache(
+            run_dir,
+            {k: getattr(config, k) for k in _RUN_KEYS},
+            resume=resume,
+            console=console,
+            name="seeds.json",
+        )
         start = time.perf_counter()
         with progress_bar(console, progress) as bar:
             task = bar.add_task(
                 f"{len(config.seeds)} seeds x 2 fits (Adam steps)",
                 total=2 * config.steps * len(config.seeds),
             )
-            runs = run_all(config, run_dir, resume=resume, on_step=lambda n: bar.advance(task, n))
+            runs = run_all(config, cache, on_step=lambda n: bar.advance(task, n))
         summary = summarize(config, runs)
         results = {
             "recipe": self.name,

@@ -33,7 +33,6 @@ height; spread against height; the base learning rate over training),
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -50,7 +49,7 @@ from torch import nn
 from .. import towers
 from .._errors import HypergradientError
 from ..data import load_digits_split
-from ._base import AbstractRecipe, register_recipe, write_results
+from ._base import AbstractRecipe, RunCache, register_recipe, write_results
 from ._config import check_choice, check_positive, check_positive_int, threads_field
 
 _OPTIMIZERS: dict[str, type[towers.AbstractTowerOptimizer]] = {
@@ -301,29 +300,17 @@ def _run_key(height: int, step_size: float) -> str:
     return f"height={height},step_size={float(step_size)!r}"
 
 
-def run_all(
-    config: TowersConfig, data: Data, run_dir: Path, *, resume: bool, on_step=None
-) -> list[dict]:
-    """Every (height, step size) run, each cached in ``runs.json`` as soon as it finishes."""
-    cache_path = run_dir / "runs.json"
-    signature = {k: getattr(config, k) for k in _RUN_KEYS}
-    cached: dict[str, dict] = {}
-    if resume and cache_path.is_file():
-        saved = json.loads(cache_path.read_text())
-        if saved.get("signature") == signature:
-            cached = saved["runs"]
+def run_all(config: TowersConfig, data: Data, cache: RunCache, *, on_step=None) -> list[dict]:
+    """Every (height, step size) run, each kept in ``cache`` (``runs.json``) as it finishes."""
     rows = []
     for height in config.heights:
         for v in config.step_sizes:
             key = _run_key(height, v)
-            if key not in cached:
-                cached[key] = run_one(config, data, height, float(v), on_step)
-                tmp = cache_path.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps({"signature": signature, "runs": cached}))
-                tmp.replace(cache_path)
+            if key not in cache:
+                cache.put(key, run_one(config, data, height, float(v), on_step))
             elif on_step is not None:
                 on_step(config.steps)
-            rows.append(cached[key])
+            rows.append(cache[key])
     return rows
 
 
@@ -395,10 +382,9 @@ class TowersRecipe(AbstractRecipe):
 
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # a fresh study: finished runs of an earlier one would mix in
-            (run_dir / "runs.json").unlink(missing_ok=True)
-        elif not (run_dir / "runs.json").is_file():
-            console.print(f"no runs.json in {run_dir}: starting from the beginning")
+        cache = RunCache(
+            run_dir, {k: getattr(config, k) for k in _RUN_KEYS}, resume=resume, console=console
+        )
         data = load_data(config)
         columns = (
             "[progress.description]{task.description}",
@@ -412,8 +398,7 @@ class TowersRecipe(AbstractRecipe):
             task = bar.add_task(
                 f"{len(config.heights) * len(config.step_sizes)} towers (steps)", total=total
             )
-            runs = run_all(config, data, run_dir, resume=resume,
-                           on_step=lambda n: bar.advance(task, n))  # fmt: skip
+            runs = run_all(config, data, cache, on_step=lambda n: bar.advance(task, n))
         per_height = summarize(config, runs)
         default_grid = sorted(config.step_sizes) == CALIBRATION["step_sizes"]
         paper_protocol = config.base == config.hyper == "sgd" and config.hyper_init is None

@@ -52,13 +52,12 @@ from ..hparams import WeightDecay
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit, Unrolled
 from ..train import BatchStream, BilevelTrainer
 from ._base import (
-    AbstractRecipe,
+    ThreadedRecipe,
     machine,
     progress_bar,
     pyplot,
     register_recipe,
     resume_or_start_over,
-    torch_threads,
     write_json_atomic,
     write_results,
 )
@@ -507,7 +506,7 @@ def _best_grid(grid: list[dict], n_val: int) -> dict:
 
 
 @register_recipe
-class WeightDecayRecipe(AbstractRecipe):
+class WeightDecayRecipe(ThreadedRecipe):
     """Tune one weight decay per weight (or per tensor, or one global) of an MLP by
     hypergradients, next to a grid of global decays trained with plain torch.optim.SGD for
     the same number of SGD steps; then repeat the tuned run for every validation-set size in
@@ -521,13 +520,6 @@ class WeightDecayRecipe(AbstractRecipe):
     name = "weight-decay"
     help = "tune one weight decay per weight of an MLP vs a grid of global decays"
     config_cls = WeightDecayConfig
-
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
-        with torch_threads(config.threads):
-            return self._run(
-                config, Path(run_dir), resume=resume, progress=progress, console=console
-            )
 
     def _run(self, config, run_dir, *, resume, progress, console):
         run_dir.mkdir(parents=True, exist_ok=True)
