@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from typing import Any, final
 import torch
 
 from .._errors import HypergradientError
+from .._io import load_checkpoint, save_atomic, write_json_atomic
 from ..estimators import (
     PES,
     AbstractGradientEstimator,
@@ -322,7 +322,7 @@ def meta_train(
     start = 0
     checkpoint = None if checkpoint is None else Path(checkpoint)
     if resume and checkpoint is not None and checkpoint.is_file():
-        saved = _load(checkpoint, where)
+        saved = load_checkpoint(checkpoint, where)
         if saved["signature"] != _jsonable(signature):
             changed = sorted(
                 k for k in signature if saved["signature"].get(k) != _jsonable(signature)[k]
@@ -368,7 +368,7 @@ def meta_train(
 
     def save(step: int) -> None:
         if checkpoint is not None:
-            _save_atomic(
+            save_atomic(
                 {
                     "signature": _jsonable(signature),
                     "theta": {k: v.detach().clone() for k, v in leaves.items()},
@@ -382,7 +382,7 @@ def meta_train(
                 checkpoint,
             )
         if history_path is not None:
-            _write_json_atomic(Path(history_path), history)
+            write_json_atomic(Path(history_path), history)
 
     bar = _progress(progress, num_steps, start)
     step = start
@@ -458,30 +458,6 @@ def _progress(show: bool, total: int, completed: int):
     task = bar.add_task("meta-training", total=total, completed=completed)
     bar.start()
     return bar, task
-
-
-def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, default=float))
-    os.replace(tmp, path)
-
-
-def _load(path: Path, where: str) -> dict[str, Any]:
-    try:
-        return torch.load(path, weights_only=False)
-    except Exception as err:
-        raise HypergradientError(
-            f"{where}: could not read the checkpoint {str(path)!r} ({type(err).__name__}: "
-            f"{err}). Delete it to start over."
-        ) from None
 
 
 def smoothed(values: Sequence[float], window: int) -> list[float]:

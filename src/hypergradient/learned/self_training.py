@@ -69,6 +69,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .._errors import HypergradientError
+from .._io import load_checkpoint, save_atomic, write_json_atomic
 from ..estimators import AntitheticES, EstimatorState
 from ..estimators._system import concat_particles, init_particles, run_window
 from .architectures import (
@@ -83,7 +84,7 @@ from .architectures import (
     describe,
     step_inputs,
 )
-from .meta_train import _jsonable, _load, _progress, _save_atomic, _write_json_atomic
+from .meta_train import _jsonable, _progress
 from .tasks import AbstractTaskFamily, ClassifierFamily, InnerTrainingSystem
 
 #: Outer update rules of :func:`self_train`.
@@ -700,7 +701,7 @@ def self_train(
 
     def save(step: int) -> None:
         if checkpoint is not None:
-            _save_atomic(
+            save_atomic(
                 {
                     "signature": signature,
                     "thetas": thetas,
@@ -717,10 +718,10 @@ def self_train(
                 checkpoint,
             )
         if history_path is not None:
-            _write_json_atomic(Path(history_path), result().to_json())
+            write_json_atomic(Path(history_path), result().to_json())
 
     if resume and checkpoint is not None and checkpoint.is_file():
-        saved = _load(checkpoint, where)
+        saved = load_checkpoint(checkpoint, where)
         if saved["signature"] != signature:
             changed = sorted(k for k in signature if saved["signature"].get(k) != signature[k])
             raise HypergradientError(

@@ -21,7 +21,6 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
-import os
 import platform
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,6 +31,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from .._errors import HypergradientError
+from .._io import load_checkpoint as load_checkpoint  # re-exported for the recipes
+from .._io import save_atomic as save_atomic
+from .._io import write_json_atomic
 
 _RECIPES: dict[str, type[AbstractRecipe]] = {}
 
@@ -143,23 +145,6 @@ def pyplot():
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """``torch.save`` to ``path.tmp``, then ``os.replace``: a kill mid-write keeps the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """``data`` as JSON (numbers it cannot write as floats), replacing ``path`` atomically."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, default=float))
-    os.replace(tmp, path)
-
-
 class RunCache:
     """Finished runs of a study, one JSON file in the run folder (``runs.json``), so that
     ``--resume`` recomputes only what is missing.
@@ -203,18 +188,6 @@ class RunCache:
         self.runs[key] = run
         write_json_atomic(self.path, {"signature": self.signature, "runs": self.runs})
         return run
-
-
-def load_checkpoint(path: Path, where: str) -> dict[str, Any]:
-    """``torch.load`` of a checkpoint; a truncated or foreign file raises a
-    :class:`~hypergradient.HypergradientError` that starts with ``where`` and says which."""
-    try:
-        return torch.load(path, weights_only=False)
-    except Exception as err:
-        raise HypergradientError(
-            f"{where}: could not read the checkpoint {str(path)!r} ({type(err).__name__}: "
-            f"{err}). Delete it to start over."
-        ) from None
 
 
 def check_resumable(meta_path: Path, meta: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import HypergradientError
+from .._io import save_atomic
 from ..hparams._base import AbstractHyperparameter
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit
 from ..problem import as_function
@@ -477,11 +478,7 @@ class BilevelTrainer:
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write the state to ``path`` atomically (a kill mid-write leaves the old file)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save(self.state_dict(), tmp)
-        os.replace(tmp, path)
+        save_atomic(self.state_dict(), path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
         try:
