@@ -20,6 +20,7 @@ from . import distributed as distributed
 from . import estimators as estimators
 from . import hparams as hparams
 from . import kfac as kfac
+from . import label_noise as label_noise
 from . import learned as learned
 from . import linalg as linalg
 from . import meta as meta
@@ -27,8 +28,10 @@ from . import optim as optim
 from . import optimizers as optimizers
 from . import pretrain as pretrain
 from . import search as search
+from . import sigmoid_units as sigmoid_units
 from . import stochastic as stochastic
 from . import testing as testing
+from . import towers as towers
 from ._errors import ConvergenceError as ConvergenceError
 from ._errors import HypergradientError as HypergradientError
 from ._results import Result as Result
@@ -52,28 +55,39 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BilevelTrainer",
-    "EvoGrad",
-    "Implicit",
-    "Unrolled",
-    "data",
-    "distributed",
-    "hparams",
     "ConvergenceError",
     "ConvergenceWarning",
+    "EvoGrad",
     "FixedPoint",
     "GaussNewtonLoss",
     "HypergradientError",
+    "Implicit",
     "Result",
     "Solution",
     "SolveStats",
+    "Unrolled",
     "as_function",
+    "data",
+    "deq",
+    "distributed",
+    "estimators",
     "evograd_hypergrad",
+    "hparams",
     "implicit_hypergrad",
+    "kfac",
+    "label_noise",
+    "learned",
     "linalg",
+    "meta",
     "optim",
+    "optimizers",
     "params_of",
+    "pretrain",
     "reversible_hypergrad",
+    "search",
+    "sigmoid_units",
     "stochastic",
     "testing",
+    "towers",
     "unrolled_hypergrad",
 ]
