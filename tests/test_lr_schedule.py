@@ -14,7 +14,6 @@ from hypergradient.recipes.lr_schedule import LRScheduleConfig, Problem, interpo
 TINY = ["hidden=6", "n_train=80", "n_val=40", "steps=12", "knots=4", "hyper_steps=3"]
 
 
-
 def _run(out, *extra) -> int:
     return main(["lr-schedule", "--out", str(out), "--no-progress", "--set", *TINY, *extra])
 

@@ -38,7 +38,6 @@ def _without_timings(tree):
     return tree
 
 
-
 def test_tiny_run_writes_its_files_and_learns_weights_that_favour_the_useful_tasks(
     tmp_path, capsys
 ):

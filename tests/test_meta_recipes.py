@@ -22,7 +22,6 @@ TINY = {
 RECIPES = ("maml", "imaml", "hyper-representation")
 
 
-
 def _run(recipe, out, *extra) -> int:
     return main([recipe, "--out", str(out), "--no-progress", "--set", *TINY[recipe], *extra])
 

@@ -38,7 +38,6 @@ BAD_VALUES = {
 }
 
 
-
 def test_every_option_has_a_bad_value_case():
     assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(TowersConfig)}
 
