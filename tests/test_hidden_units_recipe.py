@@ -20,6 +20,7 @@ import re
 import pytest
 import torch
 
+from _cli import assert_rejected, one_line_error
 from hypergradient import HypergradientError
 from hypergradient import sigmoid_units as su
 from hypergradient.cli import main
@@ -154,24 +155,13 @@ BAD_VALUES = {
 }
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    return err
-
-
 def test_every_option_has_a_bad_value_case():
     assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(HiddenUnitsConfig)}
 
 
 @pytest.mark.parametrize("option", sorted(BAD_VALUES))
 def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = ["hidden-units", "--out", str(out), "--set", f"{option}={BAD_VALUES[option]}"]
-    assert main(argv) == 2
-    assert f"'{option}'" in _one_line_error(capsys)
-    assert not out.exists()  # rejected before anything is written
+    assert_rejected("hidden-units", option, BAD_VALUES[option], tmp_path / "run", capsys)
 
 
 def test_recipe_recovers_the_units_and_resumes(tmp_path, capsys, monkeypatch):
@@ -223,7 +213,7 @@ def test_recipe_recovers_the_units_and_resumes(tmp_path, capsys, monkeypatch):
 def test_list_option_errors(tmp_path, capsys):
     argv = ["hidden-units", "--out", str(tmp_path / "r"), "--set", "noise=0,0"]
     assert main(argv) == 2
-    assert re.search(r"option 'noise': expected distinct values", _one_line_error(capsys))
+    assert re.search(r"option 'noise': expected distinct values", one_line_error(capsys))
     assert math.isfinite(HiddenUnitsConfig().step_for(0.01))
 
 

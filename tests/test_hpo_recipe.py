@@ -19,7 +19,7 @@ import torch
 
 optuna = pytest.importorskip("optuna")
 
-from _cli import one_line_error  # noqa: E402
+from _cli import assert_rejected, one_line_error  # noqa: E402
 from hypergradient.cli import main  # noqa: E402
 from hypergradient.recipes import available_recipes  # noqa: E402
 from hypergradient.recipes import weight_decay as wd_recipe  # noqa: E402
@@ -67,12 +67,7 @@ def test_every_option_has_a_bad_value_case():
 
 @pytest.mark.parametrize("option", sorted(BAD_VALUES))
 def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert (
-        main(["hpo-vs-gradient", "--out", str(out), "--set", f"{option}={BAD_VALUES[option]}"]) == 2
-    )
-    assert f"'{option}'" in one_line_error(capsys)
-    assert not out.exists()  # rejected before anything is written
+    assert_rejected("hpo-vs-gradient", option, BAD_VALUES[option], tmp_path / "run", capsys)
 
 
 @pytest.mark.parametrize(

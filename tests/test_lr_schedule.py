@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import hypergradient as hg
+from _cli import assert_rejected
 from hypergradient.cli import main
 from hypergradient.recipes.lr_schedule import LRScheduleConfig, Problem, interpolate
 
@@ -113,10 +114,4 @@ def test_every_option_has_a_bad_value_case():
 
 @pytest.mark.parametrize("option", sorted(BAD_VALUES))
 def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["lr-schedule", "--out", str(out), "--set", f"{option}={BAD_VALUES[option]}"])
-    assert code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    assert f"'{option}'" in err
-    assert not out.exists()
+    assert_rejected("lr-schedule", option, BAD_VALUES[option], tmp_path / "run", capsys)

@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 
+from _cli import assert_rejected, one_line_error
 from hypergradient import HypergradientError, label_noise
 from hypergradient.cli import main
 from hypergradient.recipes import available_recipes, build_config
@@ -133,30 +134,19 @@ BAD_VALUES = {
 }
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith("error: ")
-    return err
-
-
 def test_every_option_has_a_bad_value_case():
     assert set(BAD_VALUES) == {f.name for f in dataclasses.fields(NoisyLabelsConfig)}
 
 
 @pytest.mark.parametrize("option", sorted(BAD_VALUES))
 def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsys):
-    out = tmp_path / "run"
-    argv = ["noisy-labels", "--out", str(out), "--set", f"{option}={BAD_VALUES[option]}"]
-    assert main(argv) == 2
-    assert f"'{option}'" in _one_line_error(capsys)
-    assert not out.exists()  # rejected before anything is written
+    assert_rejected("noisy-labels", option, BAD_VALUES[option], tmp_path / "run", capsys)
 
 
 def test_rates_that_sum_to_one_are_rejected(tmp_path, capsys):
     argv = ["noisy-labels", "--out", str(tmp_path / "r"), "--set", "rho_pos=0.6", "rho_neg=0.4"]
     assert main(argv) == 2
-    assert re.search(r"'rho_pos' \+ 'rho_neg': expected a sum < 1", _one_line_error(capsys))
+    assert re.search(r"'rho_pos' \+ 'rho_neg': expected a sum < 1", one_line_error(capsys))
 
 
 def test_recipe_recovers_the_rates_and_the_bayes_error_and_resumes(tmp_path, capsys, monkeypatch):

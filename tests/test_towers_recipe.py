@@ -15,7 +15,7 @@ import re
 import pytest
 import torch
 
-from _cli import one_line_error
+from _cli import assert_rejected, one_line_error
 from hypergradient.cli import _default_text, main
 from hypergradient.recipes import available_recipes, build_config
 from hypergradient.recipes import towers as towers_recipe
@@ -44,10 +44,7 @@ def test_every_option_has_a_bad_value_case():
 
 @pytest.mark.parametrize("option", sorted(BAD_VALUES))
 def test_bad_option_value_gives_one_line_error_naming_it(option, tmp_path, capsys):
-    out = tmp_path / "run"
-    assert main(["towers", "--out", str(out), "--set", f"{option}={BAD_VALUES[option]}"]) == 2
-    assert f"'{option}'" in one_line_error(capsys)
-    assert not out.exists()  # rejected before anything is written
+    assert_rejected("towers", option, BAD_VALUES[option], tmp_path / "run", capsys)
 
 
 @pytest.mark.parametrize(
