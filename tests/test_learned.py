@@ -550,6 +550,16 @@ def test_recipe_tiny_run_writes_its_files_and_resumes(tmp_path, capsys):
     assert _without_seconds(again) == _without_seconds(results)
 
 
+def test_recipe_suite_weights_repeat_a_family_per_cycle(tmp_path):
+    out = tmp_path / "run"
+    assert _recipe(out, "suite=quadratic*2,fredholm") == 0
+    history = json.loads((out / "history.json").read_text())
+    # cycle quadratic, fredholm, quadratic: 6 outer steps = 4 + 2
+    assert [r["family"][0] for r in history] == ["q", "f", "q", "q", "f", "q"]
+    rows = json.loads((out / "results.json").read_text())["families"]
+    assert [r["unseen"] for r in rows] == [False, False, True]  # each family evaluated once
+
+
 @pytest.mark.parametrize(
     ("setting", "pattern"),
     [
@@ -557,6 +567,7 @@ def test_recipe_tiny_run_writes_its_files_and_resumes(tmp_path, capsys):
         ("architecture=rnn", r"option 'architecture': expected one of"),
         ("suite=mlp:0:32", r"option 'suite': expected mlp:WIDTH:BATCH"),
         ("suite=", r"option 'suite': expected a list of families"),
+        ("suite=quadratic*0", r"option 'suite': expected FAMILY\*N with N an integer >= 1"),
         ("unseen=resnet", r"option 'unseen': expected mlp:WIDTH:BATCH"),
         ("truncation=50", r"option 'truncation': expected at most horizon = 6"),
         ("initial_horizon=10", r"option 'initial_horizon': expected at most horizon"),
