@@ -15,7 +15,6 @@
 import copy
 import json
 import math
-import os
 import re
 
 import pytest
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergradient as hg
+from _datasets import DATASETS, needs_mnist
 from hypergradient import learned
 from hypergradient.estimators import PES
 
@@ -287,14 +287,11 @@ def test_task_losses_decrease_under_adam(name):
         assert loss < 0.5 * initial, (name, initial, loss)
 
 
+@needs_mnist
 def test_mnist_family_when_the_files_are_there():
-    data_dir = os.environ.get("HYPERGRADIENT_DATA")
-    try:
-        family = learned.ClassifierFamily(
-            "mnist", width=16, data_dir=data_dir, downsample=2, num_examples=256
-        )
-    except hg.HypergradientError:
-        pytest.skip("MNIST files not found (set HYPERGRADIENT_DATA)")
+    family = learned.ClassifierFamily(
+        "mnist", width=16, data_dir=DATASETS, downsample=2, num_examples=256
+    )
     tasks = learned.sample_tasks(family, 1, 40, seed=0)
     assert learned.evaluate_adam(tasks, 3e-2, 40).final_losses[0] < 1.5
 

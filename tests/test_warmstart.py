@@ -25,6 +25,7 @@ import torch
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("sklearn")
 
+from _datasets import DATASETS, needs_mnist  # noqa: E402
 from hypergradient import HypergradientError, search  # noqa: E402
 from hypergradient.search import warmstart as ws  # noqa: E402
 
@@ -33,7 +34,6 @@ GRID = ws.SurfaceGrid(
     log10_gamma_d=tuple(np.linspace(-4, 1.5, 5).tolist()),
     folds=2,
 )
-SHARED = Path("/work/shared/datasets")
 
 
 @pytest.fixture(autouse=True)
@@ -230,9 +230,9 @@ def test_svm_surface_cell_matches_scikit_learn_cross_validation(meta):
     assert meta.families == ("digits", "breast_cancer", "diabetes")
 
 
-@pytest.mark.skipif(not (SHARED / "mnist").is_dir(), reason="MNIST files not present")
+@needs_mnist
 def test_image_pair_tasks_from_mnist():
-    tasks = ws.image_pair_tasks("mnist", SHARED, pairs=2, rows=50, seed=0)
+    tasks = ws.image_pair_tasks("mnist", DATASETS, pairs=2, rows=50, seed=0)
     assert len(tasks) == 2
     for task in tasks:
         assert task.x.shape == (50, 196) and task.family == "mnist"
