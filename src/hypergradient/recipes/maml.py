@@ -54,6 +54,7 @@ atomically after every meta-iteration) and ``checkpoint_options.json``.
 
 from __future__ import annotations
 
+import abc
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -80,7 +81,7 @@ from ..meta import (
     omniglot_tasks,
 )
 from ._base import (
-    AbstractRecipe,
+    ThreadedRecipe,
     load_checkpoint,
     machine,
     progress_bar,
@@ -88,7 +89,6 @@ from ._base import (
     register_recipe,
     resume_or_start_over,
     save_atomic,
-    torch_threads,
     write_results,
 )
 from ._config import (
@@ -560,8 +560,24 @@ def plot_meta_training(results: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------- the recipes
 
 
+class _MetaLearningRecipe(ThreadedRecipe):
+    """A few-shot recipe: :meth:`build` gives the model and its meta-learner, and
+    :func:`run_meta_learning` does the rest (meta-training, evaluation, files)."""
+
+    @abc.abstractmethod
+    def build(self, config) -> tuple[torch.nn.Module, Any]:
+        """``(model, learner)`` for a validated ``config``."""
+
+    def _run(self, config, run_dir, *, resume, progress, console):
+        model, learner = self.build(config)
+        return run_meta_learning(
+            self.name, config, model, learner, run_dir,
+            resume=resume, progress=progress, console=console,
+        )  # fmt: skip
+
+
 @register_recipe
-class MAMLRecipe(AbstractRecipe):
+class MAMLRecipe(_MetaLearningRecipe):
     """Few-shot Omniglot with MAML (Finn et al. 2017): meta-train a small convolutional
     network on N-way K-shot episodes of the background alphabets that are not held out
     (``inner_steps`` SGD steps per task, exact second-order meta-gradient, Adam on the
@@ -577,19 +593,14 @@ class MAMLRecipe(AbstractRecipe):
     help = "few-shot Omniglot (or sinusoid regression) with MAML / first-order MAML"
     config_cls = MAMLConfig
 
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
+    def build(self, config):
         model = _model(config)
         learner = MAML(model, config.inner_steps, config.inner_lr, first_order=config.first_order)
-        with torch_threads(config.threads):
-            return run_meta_learning(
-                self.name, config, model, learner, Path(run_dir),
-                resume=resume, progress=progress, console=console,
-            )  # fmt: skip
+        return model, learner
 
 
 @register_recipe
-class IMAMLRecipe(AbstractRecipe):
+class IMAMLRecipe(_MetaLearningRecipe):
     """Few-shot Omniglot with implicit MAML (Rajeswaran et al. 2019): every task solves the
     proximal problem  support loss + lam/2 ||phi - theta||^2  by ``inner_steps`` gradient
     steps (no graph kept), and the meta-gradient (I + H/lam)^-1 grad(query loss) comes from
@@ -605,8 +616,7 @@ class IMAMLRecipe(AbstractRecipe):
     help = "few-shot Omniglot (or sinusoid regression) with implicit MAML (CG meta-gradients)"
     config_cls = IMAMLConfig
 
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
+    def build(self, config):
         model = _model(config)
         learner = IMAML(
             model,
@@ -615,15 +625,11 @@ class IMAMLRecipe(AbstractRecipe):
             inner_lr=config.inner_lr,
             cg_steps=config.cg_steps,
         )
-        with torch_threads(config.threads):
-            return run_meta_learning(
-                self.name, config, model, learner, Path(run_dir),
-                resume=resume, progress=progress, console=console,
-            )  # fmt: skip
+        return model, learner
 
 
 @register_recipe
-class HyperRepresentationRecipe(AbstractRecipe):
+class HyperRepresentationRecipe(_MetaLearningRecipe):
     """Few-shot Omniglot with a hyper-representation (Franceschi et al. 2018): the
     convolutional layers are the hyperparameters shared by all episodes, and every episode
     fits its own linear head on top of them from zero by ``inner_steps`` gradient steps (the
@@ -639,8 +645,7 @@ class HyperRepresentationRecipe(AbstractRecipe):
     help = "few-shot Omniglot (or sinusoids) with a learned representation, per-episode heads"
     config_cls = HyperRepresentationConfig
 
-    def run(self, config, run_dir, *, resume, progress, console):
-        config.validate()
+    def build(self, config):
         # the representation only: the head is not among the meta-parameters
         model = MLP(1, (40, 40)) if config.data == "sinusoid" else _model(config)
         learner = HyperRepresentation(
@@ -649,8 +654,4 @@ class HyperRepresentationRecipe(AbstractRecipe):
             inner_lr=config.inner_lr,
             head_l2=config.head_l2,
         )
-        with torch_threads(config.threads):
-            return run_meta_learning(
-                self.name, config, model, learner, Path(run_dir),
-                resume=resume, progress=progress, console=console,
-            )  # fmt: skip
+        return model, learner
