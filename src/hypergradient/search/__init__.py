@@ -6,7 +6,8 @@ batch size.  This package covers the rest, and measures both on one compute axis
 
 * :mod:`~hypergradient.search.study` - Optuna studies in SQLite under the run folder (or
   any RDB URL), samplers ``random`` / ``grid`` / ``tpe`` / ``cmaes``, Hyperband and
-  successive-halving pruning, and a worker loop that survives SIGKILLed workers;
+  successive-halving pruning, and a worker loop whose workers may start together on a new
+  study and survive SIGKILLed workers (a heartbeat and retry by default);
 * :mod:`~hypergradient.search.space` - search spaces (:class:`Float`, :class:`Int`,
   :class:`Choice`);
 * :mod:`~hypergradient.search.compute` - compute in training-step equivalents

@@ -12,14 +12,21 @@ r"""Optuna as the black-box engine: studies on disk, samplers, pruners, a crash-
 * :func:`optimize` - the worker loop: run trials until the study holds ``n_trials`` finished
   (complete or pruned) trials, whichever process finished them.
 
-**Workers that die.**  With ``heartbeat_interval`` set, every running trial writes a
+**Workers that start together.**  Several processes may call :func:`create_study` on a new
+database at the same instant: for a SQLite file the schema and the study are created under an
+inter-process lock (a ``.lock`` file beside the database), and for a server database
+(PostgreSQL, MySQL) a creation that lost a race to another process is retried.
+
+**Workers that die.**  By default (``heartbeat_interval=10``) every running trial writes a
 heartbeat to the database; a trial whose heartbeat is older than ``grace_period`` seconds
-belongs to a dead worker and is marked ``FAIL`` by the next worker that looks, and
-(``max_retry > 0``) re-queued with the same parameters (Optuna's
-``RetryHeartbeatStaleTrialCallback``), so a SIGKILLed worker loses nothing that had finished
-and its running trial is run again by a survivor.  :func:`optimize` counts finished trials
-across all workers and waits for the running trials of others before it stops, so the study
-ends with exactly ``n_trials`` finished trials.
+(default ``3 * heartbeat_interval``) belongs to a dead worker and is marked ``FAIL`` by the
+next worker that looks, and re-queued with the same parameters (up to ``max_retry=3`` times,
+Optuna's ``RetryHeartbeatStaleTrialCallback``), so a SIGKILLed worker loses nothing that had
+finished and its running trial is run again by a survivor.  :func:`optimize` counts finished
+trials across all workers and waits for the running trials of others before it stops, so the
+study ends with exactly ``n_trials`` finished trials.  With ``heartbeat_interval=None`` nothing
+tells a dead worker's trial from a slow one: a worker that has waited ``max_wait`` seconds for
+other workers' trials stops with a warning that says so, instead of waiting forever.
 
 Requires the optional dependency: ``pip install "hypergradient[hpo]"``.
 """
@@ -27,7 +34,9 @@ Requires the optional dependency: ``pip install "hypergradient[hpo]"``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import random
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -37,11 +46,23 @@ from typing import Any
 from .._errors import HypergradientError
 from .space import SearchSpace, check_space, grid_of
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: creation races are retried instead
+    fcntl = None
+
 SAMPLERS = ("random", "grid", "tpe", "cmaes")
 PRUNERS = ("none", "hyperband", "halving")
 
 #: user attribute set on a trial that a worker asked for but the study no longer needed
 SURPLUS_ATTR = "hypergradient:surplus"
+
+#: seconds between a running trial's heartbeats, unless a study says otherwise
+DEFAULT_HEARTBEAT = 10
+#: how many times a dead worker's trial is re-queued, unless a study says otherwise
+DEFAULT_MAX_RETRY = 3
+#: tries at creating a database schema or study that lost a race to another process
+CREATE_ATTEMPTS = 8
 
 
 def require_optuna():
@@ -77,25 +98,132 @@ def default_storage(run_dir: str | Path) -> str:
     return f"sqlite:///{path / 'study.db'}"
 
 
+def _sqlite_database(url: str) -> str | None:
+    """The database part of a SQLite URL (``None``: not SQLite, or an unreadable URL)."""
+    if not url.startswith("sqlite"):
+        return None
+    import sqlalchemy
+
+    try:
+        return sqlalchemy.engine.make_url(url).database or ""
+    except sqlalchemy.exc.ArgumentError:
+        return None
+
+
+def _in_memory(url: str) -> bool:
+    """An in-memory SQLite database: one process owns it, and other threads see it empty."""
+    database = _sqlite_database(url)
+    return database is not None and (database in ("", ":memory:") or "mode=memory" in url)
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<file>.lock`` beside a SQLite file (other URLs: no lock).
+
+    Why a lock and not only retries: Optuna creates a new database in several steps that each
+    check and then write (the tables through SQLAlchemy's ``create_all``, the version row, the
+    alembic stamp, then the study row), and on a new file two processes interleave them:
+    ``table studies already exists``, ``UNIQUE constraint failed: alembic_version``.  A
+    retry usually gets past that, but a process can lose several times over; under one lock
+    the first process creates everything and the others find it made.  ``flock`` is released
+    by the kernel when its holder dies, so a SIGKILLed worker cannot leave the lock held; it
+    covers threads of one process as well (each opens its own file description).  Where
+    ``fcntl`` is missing (Windows), the folder is read-only or the URL names a server
+    database (whose workers may sit on other machines), :func:`_retry_creation` is the guard.
+    """
+    database = _sqlite_database(url)
+    handle = None
+    if fcntl is not None and database and not _in_memory(url) and not database.startswith("file:"):
+        path = Path(database)
+        if path.parent.is_dir():
+            with contextlib.suppress(OSError):
+                handle = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115
+    if handle is None:
+        yield
+        return
+    with handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _creation_race(error: BaseException | None) -> bool:
+    """An error (or its cause: Optuna wraps some database errors in ``StorageInternalError``)
+    of a process that created the same schema or study as another: SQLite's ``table ...
+    already exists`` / ``UNIQUE constraint failed`` / ``database is locked``, PostgreSQL's
+    ``relation ... already exists`` / ``duplicate key``, MySQL's ``Table ... already
+    exists`` / ``Duplicate entry``."""
+    import sqlalchemy
+
+    while error is not None:
+        if isinstance(error, sqlalchemy.exc.IntegrityError):
+            return True
+        if isinstance(error, sqlalchemy.exc.DBAPIError):
+            message = str(error).lower()
+            return any(
+                key in message for key in ("already exists", "duplicate", "unique", "locked")
+            )
+        error = error.__cause__
+    return False
+
+
+def _retry_creation(build: Callable[[], Any]) -> Any:
+    """``build()``, tried again (up to ``CREATE_ATTEMPTS`` times, with a short random pause)
+    when it lost a creation race to another process: the next try finds what the winner
+    made.  Any other error, or the last try's, propagates."""
+    for attempt in range(1, CREATE_ATTEMPTS + 1):
+        try:
+            return build()
+        except Exception as error:
+            if attempt == CREATE_ATTEMPTS or not _creation_race(error):
+                raise
+        time.sleep(random.uniform(0.02, 0.1) * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def make_storage(
     url: str,
     *,
-    heartbeat_interval: int | None = None,
+    heartbeat_interval: int | None = DEFAULT_HEARTBEAT,
     grace_period: int | None = None,
-    max_retry: int = 0,
+    max_retry: int | None = None,
 ):
     """An Optuna RDB storage for ``url`` (``sqlite:///file.db``, ``postgresql://...``).
 
+    Safe to call from several processes at once on a database that does not exist yet
+    (see :func:`_creation_lock`).
+
     Args:
-        heartbeat_interval: seconds between a running trial's heartbeats (``None``: no
-            heartbeat; a killed worker's trial then stays ``RUNNING`` forever).
+        heartbeat_interval: seconds between a running trial's heartbeats (default 10);
+            ``None``: no heartbeat, and a killed worker's trial then stays ``RUNNING`` until
+            :func:`fail_running_trials`.  An in-memory SQLite database (``sqlite://``,
+            ``sqlite:///:memory:``) has no heartbeat: one process owns it, so no other worker
+            can die, and the heartbeat thread would see an empty database of its own.
         grace_period: seconds without a heartbeat after which a running trial counts as
-            dead (default ``2 * heartbeat_interval``).
-        max_retry: how many times a dead worker's trial is re-queued with its parameters.
+            dead (default ``3 * heartbeat_interval``: SQLite stamps heartbeats to the whole
+            second and a beat may wait for the write lock, and a live trial taken for dead
+            is lost - its worker fails when it reports the result).
+        max_retry: how many times a dead worker's trial is re-queued with its parameters
+            (default 3 with a heartbeat).
 
     SQLite writers wait up to 60 s for the file lock (several workers write one file), and
     the file is kept in write-ahead-log mode (see ``_write_ahead_log``).
     """
+    with _creation_lock(url):
+        return _make_storage(
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            max_retry=max_retry,
+        )
+
+
+def _make_storage(
+    url: str, *, heartbeat_interval: int | None, grace_period: int | None, max_retry: int | None
+):
+    """:func:`make_storage` without the creation lock (the caller holds it)."""
     optuna = require_optuna()
     if not isinstance(url, str) or "://" not in url:
         raise HypergradientError(
@@ -108,20 +236,24 @@ def make_storage(
                 f"search.make_storage({name}={value!r}): expected an integer >= 1 (seconds) "
                 f"or None."
             )
-    if not _is_int(max_retry, 0):
+    if max_retry is not None and not _is_int(max_retry, 0):
         raise HypergradientError(
-            f"search.make_storage(max_retry={max_retry!r}): expected an integer >= 0."
+            f"search.make_storage(max_retry={max_retry!r}): expected an integer >= 0 or None."
         )
-    if heartbeat_interval is None and (grace_period is not None or max_retry > 0):
+    if heartbeat_interval is None and (grace_period is not None or (max_retry or 0) > 0):
         raise HypergradientError(
             "search.make_storage: grace_period and max_retry act on dead workers' trials, "
             "which are found by their missing heartbeat; also set heartbeat_interval (e.g. 10)."
         )
+    if _in_memory(url):
+        heartbeat_interval = None
+    if max_retry is None:
+        max_retry = 0 if heartbeat_interval is None else DEFAULT_MAX_RETRY
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     kwargs: dict[str, Any] = {}
     if heartbeat_interval is not None:
         kwargs["heartbeat_interval"] = heartbeat_interval
-        kwargs["grace_period"] = grace_period or 2 * heartbeat_interval
+        kwargs["grace_period"] = grace_period or 3 * heartbeat_interval
         if max_retry > 0:
             storages = optuna.storages
             with _experimental():
@@ -131,11 +263,15 @@ def make_storage(
                 else:  # pragma: no cover - the name and argument of Optuna < 4.9
                     retry = storages.RetryFailedTrialCallback(max_retry=max_retry)
                     kwargs["failed_trial_callback"] = retry
-    with _experimental():
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
-    if url.startswith("sqlite") and ":memory:" not in url:
-        _write_ahead_log(storage.engine)
-    return storage
+
+    def build():
+        with _experimental():
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **kwargs)
+        if url.startswith("sqlite") and not _in_memory(url):
+            _write_ahead_log(storage.engine)
+        return storage
+
+    return _retry_creation(build)
 
 
 def _write_ahead_log(engine) -> None:
@@ -271,11 +407,14 @@ def create_study(
     min_resource: int = 1,
     max_resource: int | None = None,
     reduction_factor: int = 3,
-    heartbeat_interval: int | None = None,
+    heartbeat_interval: int | None = DEFAULT_HEARTBEAT,
     grace_period: int | None = None,
-    max_retry: int = 0,
+    max_retry: int | None = None,
 ):
     """Create the study ``name`` in its database, or re-open it if it exists.
+
+    Any number of processes may call this at the same instant, on a database that does not
+    exist yet: one creates the schema and the study, the others open them.
 
     Args:
         name: the study's name in the database (several studies may share one file).
@@ -286,8 +425,10 @@ def create_study(
             objects.
         space: the search space (needed by ``sampler="grid"``).
         heartbeat_interval, grace_period, max_retry: dead-worker handling, see
-            :func:`make_storage`.  Every process that works on the study passes the same
-            values (the heartbeat is a property of each process's storage object).
+            :func:`make_storage`: by default a heartbeat every 10 s, a trial without one for
+            30 s is failed and re-queued (3 times at most); ``heartbeat_interval=None``
+            turns it off.  Every process that works on the study passes the same values
+            (the heartbeat is a property of each process's storage object).
 
     The other arguments go to :func:`make_sampler` and :func:`make_pruner`.
     Returns an ``optuna.Study``.
@@ -305,9 +446,6 @@ def create_study(
             f"search.create_study(direction={direction!r}): expected 'minimize' or 'maximize'."
         )
     url = default_storage(run_dir) if storage is None else storage
-    rdb = make_storage(
-        url, heartbeat_interval=heartbeat_interval, grace_period=grace_period, max_retry=max_retry
-    )
     if isinstance(sampler, str):
         sampler = make_sampler(
             sampler, seed=seed, space=space, grid_points=grid_points, startup_trials=startup_trials
@@ -319,14 +457,23 @@ def create_study(
             max_resource=max_resource,
             reduction_factor=reduction_factor,
         )
-    return optuna.create_study(
-        storage=rdb,
-        sampler=sampler,
-        pruner=pruner,
-        study_name=name,
-        direction=direction,
-        load_if_exists=True,
-    )
+    with _creation_lock(url):  # the schema and the study row: one process at a time
+        rdb = _make_storage(
+            url,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            max_retry=max_retry,
+        )
+        return _retry_creation(
+            lambda: optuna.create_study(
+                storage=rdb,
+                sampler=sampler,
+                pruner=pruner,
+                study_name=name,
+                direction=direction,
+                load_if_exists=True,
+            )
+        )
 
 
 # ----------------------------------------------------------------------------- workers
@@ -359,6 +506,74 @@ class _Surplus(Exception):
     """A trial was started after the study already held enough live trials."""
 
 
+def _heartbeat(study) -> tuple[int | None, float]:
+    """The heartbeat interval and grace period of the study's storage (``None, 0``: none)."""
+    storage = study._storage
+    getter = getattr(storage, "get_heartbeat_interval", None)
+    interval = getter() if getter is not None else None
+    if interval is None:
+        return None, 0.0
+    backend = getattr(storage, "_backend", storage)
+    grace = getattr(backend, "grace_period", None) or 2 * interval  # Optuna's own default
+    return interval, float(grace)
+
+
+def _with_heartbeat(study, trial_ids: list[int]) -> set[int] | None:
+    """The trials among ``trial_ids`` that have written a heartbeat (``None``: the storage
+    cannot say)."""
+    try:
+        import sqlalchemy
+        from optuna.storages._rdb.models import TrialHeartbeatModel
+
+        engine = getattr(study._storage, "_backend", study._storage).engine
+    except (ImportError, AttributeError):  # pragma: no cover - not an RDB, or another Optuna
+        return None
+    table = TrialHeartbeatModel.__table__
+    query = sqlalchemy.select(table.c.trial_id).where(table.c.trial_id.in_(trial_ids))
+    with engine.connect() as connection:
+        return {row[0] for row in connection.execute(query)}
+
+
+def _fail_silent_trials(
+    study, running: list, silent_since: dict[int, float], grace: float, now: float
+) -> list[int] | None:
+    """Fail the running trials that have never written a heartbeat for more than ``grace``
+    seconds (timed from when this worker first saw them), and re-queue them like Optuna's
+    stale trials; returns their ids (``None``: the storage cannot say which trials beat).
+
+    Optuna's own check (``fail_stale_trials``) looks only at trials with a heartbeat; a
+    worker killed between starting a trial (``study.ask``, which may sample for a while) and
+    its first heartbeat left one that would otherwise hold its slot in the budget forever.
+    """
+    optuna = require_optuna()
+    ids = [t._trial_id for t in running]
+    beating = _with_heartbeat(study, ids) if ids else set()
+    if beating is None:
+        return None
+    silent = set(ids) - beating
+    for trial_id in list(silent_since):
+        if trial_id not in silent:
+            del silent_since[trial_id]
+    storage = study._storage
+    failed = []
+    for trial_id in sorted(silent):
+        if now - silent_since.setdefault(trial_id, now) <= grace:
+            continue
+        del silent_since[trial_id]
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            if storage.set_trial_state_values(trial_id, state=_states().FAIL):
+                failed.append(trial_id)
+    getter = getattr(storage, "get_heartbeat_stale_trial_callback", None)
+    if getter is None:  # pragma: no cover - Optuna < 4.9
+        getter = storage.get_failed_trial_callback
+    callback = getter()
+    if callback is not None:
+        with _experimental():
+            for trial_id in failed:
+                callback(study, copy.deepcopy(storage.get_trial(trial_id)))
+    return failed
+
+
 def optimize(
     study,
     objective: Callable[[Any], float],
@@ -367,6 +582,7 @@ def optimize(
     timeout: float | None = None,
     stop: Callable[[Any], bool] | None = None,
     poll_interval: float = 0.2,
+    max_wait: float | None = 600.0,
 ) -> list:
     """Work on ``study`` until it holds ``n_trials`` finished trials; returns them.
 
@@ -377,8 +593,16 @@ def optimize(
     re-queued); otherwise it runs one trial of ``objective`` (with a heartbeat when the
     storage has one).  A trial that started when two workers raced for the last slot of the
     budget is failed at once (user attribute ``"hypergradient:surplus"``) instead of being run,
-    so the count is exact.  Without a heartbeat nothing tells a dead worker's running trial
-    from a slow one, and it holds its slot until :func:`fail_running_trials` (or a timeout).
+    so the count is exact.
+
+    A dead worker's trial is one whose heartbeat is older than the storage's grace period, or
+    one that has shown no heartbeat at all for that long (its worker died before the first
+    beat; so in a study with a heartbeat, a trial made by hand with ``study.ask()`` counts as
+    dead after the grace period too).  Without a heartbeat nothing tells a dead worker's
+    running trial from a slow one: after ``max_wait`` seconds of waiting for other workers'
+    trials with no trial finishing, this worker stops with a ``RuntimeWarning`` that says so
+    and returns fewer than ``n_trials`` trials (:func:`fail_running_trials` frees the slots of
+    a dead worker).
 
     Args:
         objective: ``objective(trial) -> float``; report intermediate values with
@@ -388,6 +612,9 @@ def optimize(
         timeout: seconds after which this worker starts no new trial.
         stop: ``stop(study) -> bool``, checked before every trial (e.g. a compute budget).
         poll_interval: seconds between checks while waiting for other workers.
+        max_wait: without a heartbeat, seconds to wait for other workers' trials before
+            giving up (``None``: wait as long as they run).  Not used with a heartbeat: a
+            trial that still beats belongs to a live worker.
 
     Exceptions of ``objective`` propagate (the trial is marked ``FAIL`` first).
     """
@@ -399,9 +626,18 @@ def optimize(
         )
     if n_trials is not None and (not isinstance(n_trials, int) or n_trials < 1):
         raise HypergradientError(f"search.optimize(n_trials={n_trials!r}): expected an int >= 1.")
+    if max_wait is not None and (
+        not isinstance(max_wait, (int, float)) or isinstance(max_wait, bool) or not max_wait >= 0
+    ):
+        raise HypergradientError(
+            f"search.optimize(max_wait={max_wait!r}): expected a number of seconds >= 0 or None."
+        )
     start = time.monotonic()
     deadline = math.inf if timeout is None else start + timeout
     live_states = (states.COMPLETE, states.PRUNED, states.RUNNING, states.WAITING)
+    interval, grace = _heartbeat(study)
+    silent_since: dict[int, float] = {}  # running trials seen without a heartbeat, since when
+    waiting: tuple[float, int] | None = None  # since when this worker waits, at how many done
 
     def run(trial):
         if n_trials is not None:
@@ -426,8 +662,34 @@ def optimize(
                 break
             held = done + counts[states.RUNNING]
             if held >= n_trials and counts[states.WAITING] == 0:
-                time.sleep(poll_interval)  # others hold the rest; one of them may die
+                # others hold the rest of the budget; one of them may die
+                now = time.monotonic()
+                running = [t for t in trials if t.state == states.RUNNING]
+                failed = None  # None: this worker cannot tell a dead worker's trial
+                if interval is not None:
+                    failed = _fail_silent_trials(study, running, silent_since, grace, now)
+                    if failed:
+                        continue  # re-queued: run them
+                bounded = failed is None and max_wait is not None
+                if waiting is None or waiting[1] != done:
+                    waiting = (now, done)
+                elif bounded and now - waiting[0] >= max_wait:
+                    numbers = [t.number for t in running]
+                    warnings.warn(
+                        f"search.optimize: stopped after waiting {now - waiting[0]:.0f} s for "
+                        f"trial(s) {numbers} that other workers are running, with {done} of "
+                        f"{n_trials} trials finished; without a heartbeat a dead worker's trial "
+                        f"stays RUNNING forever. If those workers are gone, call "
+                        f"search.fail_running_trials(study) and optimize again; create the "
+                        f"study with heartbeat_interval=10 (the default) so that survivors "
+                        f"retry a dead worker's trial.",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+                    break
+                time.sleep(poll_interval)
                 continue
+        waiting = None
         sampler = study.sampler
         if hasattr(sampler, "is_exhausted") and sampler.is_exhausted(study):
             break  # a grid search that has visited every cell
