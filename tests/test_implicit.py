@@ -374,11 +374,10 @@ def test_cg_breakdown_is_raised_not_silent():
     # A saddle: H = diag(1, -1). CG breaks down; the error names the cause and the fixes.
     inner = lambda w, h: 0.5 * (w["w"][0] ** 2 - w["w"][1] ** 2) - h["a"] @ w["w"]  # noqa: E731
     outer = lambda w, h: w["w"].sum()  # noqa: E731
+    w_star = {"w": torch.tensor([1.0, -1.0])}  # the stationary point (a saddle) for a = 1
     with pytest.raises(hg.ConvergenceError, match=r"broke down.*damping"):
-        hg.implicit_hypergrad(inner, outer, {"w": torch.zeros(2)}, {"a": torch.ones(2)}, "cg")
-    got = hg.implicit_hypergrad(
-        inner, outer, {"w": torch.zeros(2)}, {"a": torch.ones(2)}, "minres", tol=1e-12
-    )
+        hg.implicit_hypergrad(inner, outer, w_star, {"a": torch.ones(2)}, "cg")
+    got = hg.implicit_hypergrad(inner, outer, w_star, {"a": torch.ones(2)}, "minres", tol=1e-12)
     # w* = (a0, -a1) so d(sum w*)/da = (1, -1)
     assert torch.allclose(got["a"], torch.tensor([1.0, -1.0]))
 

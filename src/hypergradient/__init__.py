@@ -41,6 +41,7 @@ from .hypergrad import ConvergenceWarning as ConvergenceWarning
 from .hypergrad import EvoGrad as EvoGrad
 from .hypergrad import FixedPoint as FixedPoint
 from .hypergrad import Implicit as Implicit
+from .hypergrad import NonStationaryWarning as NonStationaryWarning
 from .hypergrad import Unrolled as Unrolled
 from .hypergrad import evograd_hypergrad as evograd_hypergrad
 from .hypergrad import implicit_hypergrad as implicit_hypergrad
@@ -62,6 +63,7 @@ __all__ = [
     "GaussNewtonLoss",
     "HypergradientError",
     "Implicit",
+    "NonStationaryWarning",
     "Result",
     "Solution",
     "SolveStats",

@@ -15,6 +15,7 @@ from .example_weights import indexed_loader as indexed_loader
 from .reweight_net import LossReweightNet as LossReweightNet
 from .task_weights import TaskWeights as TaskWeights
 from .weight_decay import WeightDecay as WeightDecay
+from .weight_decay import max_stable_decay as max_stable_decay
 
 __all__ = [
     "AbstractHyperparameter",
@@ -30,6 +31,7 @@ __all__ = [
     "evaluate_distilled",
     "fresh_params",
     "indexed_loader",
+    "max_stable_decay",
     "per_example_loss",
     "retrain_on_distilled",
 ]

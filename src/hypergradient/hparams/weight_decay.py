@@ -15,6 +15,50 @@ from ._base import AbstractHyperparameter, SplitTrainingLoss, per_example_loss
 _GRANULARITIES = ("global", "per_tensor", "per_weight")
 
 
+def max_stable_decay(optimizer: torch.optim.Optimizer, safety: float = 0.9) -> float | None:
+    r"""``safety`` times the largest weight decay the inner optimizer's step stays stable with.
+
+    On the penalty :math:`\tfrac12\lambda w^2` alone (curvature :math:`\lambda`), a step of
+    ``torch.optim.SGD`` with learning rate :math:`\eta` is stable if and only if
+    :math:`\eta\lambda < 2`; with heavy-ball ``momentum`` :math:`\mu` and ``dampening``
+    :math:`d`, :math:`\eta(1-d)\lambda < 2(1+\mu)`; with ``nesterov=True``,
+    :math:`\eta\lambda < 2(1+\mu)/(1+2\mu)`.  Past it the weights oscillate with growing
+    amplitude and the training loss explodes geometrically.  The optimizer's own
+    ``weight_decay`` adds to :math:`\lambda`, so it is subtracted; the tightest parameter
+    group wins.  The data loss adds its own curvature, so the bound is necessary, not
+    sufficient: ``safety < 1`` leaves a margin (default 0.9).
+
+    Returns ``None`` for other optimizers (Adam-type steps are normalised and have no such
+    threshold).
+
+    Example::
+
+        >>> import torch, hypergradient as hg
+        >>> w = torch.zeros(3, requires_grad=True)
+        >>> round(hg.hparams.max_stable_decay(torch.optim.SGD([w], lr=0.1)), 6)
+        18.0
+    """
+    if not (isinstance(safety, (int, float)) and 0 < safety < 1):
+        raise HypergradientError(
+            f"hypergradient.hparams.max_stable_decay(safety={safety!r}): expected a number in "
+            f"(0, 1), the fraction of the stability limit to allow."
+        )
+    if not isinstance(optimizer, torch.optim.SGD):
+        return None
+    bounds = []
+    for group in optimizer.param_groups:
+        lr = float(group["lr"])
+        mu = float(group.get("momentum", 0.0) or 0.0)
+        if lr <= 0:
+            continue
+        if group.get("nesterov", False):
+            limit = 2 * (1 + mu) / ((1 + 2 * mu) * lr)
+        else:
+            limit = 2 * (1 + mu) / ((1 - float(group.get("dampening", 0.0) or 0.0)) * lr)
+        bounds.append(safety * limit - float(group.get("weight_decay", 0.0) or 0.0))
+    return min(bounds) if bounds else None
+
+
 def _data_loss(forward, params, batch, criterion=F.cross_entropy) -> torch.Tensor:
     x, y = batch[0], batch[1]
     return per_example_loss(criterion, forward(params, x), y).mean()
@@ -30,6 +74,12 @@ class WeightDecay(AbstractHyperparameter):
             weights, Lorraine et al. 2020).
         initial: initial decay :math:`e^{\lambda}` (> 0).
         include_biases: decay 1-d parameters (biases, norms) too.
+        max_decay: optional upper bound on every decay :math:`e^{\lambda}`, enforced by
+            :meth:`project` after every hyper-step (the log decays are clipped to
+            :math:`\log` ``max_decay``).  Hypergradients can push decays without limit (a
+            weight the validation loss dislikes is best at zero); past ``2 / lr`` the inner
+            SGD step diverges.  :func:`max_stable_decay` gives a safe value for an optimizer.
+            :meth:`describe` then reports ``wd_at_bound``, the number of decays held at it.
 
     Cost: the penalty is O(#weights) per loss evaluation; per-weight decay stores one extra
     tensor the size of the model.  Hyperparameter names are ``"log_wd"`` (global) or
@@ -39,6 +89,7 @@ class WeightDecay(AbstractHyperparameter):
     granularity: str = "per_weight"
     initial: float = 1e-3
     include_biases: bool = True
+    max_decay: float | None = None
 
     def __post_init__(self):
         if self.granularity not in _GRANULARITIES:
@@ -52,6 +103,18 @@ class WeightDecay(AbstractHyperparameter):
                 f"WeightDecay(initial={self.initial!r}): the initial decay must be a positive "
                 f"number (it is stored as its logarithm)."
             )
+        if self.max_decay is not None:
+            ok = isinstance(self.max_decay, (int, float)) and math.isfinite(self.max_decay)
+            if not ok or self.max_decay <= 0:
+                raise HypergradientError(
+                    f"WeightDecay(max_decay={self.max_decay!r}): expected a positive finite "
+                    f"number or None (no bound)."
+                )
+            if self.initial > self.max_decay:
+                raise HypergradientError(
+                    f"WeightDecay(initial={self.initial!r}, max_decay={self.max_decay!r}): "
+                    f"the initial decay exceeds the bound; lower initial."
+                )
 
     def decayed(self, params: Mapping[str, torch.Tensor]) -> list[str]:
         return [k for k, v in params.items() if self.include_biases or v.dim() > 1]
@@ -113,10 +176,23 @@ class WeightDecay(AbstractHyperparameter):
 
         return SplitTrainingLoss(_data_loss, add_penalty_gradient, penalty)
 
+    def project(self, hparams) -> None:
+        """Clip the log decays to ``log(max_decay)`` (in place; nothing without a bound)."""
+        if self.max_decay is None:
+            return
+        top = math.log(self.max_decay)
+        for v in hparams.values():
+            v.clamp_(max=top)
+
     def describe(self, hparams):
         decays = torch.cat([v.detach().exp().reshape(-1) for v in hparams.values()]).double()
-        return {
+        out = {
             "wd_median": float(decays.median()),
             "wd_min": float(decays.min()),
             "wd_max": float(decays.max()),
         }
+        if self.max_decay is not None:
+            # in log space: exp(log(max)) need not round-trip in float32
+            near = math.log(self.max_decay) - 1e-6 * max(1.0, abs(math.log(self.max_decay)))
+            out["wd_at_bound"] = sum(int((v.detach() >= near).sum()) for v in hparams.values())
+        return out

@@ -4,6 +4,7 @@ from .evograd import EvoGrad as EvoGrad
 from .evograd import evograd_hypergrad as evograd_hypergrad
 from .implicit import ConvergenceWarning as ConvergenceWarning
 from .implicit import FixedPoint as FixedPoint
+from .implicit import NonStationaryWarning as NonStationaryWarning
 from .implicit import implicit_hypergrad as implicit_hypergrad
 from .methods import AbstractHypergradientMethod as AbstractHypergradientMethod
 from .methods import Implicit as Implicit
@@ -16,6 +17,7 @@ from .unrolled import unrolled_hypergrad as unrolled_hypergrad
 __all__ = [
     "AbstractHypergradientMethod",
     "ConvergenceWarning",
+    "NonStationaryWarning",
     "EvoGrad",
     "FixedPoint",
     "Implicit",

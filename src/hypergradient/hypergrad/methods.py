@@ -53,6 +53,21 @@ class AbstractHypergradientMethod(abc.ABC):
     ) -> dict[str, torch.Tensor]:
         """See the class docstring."""
 
+    def hypergrad_and_info(
+        self,
+        inner_loss: Loss,
+        outer_loss: Loss,
+        params: Mapping[str, torch.Tensor],
+        hparams: Mapping[str, torch.Tensor],
+        *,
+        lr: float,
+        momentum: float = 0.0,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """:meth:`hypergrad` and a few numbers it measured on the way, worth logging
+        (default: none; :class:`Implicit` gives ``inner_grad_norm``).  The training loop
+        calls this one, so a subclass that only implements :meth:`hypergrad` still works."""
+        return self.hypergrad(inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum), {}
+
 
 def register_method(cls):
     _METHODS[cls.name] = cls
@@ -80,6 +95,13 @@ class Implicit(AbstractHypergradientMethod):
     ``solver="neumann"`` uses the inner optimizer's learning rate (Lorraine et al.'s choice:
     stable whenever the inner SGD is).  Cost per hyper-step: about ``max_steps + 3`` backward
     passes on one training batch and one validation batch.
+
+    ``stationarity_tol`` defaults to ``None`` here (no :class:`NonStationaryWarning`): in
+    warm-start bilevel training the current weights are *by design* not an optimum of the
+    mini-batch training loss, and the implicit hypergradient there is the intended
+    approximation.  The measured gradient norm is still returned by
+    :meth:`hypergrad_and_info` and logged by the training loop as ``inner_grad_norm``; pass a
+    float to be warned as :func:`~hypergradient.implicit_hypergrad` would.
     """
 
     name: ClassVar[str] = "implicit"
@@ -89,6 +111,7 @@ class Implicit(AbstractHypergradientMethod):
     tol: float = 0.0
     alpha: float | None = None
     damping: float = 0.0
+    stationarity_tol: float | None = None
 
     def __post_init__(self):
         if self.solver not in ("exact", "cg", "neumann", "identity", "minres", "gmres"):
@@ -102,10 +125,15 @@ class Implicit(AbstractHypergradientMethod):
             )
 
     def hypergrad(self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0):
+        return self.hypergrad_and_info(
+            inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum
+        )[0]
+
+    def hypergrad_and_info(self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0):
         alpha = self.alpha
         if alpha is None and self.solver in ("neumann", "identity"):
             alpha = float(lr)
-        return implicit_hypergrad(
+        result, stats = implicit_hypergrad(
             inner_loss,
             outer_loss,
             params,
@@ -115,7 +143,11 @@ class Implicit(AbstractHypergradientMethod):
             tol=self.tol,
             alpha=alpha,
             damping=self.damping,
+            stationarity_tol=self.stationarity_tol,
+            return_stats=True,
         )
+        keys = ("inner_grad_norm", "fixed_point_residual")
+        return result, {k: stats.extra[k] for k in keys if k in stats.extra}
 
 
 @register_method

@@ -45,7 +45,7 @@ import torch
 from .._errors import ConvergenceError, HypergradientError, check_scalar_loss, check_tree
 from .._results import SolveStats
 from ..hypergrad._checks import check_callable, check_params_hparams
-from ..hypergrad.implicit import implicit_hypergrad
+from ..hypergrad.implicit import DEFAULT_STATIONARITY_TOL, implicit_hypergrad
 from ..hypergrad.unrolled import unrolled_hypergrad
 from ..linalg import AbstractLinearSolver
 
@@ -167,6 +167,7 @@ def pretrain_hypergrad(
     tol: float = 1e-10,
     alpha: float | None = None,
     damping: float = 0.0,
+    stationarity_tol: float | None = DEFAULT_STATIONARITY_TOL,
     return_info: bool = False,
 ):
     r""":math:`dE/d\lambda` of the fine-tuned validation loss w.r.t. pre-training hyperparameters.
@@ -207,6 +208,11 @@ def pretrain_hypergrad(
             ``alpha`` = the pre-training step size as in Raghu et al., ``"exact"``,
             ``"minres"``, ...).  A non-convex pre-training loss has an indefinite Hessian
             away from a minimum: use ``damping`` or a few Neumann terms then.
+        stationarity_tol: warn (:class:`~hypergradient.NonStationaryWarning`) when the
+            gradient norm of ``pretrain_loss`` at ``pretrained`` exceeds this (the implicit
+            function theorem assumes a minimiser); ``None``: no check (warm-start
+            meta-pre-training, where the weights are by design not yet converged, passes
+            it).  See :func:`~hypergradient.implicit_hypergrad`.
         return_info: return a :class:`PretrainHypergrad` (hypergradient, :math:`dE/d\theta`,
             :math:`E`, :math:`\phi_K`, solve statistics) instead of the dict.
 
@@ -327,6 +333,7 @@ def pretrain_hypergrad(
             tol=tol,
             alpha=alpha,
             damping=damping,
+            stationarity_tol=stationarity_tol,
             return_stats=True,
         )
     except (HypergradientError, ConvergenceError) as err:

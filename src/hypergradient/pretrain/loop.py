@@ -66,7 +66,10 @@ class MetaPretrainer:
         solver, max_steps, tol, damping: the implicit solve (default one Neumann term, as in
             Raghu et al.'s code).  alpha: the Neumann / identity step; ``None`` uses the
             optimizer's current learning rate (for Adam this is only an approximation of
-            the step it takes).
+            the step it takes).  The implicit step is taken at the current (warm-started,
+            not converged) weights on purpose, so no
+            :class:`~hypergradient.NonStationaryWarning` is raised; the measured gradient
+            norm is in ``info.stats.extra["inner_grad_norm"]``.
         project: ``project(hparams)`` in place after every hyper-step (e.g. a kind's
             :meth:`~hypergradient.hparams.AbstractHyperparameter.project`).
 
@@ -156,6 +159,8 @@ class MetaPretrainer:
             max_steps=max_steps,
             tol=tol,
             damping=damping,
+            # warm start: the weights are by design not a pre-training optimum yet
+            stationarity_tol=None,
         )
         self.alpha = alpha
         self.project = project

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NoReturn
 
 import torch
 from torch import nn
@@ -33,7 +34,12 @@ def params_of(module: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
 def as_function(module: nn.Module) -> Callable[..., torch.Tensor]:
     """Return ``f(params, *inputs) = module(*inputs)`` evaluated with the weights ``params``.
 
-    Buffers (e.g. BatchNorm statistics) are taken from the module.  The result is a pure
+    ``params`` must hold every trainable parameter of ``module`` (the keys of
+    :func:`params_of`); a missing one raises :class:`~hypergradient.HypergradientError`
+    naming it (and any key that names neither a parameter nor a buffer: a misspelt name),
+    instead of silently using the module's own tensor, which no gradient would reach.
+    Buffers (e.g. BatchNorm statistics) and frozen parameters (``requires_grad=False``) are
+    taken from the module unless given.  The result is a pure
     function of ``params`` that ``torch.autograd`` and ``torch.func`` transforms accept, so
     ``inner_loss = lambda p, h: F.cross_entropy(f(p, x), y) + penalty(p, h)`` plugs a user's
     model into :func:`hypergradient.implicit_hypergrad`.
@@ -54,6 +60,27 @@ def as_function(module: nn.Module) -> Callable[..., torch.Tensor]:
         )
 
     def call(params, *inputs, **kwargs):
-        return functional_call(module, dict(params), inputs, kwargs)
+        params = dict(params)
+        # torch.func.functional_call falls back to the module's tensor for a missing key and
+        # ignores an unknown one; its strict=True would also demand every buffer
+        required = [k for k, v in module.named_parameters() if v.requires_grad]
+        if any(k not in params for k in required):
+            _raise_bad_keys(module, params, required)
+        return functional_call(module, params, inputs, kwargs)
 
     return call
+
+
+def _raise_bad_keys(module: nn.Module, params: dict, required: list[str]) -> NoReturn:
+    missing = [k for k in required if k not in params]
+    known = {k for k, _ in module.named_parameters(remove_duplicate=False)}
+    known |= {k for k, _ in module.named_buffers(remove_duplicate=False)}
+    unknown = sorted(k for k in params if k not in known)
+    hint = f" (unknown keys {unknown}: misspelt?)" if unknown else ""
+    raise HypergradientError(
+        f"hypergradient.as_function({type(module).__name__}): the params dict lacks the "
+        f"trainable parameter(s) {missing}{hint}; it must hold every trainable parameter "
+        f"of the module (the keys of hg.params_of(module)), otherwise the module's own "
+        f"tensor would be used silently. Pass them all, or freeze the ones to keep fixed "
+        f"(requires_grad_(False))."
+    )
