@@ -26,16 +26,6 @@ from hypergradient.hparams.augment import AugmentationNet
 SHAPE = (1, 14, 14)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from intra-op threads, and on a busy machine the threads'
-    # spin-waiting makes every op many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomised(kind: AugmentationNet, scale: float = 0.3, seed: int = 1) -> dict:
     """Hyperparameters with every tensor (the zero last layers too) set to random values."""
     g = torch.Generator().manual_seed(seed)
@@ -296,7 +286,7 @@ def _run(module, config, run_dir, resume=False):
 
 
 def _final_hparams(run_dir):
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)["hparams"]
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["hparams"]
 
 
 def _without_seconds(tree):
@@ -391,7 +381,7 @@ def test_recipe_resume_matches_uninterrupted_run(recipe_module, tmp_path, monkey
     monkeypatch.setattr(hg.BilevelTrainer, "step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         _run(recipe_module, config, out)
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["hyper_step"] == 2
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["hyper_step"] == 2
     monkeypatch.setattr(hg.BilevelTrainer, "step", step)
     resumed, _ = _run(recipe_module, config, out, resume=True)
     got = _final_hparams(out)

@@ -32,16 +32,6 @@ from hypergradient.recipes._config import build_config
 from hypergradient.testing import finite_difference_hypergrad, relative_error
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These problems are tiny (10 synthetic images, linear models): intra-op threads only
-    add synchronisation, which on a busy 2-core machine made the suite ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _quiet() -> Console:
     return Console(file=io.StringIO(), width=120)
 
@@ -311,7 +301,7 @@ def test_distill_resume_equals_uninterrupted(tmp_path, monkeypatch):
     monkeypatch.setattr(recipe, "unrolled_hypergrad", flaky)
     with pytest.raises(KeyboardInterrupt):
         recipe.DistillRecipe().run(_cfg("hyper_steps=6"), crash, resume=False, console=_quiet())
-    state = torch.load(crash / "checkpoint.pt", weights_only=False)
+    state = torch.load(crash / "checkpoint.pt", weights_only=True)
     assert state["step"] == 4
     recipe.DistillRecipe().run(_cfg("hyper_steps=6"), crash, resume=True, console=_quiet())
     c = _final_hparams(crash)

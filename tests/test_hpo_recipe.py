@@ -206,7 +206,7 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, monkeypatch)
         if t.state.name == "RUNNING"
     ]
     before = optuna.load_study(study_name=cut[0], storage=url).trials[: cut[1]]
-    gradient_before = torch.load(out / "checkpoint.pt", weights_only=False)["history"]
+    gradient_before = torch.load(out / "checkpoint.pt", weights_only=True)["history"]
 
     monkeypatch.setattr(objectives_mod, "_train_sgd", real)
     assert main([*argv, "--resume"]) == 0
@@ -215,6 +215,6 @@ def test_killed_run_resumes_without_redoing_finished_work(tmp_path, monkeypatch)
     assert study.trials[cut[1]].state.name == "FAIL"  # the cut-off trial, not counted twice
     for old, new in zip(before, study.trials):  # finished trials kept as they were
         assert (old.params, old.value, old.state) == (new.params, new.value, new.state)
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["history"] == gradient_before
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["history"] == gradient_before
     for run in results["searches"]:
         assert run["compute"] >= results["search_budget"]

@@ -37,15 +37,6 @@ from hypergradient.recipes.reweight import ReweightConfig, ReweightRecipe
 from hypergradient.testing import finite_difference_hypergrad
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems: one thread is faster than two and immune to an oversubscribed machine.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _quiet() -> Console:
     return Console(quiet=True)
 
@@ -387,14 +378,14 @@ def test_hyperclean_resume_after_a_kill_equals_uninterrupted(tmp_path, monkeypat
         HyperCleanRecipe().run(
             config, tmp_path / "cut", resume=False, progress=False, console=_quiet()
         )
-    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert state["step"] == 2
     monkeypatch.setattr(hc, "unrolled_hypergrad", real)
     resumed = HyperCleanRecipe().run(
         config, tmp_path / "cut", resume=True, progress=False, console=_quiet()
     )
-    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=False)
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
+    a = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)
     assert torch.equal(a["hparams"]["example_weights"], b["hparams"]["example_weights"])
     assert resumed["test_acc"] == whole["test_acc"]
     assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in whole["history"]]

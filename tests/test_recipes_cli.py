@@ -25,17 +25,6 @@ from hypergradient.recipes import available_recipes, build_config
 from hypergradient.recipes import weight_decay as wd_recipe
 from hypergradient.recipes.weight_decay import WeightDecayConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models gain nothing from intra-op threads, and on a busy machine the threads'
-    # spin-waiting makes every op many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- (a) resume
 
 
@@ -99,7 +88,7 @@ def test_trainer_resume_after_exception_mid_run_matches(tmp_path, uninterrupted)
     with pytest.raises(Killed):
         _trainer(callbacks=[kill_at_four]).fit(6, checkpoint=ckpt)
     # the kill hit hyper-step 4 before its checkpoint: the file holds step 3
-    assert torch.load(ckpt, weights_only=False)["hyper_step"] == 3
+    assert torch.load(ckpt, weights_only=True)["hyper_step"] == 3
     torch.manual_seed(12345)
     resumed = _trainer()
     resumed.fit(6, checkpoint=ckpt, resume=True)
@@ -166,7 +155,10 @@ def test_trainer_hypergradient_equals_functional_core():
 
     params = hg.params_of(model)
     hparams = {k: v.detach().clone() for k, v in trainer.hparams.items()}
-    expected = hg.implicit_hypergrad(inner, outer, params, hparams, solver="exact")
+    # 30 steps do not reach the optimum: the trainer's warm-start approximation, on purpose
+    expected = hg.implicit_hypergrad(
+        inner, outer, params, hparams, solver="exact", stationarity_tol=None
+    )
     assert grads.keys() == expected.keys() == {"log_wd.weight", "log_wd.bias"}
     for k in expected:
         assert grads[k].dtype == torch.float64
@@ -198,6 +190,7 @@ BAD_VALUES = {
     "solver_steps": "-1",
     "unroll_steps": "0",
     "hyper_lr": "nan",
+    "decay_safety": "1.5",
     "grid": "0.1,-1",
     "seed": "-1",
     "threads": "-2",

@@ -22,6 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from ._errors import HypergradientError
+from ._io import LOCK_HINT, LOCK_NAME, RunLock, make_run_folder
 
 
 def _demo_parser(sub) -> None:
@@ -58,6 +59,11 @@ def _demo_parser(sub) -> None:
             p.add_argument(flag, type=float, nargs="+", default=default, help=helps[f.name])
         else:
             p.add_argument(flag, type=type(default), default=default, help=helps[f.name])
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted demo from the checkpoint in --out (same options)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
@@ -149,17 +155,26 @@ def _run_recipe(name: str, recipe_cls, args) -> int:
     if args.resume and config_file is None and saved.is_file():
         config_file = saved  # resuming continues the run as it was configured
     config = build_config(recipe_cls.config_cls, config_file, args.set)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise HypergradientError(f"--out {str(run_dir)!r}: is a file, expected a folder.")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    make_run_folder(run_dir, "--out")
     console = _console()
-    if args.resume and saved.is_file() and saved.read_text() != to_toml(config):
-        console.print(f"note: resuming {run_dir} with options changed from its config.toml")
-    saved.write_text(to_toml(config))
-    recipe_cls().run(
-        config, run_dir, resume=args.resume, progress=not args.no_progress, console=console
-    )
+    # one process per run folder: a second one would interleave checkpoints and logs
+    with RunLock(
+        run_dir / LOCK_NAME, f"hypergradient {name} --out {str(run_dir)!r}", hint=LOCK_HINT
+    ):
+        if args.resume and saved.is_file() and saved.read_text() != to_toml(config):
+            console.print(f"note: resuming {run_dir} with options changed from its config.toml")
+        saved.write_text(to_toml(config))
+        recipe_cls().run(
+            config, run_dir, resume=args.resume, progress=not args.no_progress, console=console
+        )
     return 0
+
+
+def _os_error_line(err: OSError) -> str:
+    """An operating-system error (disk full, permission, a file where a folder should be) as
+    the one line the CLI prints."""
+    where = f" {str(err.filename)!r}" if err.filename else ""
+    return f"{err.strerror or err}{where}; check the path and free space, or pass another --out."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,29 +194,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    if args.command in recipes:
-        try:
+    try:
+        if args.command in recipes:
             return _run_recipe(args.command, recipes[args.command], args)
-        except HypergradientError as err:
-            print(f"error: {_one_line(err)}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:
-            print(
-                f"interrupted; continue with: hypergradient {args.command} --resume "
-                f"(and the same --out)",
-                file=sys.stderr,
-            )
-            return 130
-    if args.command == "demo":
         from .demo import DemoConfig, run_demo
 
         values = {f.name: getattr(args, f.name) for f in fields(DemoConfig)}
-        try:
-            run_demo(DemoConfig(**values), show_progress=not args.no_progress)
-        except HypergradientError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    return 0
+        run_demo(DemoConfig(**values), show_progress=not args.no_progress, resume=args.resume)
+        return 0
+    except HypergradientError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {_one_line(_os_error_line(err))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        out = args.out if args.out is not None else f"hypergradient-runs/{args.command}"
+        print(
+            f"interrupted; finished work is kept in {out!r}: continue with "
+            f"hypergradient {args.command} --resume (and the same options)",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

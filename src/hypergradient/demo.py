@@ -7,7 +7,9 @@ What it does (Lorraine, Vicol & Duvenaud 2020, Algorithm 1, at CPU scale):
 2. Per-weight run: one log weight decay *per weight* (as many hyperparameters as weights).
    Warm start: the weights keep training; every ``hyper_every`` SGD steps one hyper-step
    computes the implicit hypergradient (Neumann series with ``neumann_terms`` terms and step
-   ``inner_lr``) at the current weights and moves the log decays with Adam.
+   ``inner_lr``) at the current weights and moves the log decays with Adam.  The decays
+   are clipped to ``0.9 * 2 / inner_lr`` after every hyper-step: past ``2 / inner_lr`` a
+   weight's SGD step is unstable (the results count the hyper-steps that clipped).
 3. Both are evaluated on validation and held-out test data; a table is printed, and the
    results (JSON), the config and a plot (PNG) are written to ``config.out``.
 
@@ -28,6 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from ._errors import HypergradientError
+from ._io import (
+    LOCK_HINT,
+    LOCK_NAME,
+    RunLock,
+    load_checkpoint,
+    make_run_folder,
+    save_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .data import Split, load_digits_split
 from .hypergrad import implicit_hypergrad
 
@@ -133,9 +145,15 @@ def sgd_steps(params, log_wd, data: Split, steps: int, lr: float):
 # ----------------------------------------------------------------------------- the runs
 
 
-def run_grid(config: DemoConfig, data: Split, progress=None, task=None) -> list[dict]:
-    rows = []
-    for wd in config.grid:
+def run_grid(
+    config: DemoConfig, data: Split, progress=None, task=None, *, finished=(), on_row=None
+) -> list[dict]:
+    """One run per global decay of ``config.grid``; the rows in ``finished`` (a resumed demo)
+    are kept, and ``on_row(rows)`` is called after every new row (the checkpoint)."""
+    rows = list(finished)
+    if progress is not None:
+        progress.advance(task, config.total_steps * len(rows))
+    for wd in config.grid[len(rows) :]:
         start = time.perf_counter()
         params = init_mlp(
             data.num_features, config.hidden, data.num_classes, config.seed, data.x_train.dtype
@@ -158,13 +176,20 @@ def run_grid(config: DemoConfig, data: Split, progress=None, task=None) -> list[
                 "seconds": time.perf_counter() - start,
             }
         )
+        if on_row is not None:
+            on_row(rows)
         if progress is not None:
             progress.advance(task, config.total_steps)
     return rows
 
 
-def run_per_weight(config: DemoConfig, data: Split, progress=None, task=None) -> dict:
-    """Warm-started joint training of weights and per-weight log decays (Lorraine Alg. 1)."""
+def run_per_weight(
+    config: DemoConfig, data: Split, progress=None, task=None, *, saved=None, on_hyper_step=None
+) -> dict:
+    """Warm-started joint training of weights and per-weight log decays (Lorraine Alg. 1).
+
+    ``saved``: a state that ``on_hyper_step(state)`` was given (after every hyper-step) by an
+    interrupted run; the run continues from it to the same result as an uninterrupted one."""
     start = time.perf_counter()
     params = init_mlp(
         data.num_features, config.hidden, data.num_classes, config.seed, data.x_train.dtype
@@ -174,6 +199,22 @@ def run_per_weight(config: DemoConfig, data: Split, progress=None, task=None) ->
         for k, v in params.items()
     }
     hyper_opt = torch.optim.Adam(list(log_wd.values()), lr=config.hyper_lr)
+    history = {"step": [], "val_loss": [], "train_loss": []}
+    done, clipped_steps, seconds_before = 0, 0, 0.0
+    if saved is not None:
+        params = dict(saved["params"])
+        with torch.no_grad():
+            for k, v in log_wd.items():
+                v.copy_(saved["log_wd"][k])
+        hyper_opt.load_state_dict(saved["hyper_optimizer"])
+        history = json.loads(saved["history"])
+        done, clipped_steps = int(saved["done"]), int(saved["clipped_steps"])
+        seconds_before = float(saved["seconds"])
+        if progress is not None:
+            progress.advance(task, done)
+    # SGD on 0.5 * wd * w^2 is stable only while inner_lr * wd < 2: keep a 10% margin
+    max_decay = 0.9 * 2.0 / config.inner_lr
+    log_max_decay = math.log(max_decay)
 
     def inner_loss(p, h):
         return F.cross_entropy(mlp(p, data.x_train), data.y_train) + weight_decay_penalty(p, h)
@@ -181,8 +222,6 @@ def run_per_weight(config: DemoConfig, data: Split, progress=None, task=None) ->
     def outer_loss(p, h):
         return F.cross_entropy(mlp(p, data.x_val), data.y_val)
 
-    history = {"step": [], "val_loss": [], "train_loss": []}
-    done = 0
     while done < config.total_steps:
         chunk = min(config.hyper_every, config.total_steps - done)
         params = sgd_steps(params, log_wd, data, chunk, config.inner_lr)
@@ -195,16 +234,34 @@ def run_per_weight(config: DemoConfig, data: Split, progress=None, task=None) ->
             solver="neumann",
             max_steps=config.neumann_terms,
             alpha=config.inner_lr,
+            stationarity_tol=None,  # warm start: the weights are by design not converged
         )
         hyper_opt.zero_grad()
         for k, v in log_wd.items():
             v.grad = hypergrad[k]
         hyper_opt.step()
+        with torch.no_grad():
+            over = sum(int((v > log_max_decay).sum()) for v in log_wd.values())
+            for v in log_wd.values():
+                v.clamp_(max=log_max_decay)
+        clipped_steps += over > 0
         val_loss, _ = evaluate(params, data.x_val, data.y_val)
         train_loss, _ = evaluate(params, data.x_train, data.y_train)
         history["step"].append(done)
         history["val_loss"].append(val_loss)
         history["train_loss"].append(train_loss)
+        if on_hyper_step is not None:
+            on_hyper_step(
+                {
+                    "params": params,
+                    "log_wd": {k: v.detach() for k, v in log_wd.items()},
+                    "hyper_optimizer": hyper_opt.state_dict(),
+                    "history": json.dumps(history),
+                    "done": done,
+                    "clipped_steps": clipped_steps,
+                    "seconds": seconds_before + time.perf_counter() - start,
+                }
+            )
         if progress is not None:
             progress.advance(task, chunk)
     val_loss, val_acc = evaluate(params, data.x_val, data.y_val)
@@ -215,11 +272,12 @@ def run_per_weight(config: DemoConfig, data: Split, progress=None, task=None) ->
         "val_acc": val_acc,
         "test_loss": test_loss,
         "test_acc": test_acc,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds_before + time.perf_counter() - start,
         "num_hparams": int(decays.numel()),
         "weight_decay_quantiles": {
             q: float(torch.quantile(decays.double(), q)) for q in (0.05, 0.5, 0.95)
         },
+        "decay_clipping": {"max_decay": max_decay, "hyper_steps_clipped": clipped_steps},
         "history": history,
     }
 
@@ -251,10 +309,23 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(config: DemoConfig, *, show_progress: bool = True, console=None) -> dict:
-    """Run the demo, write ``results.json``, ``config.json`` and ``losses.png``; return results."""
+def run_demo(
+    config: DemoConfig, *, show_progress: bool = True, console=None, resume: bool = False
+) -> dict:
+    """Run the demo, write ``results.json``, ``config.json`` and ``losses.png``; return results.
+
+    Finished work is checkpointed in ``config.out`` (every grid run and every hyper-step);
+    ``resume=True`` (``hypergradient demo --resume``) continues an interrupted demo with the
+    same options to the same result. After Ctrl-C, ``results.json`` holds what was finished.
+    """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
     from rich.table import Table
 
     config.validate()
@@ -262,70 +333,116 @@ def run_demo(config: DemoConfig, *, show_progress: bool = True, console=None) ->
         console = Console()
         if not console.is_terminal:  # piped or logged: don't squeeze the table to 80 columns
             console = Console(width=110)
-    torch.manual_seed(config.seed)
-    data = load_digits_split(config.n_train, config.n_val, seed=config.seed)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    make_run_folder(out, "--out")
+    where = f"hypergradient demo --out {str(out)!r}"
+    with RunLock(out / LOCK_NAME, where, hint=LOCK_HINT):
+        checkpoint = out / "checkpoint.pt"
+        signature = {k: v for k, v in asdict(config).items() if k != "out"}
+        saved = {"grid": "[]", "per_weight": None}
+        if resume and checkpoint.is_file():
+            saved = load_checkpoint(checkpoint, f"{where} --resume", signature=signature)
+        elif resume:
+            console.print(f"no checkpoint in {out}: starting from the beginning")
+        else:
+            checkpoint.unlink(missing_ok=True)
+        torch.manual_seed(config.seed)
+        data = load_digits_split(config.n_train, config.n_val, seed=config.seed)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        finished = {"grid": json.loads(saved["grid"]), "per_weight": saved["per_weight"]}
 
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not show_progress,
-    ) as progress:
-        grid_task = progress.add_task(
-            "global-decay grid", total=config.total_steps * len(config.grid)
+        def keep(**changes) -> None:
+            finished.update(changes)
+            state = {"grid": json.dumps(finished["grid"]), "per_weight": finished["per_weight"]}
+            save_atomic(state, checkpoint, signature=signature)
+
+        try:
+            with Progress(
+                "[progress.description]{task.description}",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                disable=not show_progress,
+            ) as progress:
+                grid_task = progress.add_task(
+                    "global-decay grid", total=config.total_steps * len(config.grid)
+                )
+                grid = run_grid(
+                    config,
+                    data,
+                    progress,
+                    grid_task,
+                    finished=finished["grid"],
+                    on_row=lambda rows: keep(grid=rows),
+                )
+                pw_task = progress.add_task("per-weight decay (implicit)", total=config.total_steps)
+                per_weight = run_per_weight(
+                    config,
+                    data,
+                    progress,
+                    pw_task,
+                    saved=finished["per_weight"],
+                    on_hyper_step=lambda state: keep(per_weight=state),
+                )
+        except KeyboardInterrupt:
+            partial = finished["per_weight"]
+            write_json_atomic(
+                out / "results.json",
+                {
+                    "interrupted": True,
+                    "resume_with": "hypergradient demo --resume (same options)",
+                    "config": asdict(config),
+                    "grid": finished["grid"],
+                    "per_weight_steps_done": 0 if partial is None else int(partial["done"]),
+                },
+            )
+            raise
+
+        best = min(grid, key=lambda r: r["val_loss"])
+        result = {
+            "config": asdict(config),
+            "machine": {
+                "platform": platform.platform(),
+                "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
+            },
+            "grid": grid,
+            "best_grid": best,
+            "per_weight": per_weight,
+            "per_weight_beats_grid_on_validation": per_weight["val_loss"] < best["val_loss"],
+        }
+        write_text_atomic(out / "results.json", json.dumps(result, indent=2))
+        _plot(result, out / "losses.png")
+
+        table = Table(title="Weight decay on digits: one per weight (implicit) vs best global grid")
+        for col in ("method", "#hparams", "val loss", "val acc", "test loss", "test acc", "time"):
+            table.add_column(col, justify="left" if col == "method" else "right")
+        grid_seconds = sum(r["seconds"] for r in grid)
+        table.add_row(
+            f"best global wd={best['weight_decay']:g}",
+            "1",
+            f"{best['val_loss']:.4f}",
+            f"{best['val_acc']:.3f}",
+            f"{best['test_loss']:.4f}",
+            f"{best['test_acc']:.3f}",
+            f"{grid_seconds:.0f}s/{len(grid)} runs",
         )
-        grid = run_grid(config, data, progress, grid_task)
-        pw_task = progress.add_task("per-weight decay (implicit)", total=config.total_steps)
-        per_weight = run_per_weight(config, data, progress, pw_task)
-
-    best = min(grid, key=lambda r: r["val_loss"])
-    result = {
-        "config": asdict(config),
-        "machine": {
-            "platform": platform.platform(),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "grid": grid,
-        "best_grid": best,
-        "per_weight": per_weight,
-        "per_weight_beats_grid_on_validation": per_weight["val_loss"] < best["val_loss"],
-    }
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    _plot(result, out / "losses.png")
-
-    table = Table(title="Weight decay on digits: one per weight (implicit) vs best global grid")
-    for col in ("method", "#hparams", "val loss", "val acc", "test loss", "test acc", "time"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    grid_seconds = sum(r["seconds"] for r in grid)
-    table.add_row(
-        f"best global wd={best['weight_decay']:g}",
-        "1",
-        f"{best['val_loss']:.4f}",
-        f"{best['val_acc']:.3f}",
-        f"{best['test_loss']:.4f}",
-        f"{best['test_acc']:.3f}",
-        f"{grid_seconds:.0f}s/{len(grid)} runs",
-    )
-    pw = per_weight
-    table.add_row(
-        "per-weight (implicit)",
-        f"{pw['num_hparams']:,}",
-        f"{pw['val_loss']:.4f}",
-        f"{pw['val_acc']:.3f}",
-        f"{pw['test_loss']:.4f}",
-        f"{pw['test_acc']:.3f}",
-        f"{pw['seconds']:.0f}s/1 run",
-    )
-    console.print(table)
-    verdict = "lower" if result["per_weight_beats_grid_on_validation"] else "NOT lower"
-    console.print(
-        f"Per-weight validation loss is {verdict} than the best global decay. "
-        f"Wrote {out / 'results.json'}, {out / 'config.json'} and {out / 'losses.png'}."
-    )
-    return result
+        pw = per_weight
+        table.add_row(
+            "per-weight (implicit)",
+            f"{pw['num_hparams']:,}",
+            f"{pw['val_loss']:.4f}",
+            f"{pw['val_acc']:.3f}",
+            f"{pw['test_loss']:.4f}",
+            f"{pw['test_acc']:.3f}",
+            f"{pw['seconds']:.0f}s/1 run",
+        )
+        console.print(table)
+        verdict = "lower" if result["per_weight_beats_grid_on_validation"] else "NOT lower"
+        console.print(
+            f"Per-weight validation loss is {verdict} than the best global decay. "
+            f"Wrote {out / 'results.json'}, {out / 'config.json'} and {out / 'losses.png'}."
+        )
+        return result

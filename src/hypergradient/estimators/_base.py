@@ -27,10 +27,12 @@ from typing import Any
 import torch
 
 from .._errors import HypergradientError, check_tree
+from .._io import checkpoint_type
 from .._tree import Tree, tree_map
 from ._system import AbstractUnrolledSystem, State, Theta, check_horizon, leaves_of
 
 
+@checkpoint_type  # meta-training checkpoints hold the particles
 @dataclass(frozen=True)
 class EstimatorState:
     """The particles an estimator carries from one truncation to the next.

@@ -69,7 +69,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .._errors import HypergradientError
-from .._io import load_checkpoint, save_atomic, write_json_atomic
+from .._io import checkpoint_type, load_checkpoint, save_atomic, write_json_atomic
 from ..estimators import AntitheticES, EstimatorState
 from ..estimators._system import concat_particles, init_particles, run_window
 from .architectures import (
@@ -387,6 +387,7 @@ def _check_int(where: str, name: str, value: object, minimum: int = 1) -> int:
 # The loop.
 
 
+@checkpoint_type  # benchmarks cache finished runs
 @dataclass
 class SelfTrainingResult:
     """What :func:`self_train` returns.

@@ -70,6 +70,7 @@ from ..hypergrad.methods import Implicit
 from ..train import BatchStream, BilevelTrainer
 from ._base import (
     ThreadedRecipe,
+    load_checkpoint,
     machine,
     progress_bar,
     pyplot,
@@ -552,7 +553,8 @@ def run_learned(
 
     trainer = build_trainer(config, data, log_dir=run_dir, callbacks=[schedule_and_evaluate])
     if on_step is not None and resume and checkpoint.is_file():
-        on_step(int(torch.load(checkpoint, weights_only=False)["hyper_step"]))
+        saved = load_checkpoint(checkpoint, "--resume", signature=trainer.signature())
+        on_step(int(saved["hyper_step"]))
     # the augmentation noise comes from the global RNG: seed it for this run only (a resumed
     # run restores the checkpoint's RNG state inside the fork)
     with torch.random.fork_rng(devices=[]):

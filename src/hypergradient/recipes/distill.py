@@ -307,47 +307,59 @@ class ColdStartDistiller:
         checkpoint: Path | None = None,
         resume: bool = False,
         on_step: Callable[[ColdStartDistiller], None] | None = None,
+        signature: Any | None = None,
     ) -> list[dict[str, float]]:
         """Run until ``hyper_steps`` hyper-steps are done in total (see the class docstring).
 
         ``on_step(self)`` runs after every hyper-step, before the checkpoint is written (so
-        what it adds to ``self.history[-1]`` is saved too).
+        what it adds to ``self.history[-1]`` is saved too). ``signature`` (the options that
+        define the run) is stored in the checkpoint, and a checkpoint with another one is
+        refused on resume.
         """
         if resume and checkpoint is not None and Path(checkpoint).exists():
-            self.load_state_dict(load_checkpoint(Path(checkpoint), "distill"))
+            self.load_state_dict(load_checkpoint(Path(checkpoint), "distill", signature=signature))
         while self.step < hyper_steps:
             self.hyper_step()
             if on_step is not None:  # may annotate self.history[-1] before it is saved
                 on_step(self)
             if checkpoint is not None:
-                save_atomic(self.state_dict(), Path(checkpoint))
+                save_atomic(self.state_dict(), Path(checkpoint), signature=signature)
         return self.history
+
+
+def _resume_options(cfg, free: tuple[str, ...]) -> dict[str, Any]:
+    """The options a checkpoint must agree with (those in ``free`` may change on resume)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in free and k != "threads"}
 
 
 def _check_resume(run_dir: Path, cfg, free: tuple[str, ...], resume: bool) -> None:
     """Refuse to resume a checkpoint made with other options (those in ``free`` may change:
     more hyper-steps, another evaluation); record this run's options for the next resume."""
     path = run_dir / "resume_options.json"
-    options = {k: v for k, v in asdict(cfg).items() if k not in free and k != "threads"}
+    options = _resume_options(cfg, free)
     if resume:
         check_resumable(path, options)
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(options, indent=1))
 
 
-def _fit_trainer(trainer: BilevelTrainer, hyper_steps: int, path: Path, resume: bool) -> None:
+def _fit_trainer(
+    trainer: BilevelTrainer, hyper_steps: int, path: Path, resume: bool, options: dict[str, Any]
+) -> None:
     """``trainer.fit`` with a checkpoint after every hyper-step, the history stored as one
     JSON string (``BilevelTrainer.save_checkpoint`` pickles it record by record, which costs
-    O(steps) per save and dominated a 2000-step run)."""
+    O(steps) per save and dominated a 2000-step run). The checkpoint's signature is the
+    trainer's and the run's ``options``."""
+    signature = {"trainer": trainer.signature(), "options": options}
     if resume and path.is_file():
-        state = load_checkpoint(path, "distill")
+        state = load_checkpoint(path, "distill", signature=signature)
         state["history"] = json.loads(state["history"])
         trainer.load_state_dict(state)
     while trainer.hyper_step < hyper_steps:
         trainer.step()
         state = trainer.state_dict()
         state["history"] = json.dumps(trainer.history)
-        save_atomic(state, path)
+        save_atomic(state, path, signature=signature)
 
 
 # ============================================================================ plots
@@ -623,15 +635,15 @@ class DistillRecipe(AbstractRecipe):
         "trains a fresh model; compare with random real images"
     )
     config_cls = DistillConfig
+    #: options that may differ on resume
+    resume_free = ("hyper_steps", "eval_seeds", "baseline_draws", "eval_every")
 
     def run(self, config, run_dir, *, resume=False, progress=False, console=None):
         """See :meth:`AbstractRecipe.run`.  On resume only ``hyper_steps`` (more steps: the run
         continues) and the evaluation options may differ from the checkpoint's."""
         config.validate()
         run_dir = Path(run_dir)
-        _check_resume(
-            run_dir, config, ("hyper_steps", "eval_seeds", "baseline_draws", "eval_every"), resume
-        )
+        _check_resume(run_dir, config, self.resume_free, resume)
         with torch_threads(config.threads):
             return self._run(config, run_dir, resume, progress, console or Console())
 
@@ -705,6 +717,7 @@ class DistillRecipe(AbstractRecipe):
                     checkpoint=run_dir / "checkpoint.pt",
                     resume=resume,
                     on_step=on_step,
+                    signature=_resume_options(cfg, self.resume_free),
                 )
                 hparams, history = distiller.hparams, distiller.history
                 loss_key = "outer_loss"
@@ -728,7 +741,13 @@ class DistillRecipe(AbstractRecipe):
                         lambda tr, rec: bar.update(task, completed=tr.hyper_step),
                     ],
                 )
-                _fit_trainer(trainer, cfg.hyper_steps, run_dir / "trainer.pt", resume)
+                _fit_trainer(
+                    trainer,
+                    cfg.hyper_steps,
+                    run_dir / "trainer.pt",
+                    resume,
+                    _resume_options(cfg, self.resume_free),
+                )
                 hparams, history = trainer.hparams, trainer.history
                 loss_key = "val_loss"
                 online = {
@@ -914,13 +933,15 @@ class WarmColdRecipe(AbstractRecipe):
         "training; warm online > cold > retrain on the warm data"
     )
     config_cls = WarmColdConfig
+    #: options that may differ on resume
+    resume_free = ("warm_steps", "cold_steps", "retrain_steps")
 
     def run(self, config, run_dir, *, resume=False, progress=False, console=None):
         """See :meth:`AbstractRecipe.run`.  On resume only ``warm_steps``, ``cold_steps`` and
         ``retrain_steps`` may differ from the checkpoint's."""
         config.validate()
         run_dir = Path(run_dir)
-        _check_resume(run_dir, config, ("warm_steps", "cold_steps", "retrain_steps"), resume)
+        _check_resume(run_dir, config, self.resume_free, resume)
         with torch_threads(config.threads):
             return self._run(config, run_dir, resume, progress, console or Console())
 
@@ -981,7 +1002,13 @@ class WarmColdRecipe(AbstractRecipe):
             )
             bar.update(task, completed=0)
             warm_start = time.perf_counter()
-            _fit_trainer(trainer, cfg.warm_steps, run_dir / "warm.pt", resume)
+            _fit_trainer(
+                trainer,
+                cfg.warm_steps,
+                run_dir / "warm.pt",
+                resume,
+                _resume_options(cfg, self.resume_free),
+            )
             warm_seconds = time.perf_counter() - warm_start
             w_warm = {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -1005,6 +1032,7 @@ class WarmColdRecipe(AbstractRecipe):
                 cfg.cold_steps,
                 checkpoint=run_dir / "cold.pt",
                 resume=resume,
+                signature=_resume_options(cfg, self.resume_free),
                 on_step=lambda d: (probe_cold(d), bar.update(task2, completed=d.step)),
             )
             cold_seconds = time.perf_counter() - cold_start

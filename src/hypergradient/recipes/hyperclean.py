@@ -418,9 +418,9 @@ class HyperCleanRecipe(AbstractRecipe):
         hyper_opt = torch.optim.Adam([lam], lr=config.hyper_lr)
         history: list[dict[str, float]] = []
         checkpoint = run_dir / "checkpoint.pt"
-        meta = {k: getattr(config, k) for k in _RESUME_KEYS}
+        meta = {"recipe": self.name} | {k: getattr(config, k) for k in _RESUME_KEYS}
         if resume_or_start_over(run_dir, meta, resume=resume):
-            state = load_checkpoint(checkpoint, "--resume")
+            state = load_checkpoint(checkpoint, "--resume", signature=meta)
             if state["hparams"]["example_weights"].shape != lam.shape:
                 raise HypergradientError(
                     f"--resume: the checkpoint in {str(run_dir)!r} holds "
@@ -487,6 +487,7 @@ class HyperCleanRecipe(AbstractRecipe):
                         "rng": torch.get_rng_state(),
                     },
                     checkpoint,
+                    signature=meta,
                 )
                 bar.update(task, completed=len(history))
 

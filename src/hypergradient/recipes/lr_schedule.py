@@ -274,9 +274,9 @@ class LRScheduleRecipe(ThreadedRecipe):
         hyper_opt = torch.optim.Adam(list(hparams.values()), lr=config.hyper_lr)
         history: list[dict] = []
         checkpoint = run_dir / "checkpoint.pt"
-        meta = {k: getattr(config, k) for k in _RESUME_KEYS}
+        meta = {"recipe": self.name} | {k: getattr(config, k) for k in _RESUME_KEYS}
         if resume_or_start_over(run_dir, meta, resume=resume):
-            state = load_checkpoint(checkpoint, "--resume")
+            state = load_checkpoint(checkpoint, "--resume", signature=meta)
             with torch.no_grad():
                 for k, v in hparams.items():
                     v.copy_(state["hparams"][k])
@@ -297,7 +297,17 @@ class LRScheduleRecipe(ThreadedRecipe):
                 step_start = time.perf_counter()
                 current = {k: v.detach() for k, v in hparams.items()}
                 # the first run is the initial one, already computed
-                result = initial if not history else problem.hypergrad(current)
+                try:
+                    result = initial if not history else problem.hypergrad(current)
+                except HypergradientError as err:
+                    lr_now, mu_now = schedules(config, current)
+                    raise HypergradientError(
+                        f"lr-schedule: the training run of hyper-step {len(history) + 1} "
+                        f"failed with learning rates up to {float(lr_now.max()):.4g} "
+                        f"(momenta up to {float(mu_now.max()):.4g}): {err} If the learned "
+                        f"rates made it diverge, lower option 'hyper_lr' (now "
+                        f"{config.hyper_lr}) or 'init_lr' (now {config.init_lr})."
+                    ) from None
                 scores = problem.evaluate(result.params)
                 if not math.isfinite(scores["val_loss"]):
                     raise HypergradientError(
@@ -327,6 +337,7 @@ class LRScheduleRecipe(ThreadedRecipe):
                         "history": history,
                     },
                     checkpoint,
+                    signature=meta,
                 )
                 bar.update(task, completed=len(history))
 

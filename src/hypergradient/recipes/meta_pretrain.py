@@ -348,13 +348,15 @@ class MetaPretrainRecipe(ThreadedRecipe):
         c = config
         problem = Problem(c)
         checkpoint = run_dir / "checkpoint.pt"
-        meta = {k: v for k, v in asdict(c).items() if k not in _RESUME_EXEMPT}
+        meta = {"recipe": self.name} | {
+            k: v for k, v in asdict(c).items() if k not in _RESUME_EXEMPT
+        }
         trainer = problem.trainer()
         history: list[dict] = []
         curves: list[dict] = []
         references: dict[str, dict] = {}
         if resume_or_start_over(run_dir, meta, resume=resume):
-            state = load_checkpoint(checkpoint, "--resume")
+            state = load_checkpoint(checkpoint, "--resume", signature=meta)
             trainer.load_state_dict(state["trainer"])
             history, curves = list(state["history"]), list(state["curves"])
             references = dict(state["references"])
@@ -370,6 +372,7 @@ class MetaPretrainRecipe(ThreadedRecipe):
                     "references": references,
                 },
                 checkpoint,
+                signature=meta,
             )
 
         fixed = {

@@ -11,7 +11,12 @@ The experiment (Lorraine, Vicol & Duvenaud 2020, Sec. 5.1, at CPU scale):
    :class:`~hypergradient.hparams.WeightDecay` (``granularity``: one decay, one per tensor,
    or one per weight: as many hyperparameters as weights).  Warm start: every
    ``hyper_every`` SGD steps, one hyper-step (implicit or unrolled hypergradient on a fresh
-   training batch and a validation batch) moves the log decays with Adam.
+   training batch and a validation batch) moves the log decays with Adam.  The decays are
+   clipped after every hyper-step to ``decay_safety`` (0.9) times the largest decay the inner
+   SGD step is stable with, ``2 / inner_lr`` (:func:`~hypergradient.hparams.max_stable_decay`):
+   hypergradients can push a decay without limit (a weight the validation loss dislikes is
+   best at zero), and past ``2 / inner_lr`` its weight oscillates with growing amplitude and
+   the training loss explodes.  ``results.json`` reports how often the bound was hit.
 3. **Split-size study.**  Step 2 is repeated for every validation-set size in
    ``val_sizes`` (the first ``k`` examples of one validation pool; the training and test sets
    stay the same).  Thousands of hyperparameters fitted on a small validation set over-fit
@@ -48,7 +53,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from .._errors import HypergradientError
 from ..data import Split, load_digits_split, load_fashion_mnist, load_mnist, to_float_split
-from ..hparams import WeightDecay
+from ..hparams import WeightDecay, max_stable_decay
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit, Unrolled
 from ..train import BatchStream, BilevelTrainer
 from ._base import (
@@ -161,6 +166,13 @@ class WeightDecayConfig:
     hyper_lr: float = field(
         default=0.03, metadata=help_text("Adam learning rate of the log decays")
     )
+    decay_safety: float = field(
+        default=0.9,
+        metadata=help_text(
+            "tuned decays are clipped to decay_safety * 2 / inner_lr, this fraction of the "
+            "largest decay the SGD step is stable with (in (0, 1))"
+        ),
+    )
     grid: list[float] = field(
         default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
         metadata=help_text("global weight decays of the baseline grid (>= 0)"),
@@ -173,6 +185,12 @@ class WeightDecayConfig:
     @property
     def inner_budget(self) -> int:
         return self.hyper_steps * self.hyper_every
+
+    @property
+    def max_decay(self) -> float:
+        """The bound the tuned decays are clipped to: ``decay_safety * 2 / inner_lr``."""
+        w = torch.zeros(1, requires_grad=True)
+        return max_stable_decay(torch.optim.SGD([w], lr=self.inner_lr), self.decay_safety)
 
     def on_curve(self, hyper_step: int) -> bool:
         """Is ``hyper_step`` one of the (about ``_CURVE_POINTS``) evaluated points?"""
@@ -218,6 +236,18 @@ class WeightDecayConfig:
         check_choice("solver", self.solver, _SOLVERS)
         for name in ("init_weight_decay", "inner_lr", "hyper_lr"):
             check_positive(name, getattr(self, name))
+        check_positive("decay_safety", self.decay_safety)
+        if self.decay_safety >= 1:
+            raise HypergradientError(
+                f"option 'decay_safety': expected a number in (0, 1) (a fraction of the SGD "
+                f"stability limit 2 / inner_lr), got {self.decay_safety!r}."
+            )
+        if self.init_weight_decay > self.max_decay:
+            raise HypergradientError(
+                f"option 'init_weight_decay' = {self.init_weight_decay!r} exceeds the stable "
+                f"bound decay_safety * 2 / inner_lr = {self.max_decay:.4g}: SGD would diverge; "
+                f"lower init_weight_decay or inner_lr."
+            )
         if not isinstance(self.grid, list) or not self.grid:
             raise HypergradientError(
                 f"option 'grid': expected a non-empty list of weight decays >= 0 (e.g. "
@@ -312,7 +342,9 @@ def build_trainer(
     hyper_lr = config.hyper_lr
     return BilevelTrainer(
         model,
-        WeightDecay(config.granularity, initial=config.init_weight_decay),
+        WeightDecay(
+            config.granularity, initial=config.init_weight_decay, max_decay=config.max_decay
+        ),
         train_loader(config, data),
         val_loader(config, data, n_val),
         torch.optim.SGD(model.parameters(), lr=config.inner_lr),
@@ -429,7 +461,7 @@ def _run_paths(run_dir: Path, n_val: int, main: bool) -> Path:
 _RESUME_KEYS = (
     "dataset", "n_train", "hidden", "granularity", "init_weight_decay", "inner_lr",
     "batch_size", "val_batch_size", "hyper_every", "method", "solver", "solver_steps",
-    "unroll_steps", "hyper_lr", "seed",
+    "unroll_steps", "hyper_lr", "decay_safety", "seed",
 )  # fmt: skip
 
 
@@ -467,6 +499,7 @@ def run_tuned(
     test_loss, test_acc = evaluate(model, data.x_test, data.y_test)
     train_loss, train_acc = evaluate(model, data.x_train, data.y_train)
     decays = torch.cat([v.detach().exp().reshape(-1) for v in trainer.hparams.values()]).double()
+    at_bound = [int(r.get("wd_at_bound", 0)) for r in history]
     return {
         "n_val": n_val,
         "num_hparams": int(decays.numel()),
@@ -479,6 +512,14 @@ def run_tuned(
         "gap": test_loss - val_loss,
         "weight_decay_quantiles": {
             str(q): float(torch.quantile(decays, q)) for q in (0.05, 0.5, 0.95)
+        },
+        # the stability guard: decays clipped to max_decay after a hyper-step
+        "decay_clipping": {
+            "max_decay": config.max_decay,
+            "hyper_steps_clipped": sum(1 for n in at_bound if n > 0),
+            "hyper_steps": len(at_bound),
+            "decays_at_bound_max": max(at_bound, default=0),
+            "decays_at_bound_final": at_bound[-1] if at_bound else 0,
         },
         # the hyper-steps' own time (kept in the checkpoint: a resumed run reports it whole)
         "seconds": sum(r["seconds"] for r in history),
@@ -574,6 +615,15 @@ class WeightDecayRecipe(ThreadedRecipe):
         _plot_losses(results, run_dir / "losses.png")
         _plot_split_sizes(results, run_dir / "split_size.png")
         console.print(results_table(results))
+        for run in by_size:
+            clip = run["tuned"]["decay_clipping"]
+            if clip["hyper_steps_clipped"]:
+                console.print(
+                    f"n_val={run['n_val']}: decays clipped to the stability bound "
+                    f"{clip['max_decay']:.4g} (decay_safety * 2 / inner_lr) after "
+                    f"{clip['hyper_steps_clipped']} of {clip['hyper_steps']} hyper-steps (up to "
+                    f"{clip['decays_at_bound_max']} decays at once)."
+                )
         verdict = "lower" if results["tuned_beats_grid_on_validation"] else "NOT lower"
         console.print(
             f"{config.granularity} decay: validation loss {verdict} than the best global decay "

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._errors import HypergradientError
-from .._io import save_atomic
+from .._io import RunLock, load_checkpoint, save_atomic, write_text_atomic
 from ..hparams._base import AbstractHyperparameter
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit
 from ..problem import as_function
@@ -137,6 +137,14 @@ class BilevelTrainer:
             validation loss the trainer evaluates (``loss(params, hparams) -> scalar`` on a
             batch of ``batch_size`` examples).  ``hg.distributed.DataParallel()`` makes them
             global losses over the ranks of a ``torchrun`` job (data-parallel training).
+        divergence_factor: stop with one :class:`~hypergradient.HypergradientError` as soon as
+            an inner step's training loss is not finite or exceeds ``divergence_factor`` times
+            its running level (the larger of the first hyper-step's training loss and the
+            median of the last 10), naming the hyper-step and the losses.  As the
+            hyperparameters move, the inner step can become unstable (e.g. SGD with a decay
+            above ``2 / lr``); the loss then grows geometrically, and this catches it within
+            a few inner steps instead of many hyper-steps later.  ``None``: only non-finite
+            losses stop the run.
 
     Cost per hyper-step: ``hyper_every`` ordinary training steps plus one hypergradient (see
     the method); memory: the model, one hyperparameter tensor per hyperparameter and the
@@ -161,6 +169,7 @@ class BilevelTrainer:
         log_dir: str | os.PathLike | None = None,
         seed: int = 0,
         wrap_loss: Callable[[Callable, int], Callable] | None = None,
+        divergence_factor: float | None = 1e3,
     ):
         if not isinstance(model, nn.Module):
             raise HypergradientError(
@@ -202,6 +211,18 @@ class BilevelTrainer:
         self.criterion = criterion
         self.callbacks = list(callbacks)
         self.wrap_loss = wrap_loss
+        if divergence_factor is not None and (
+            not isinstance(divergence_factor, (int, float))
+            or isinstance(divergence_factor, bool)
+            or not math.isfinite(divergence_factor)
+            or divergence_factor <= 1
+        ):
+            raise HypergradientError(
+                f"{_WHERE}(divergence_factor={divergence_factor!r}): expected a finite number "
+                f"> 1 or None."
+            )
+        self.divergence_factor = divergence_factor
+        self._hypergrad_info: dict[str, float] = {}
         self.forward = as_function(model)
         params = {k: v.detach() for k, v in model.named_parameters()}
         self.hparams = {
@@ -257,6 +278,8 @@ class BilevelTrainer:
             return self.model(x) if p is params else self.forward(p, x)
 
         loss_value = math.nan
+        limit = self._divergence_limit()
+        recent: list[float] = []
         self.model.train()
         for i in range(steps):
             batch = self._train_batch()
@@ -280,12 +303,67 @@ class BilevelTrainer:
             self.optimizer.step()
             self.inner_step += 1
             loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            raise HypergradientError(
-                f"{_WHERE}: the training loss became {loss_value} at inner step "
-                f"{self.inner_step}. Lower the inner learning rate or the hyper learning rate."
-            )
+            recent = [*recent[-4:], loss_value]
+            if limit is None and not self.history and math.isfinite(loss_value):
+                limit = self._divergence_limit(first=loss_value)  # no history yet: this loss
+            if not math.isfinite(loss_value) or (limit is not None and loss_value > limit):
+                self._raise_diverged(recent, limit)
         return loss_value
+
+    def _running_loss_level(self) -> float | None:
+        """The training loss's running level: the larger of the first hyper-step's and the
+        median of the last 10 hyper-steps' (from the history, so a resumed run agrees)."""
+        if not self.history:
+            return None
+
+        def finite(records) -> list[float]:
+            values = (r.get("train_loss") for r in records)
+            return [abs(x) for x in values if isinstance(x, (int, float)) and math.isfinite(x)]
+
+        first, last = finite(self.history[:1]), sorted(finite(self.history[-10:]))
+        if not last:
+            return None
+        return max([*first, last[len(last) // 2]])
+
+    def _divergence_limit(self, first: float | None = None) -> float | None:
+        """Training losses above this mean the inner step has gone unstable (None: no limit)."""
+        if self.divergence_factor is None:
+            return None
+        level = self._running_loss_level()
+        if level is None and first is not None:
+            level = abs(first)
+        if level is None or level == 0:
+            return None
+        return self.divergence_factor * level
+
+    def _raise_diverged(self, recent: list[float], limit: float | None) -> None:
+        if math.isfinite(recent[-1]) and limit is not None:
+            what = (
+                f"reached {recent[-1]:.4g}, over {self.divergence_factor:g} x its running "
+                f"level {limit / self.divergence_factor:.4g}"
+            )
+        else:
+            level = self._running_loss_level()
+            what = f"is {recent[-1]} (not finite)" + (
+                "" if level is None else f"; its running level was {level:.4g}"
+            )
+        described = self.hyper.describe(self.hparams)
+        hparams_txt = (
+            ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in described.items()
+            )
+            or "see trainer.hparams"
+        )
+        raise HypergradientError(
+            f"{_WHERE}: the inner training diverged during hyper-step {self.hyper_step + 1} "
+            f"(inner step {self.inner_step}): the training loss {what}; last losses "
+            f"{', '.join(f'{x:.4g}' for x in recent)}; hyperparameters now: {hparams_txt}. "
+            f"The inner step "
+            f"became unstable as the hyperparameters moved (e.g. a weight decay above "
+            f"2(1 + momentum) / lr for SGD). Fix: lower the hyper learning rate, bound the "
+            f"hyperparameter (e.g. hg.hparams.WeightDecay(max_decay=...)), or lower the inner "
+            f"learning rate."
+        )
 
     def reset_inner(self) -> None:
         """Cold start: the model's initial weights and a fresh optimizer state."""
@@ -328,7 +406,7 @@ class BilevelTrainer:
         inner_loss = self._wrap(inner_loss, train_batch)
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         lr, momentum = self._optimizer_lr_momentum()
-        grads = self.method.hypergrad(
+        grads, self._hypergrad_info = self.method.hypergrad_and_info(
             inner_loss, outer_loss, params, self._detached_hparams(), lr=lr, momentum=momentum
         )
         if self.method.outer_at_params and outer_values:
@@ -361,6 +439,7 @@ class BilevelTrainer:
             "train_loss": train_loss,
             "val_loss": val_loss,
             "hypergrad_norm": grad_norm,
+            **self._hypergrad_info,  # e.g. Implicit's inner_grad_norm at the weights used
             "seconds": time.perf_counter() - start,
             **self.hyper.describe(self.hparams),
         }
@@ -382,7 +461,10 @@ class BilevelTrainer:
 
         With ``checkpoint=path`` the full state is saved (atomically) after every hyper-step,
         so a killed run loses at most one hyper-step; ``resume=True`` first loads ``path`` if
-        it exists and continues from there to the same result as an uninterrupted run.
+        it exists and continues from there to the same result as an uninterrupted run. The
+        checkpoint is refused (one line) when it belongs to another trainer (other model
+        shapes, hyperparameters, optimizers or schedule), and ``path + ".lock"`` keeps a
+        second process from running on the same checkpoint while this one does.
         """
         if not isinstance(hyper_steps, int) or hyper_steps < 0:
             raise HypergradientError(
@@ -392,8 +474,23 @@ class BilevelTrainer:
             raise HypergradientError(
                 f"{_WHERE}.fit(resume=True): resuming needs checkpoint=<path> to read from."
             )
-        if resume and checkpoint is not None and Path(checkpoint).exists():
-            self.load_checkpoint(checkpoint)
+        if checkpoint is None:
+            return self._fit(hyper_steps, None, progress)
+        # one process per checkpoint: a second one would interleave saves and log lines
+        lock = Path(checkpoint).with_name(Path(checkpoint).name + ".lock")
+        with RunLock(
+            lock,
+            f"{_WHERE}.fit(checkpoint={str(checkpoint)!r})",
+            hint=" or pass another checkpoint path",
+        ):
+            if resume and Path(checkpoint).exists():
+                self.load_checkpoint(checkpoint)
+            elif self.log_dir is not None and self.hyper_step == 0:
+                # a fresh run: the log of an earlier run in this folder must not mix in
+                (self.log_dir / "hyper_steps.jsonl").unlink(missing_ok=True)
+            return self._fit(hyper_steps, checkpoint, progress)
+
+    def _fit(self, hyper_steps: int, checkpoint, progress: bool) -> list[dict[str, Any]]:
         bar = None
         if progress:
             from rich.progress import Progress
@@ -439,6 +536,27 @@ class BilevelTrainer:
                     self._tensorboard.add_scalar(key, value, record["hyper_step"])
 
     # ------------------------------------------------------------------ checkpoints
+    def signature(self) -> dict[str, Any]:
+        """What a checkpoint must agree with to be resumed by this trainer: the shapes of the
+        model's parameters and buffers and of the hyperparameters, the kinds of the
+        hyperparameter, optimizers and method, and the warm/cold-start schedule."""
+
+        def shapes(named) -> dict[str, list[int]]:
+            return {k: list(v.shape) for k, v in named}
+
+        return {
+            "trainer": "BilevelTrainer",
+            "model": shapes(self.model.state_dict().items()),
+            "hparams": shapes(self.hparams.items()),
+            "hyper": type(self.hyper).__name__,
+            "optimizer": type(self.optimizer).__name__,
+            "hyper_optimizer": type(self.hyper_optimizer).__name__,
+            "method": type(self.method).__name__,
+            "warm_start": self.warm_start,
+            "hyper_every": self.hyper_every,
+            "cold_start_steps": self.cold_start_steps,
+        }
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
@@ -455,16 +573,23 @@ class BilevelTrainer:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        for k, v in self.hparams.items():
+            if k not in state["hparams"] or state["hparams"][k].shape != v.shape:
+                raise HypergradientError(
+                    f"{_WHERE}.load_state_dict: the checkpoint's hyperparameters "
+                    f"{sorted(state['hparams'])} do not match this trainer's "
+                    f"{sorted(self.hparams)} (different recipe or config?)."
+                )
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as err:  # shapes or names: say so in one line
+            raise HypergradientError(
+                f"{_WHERE}.load_state_dict: the checkpoint's model does not fit this model "
+                f"({' '.join(str(err).split())}); load it into the model it was saved from."
+            ) from None
         self.optimizer.load_state_dict(state["optimizer"])
         with torch.no_grad():
             for k, v in self.hparams.items():
-                if k not in state["hparams"] or state["hparams"][k].shape != v.shape:
-                    raise HypergradientError(
-                        f"{_WHERE}.load_state_dict: the checkpoint's hyperparameters "
-                        f"{sorted(state['hparams'])} do not match this trainer's "
-                        f"{sorted(self.hparams)} (different recipe or config?)."
-                    )
                 v.copy_(state["hparams"][k])
         self.hyper_optimizer.load_state_dict(state["hyper_optimizer"])
         self.inner_step = int(state["inner_step"])
@@ -477,15 +602,22 @@ class BilevelTrainer:
         torch.set_rng_state(state["rng"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write the state to ``path`` atomically (a kill mid-write leaves the old file)."""
-        save_atomic(self.state_dict(), path)
+        """Write the state and :meth:`signature` to ``path`` atomically (a kill mid-write
+        leaves the old file)."""
+        save_atomic(self.state_dict(), path, signature=self.signature())
 
     def load_checkpoint(self, path: str | os.PathLike) -> None:
-        try:
-            state = torch.load(Path(path), weights_only=False)
-        except Exception as err:  # a truncated or foreign file: say which
-            raise HypergradientError(
-                f"{_WHERE}.load_checkpoint({str(path)!r}): could not read the checkpoint "
-                f"({type(err).__name__}: {err}). Delete it to start over."
-            ) from None
+        """Restore the state saved by :meth:`save_checkpoint`. The file is read with
+        ``weights_only=True`` (a planted pickle is refused and runs nothing) and must carry
+        this trainer's :meth:`signature`; either failure is one
+        :class:`~hypergradient.HypergradientError`. The log in ``log_dir`` is rewritten to the
+        checkpoint's history, so steps redone after a kill are not logged twice."""
+        state = load_checkpoint(
+            path, f"{_WHERE}.load_checkpoint({str(path)!r})", signature=self.signature()
+        )
         self.load_state_dict(state)
+        if self.log_dir is not None:
+            write_text_atomic(
+                self.log_dir / "hyper_steps.jsonl",
+                "".join(json.dumps(r) + "\n" for r in self.history),
+            )
