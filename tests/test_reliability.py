@@ -303,8 +303,11 @@ def test_run_lock_names_the_holder_and_is_released(tmp_path):
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "import sys; from hypergradient.cli import main; "
-            "sys.exit(main(sys.argv[1:]))", *args]  # fmt: skip
+    # a test run started in the background inherits SIGINT ignored (as every background job
+    # of a non-interactive shell does); a user's terminal delivers Ctrl-C: restore that
+    return [sys.executable, "-c", "import signal, sys; "
+            "signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "from hypergradient.cli import main; sys.exit(main(sys.argv[1:]))", *args]  # fmt: skip
 
 
 def test_two_processes_on_one_run_folder_the_second_exits_with_one_line(tmp_path):
