@@ -37,6 +37,8 @@ from ._errors import HypergradientError as HypergradientError
 from ._results import Result as Result
 from ._results import Solution as Solution
 from ._results import SolveStats as SolveStats
+from .hypergrad import AmortizationResetWarning as AmortizationResetWarning
+from .hypergrad import AmortizedImplicit as AmortizedImplicit
 from .hypergrad import ConvergenceWarning as ConvergenceWarning
 from .hypergrad import EvoGrad as EvoGrad
 from .hypergrad import FixedPoint as FixedPoint
@@ -55,6 +57,8 @@ from .train import BilevelTrainer as BilevelTrainer
 __version__ = "0.1.0"
 
 __all__ = [
+    "AmortizationResetWarning",
+    "AmortizedImplicit",
     "BilevelTrainer",
     "ConvergenceError",
     "ConvergenceWarning",

@@ -7,15 +7,20 @@ from .implicit import FixedPoint as FixedPoint
 from .implicit import NonStationaryWarning as NonStationaryWarning
 from .implicit import implicit_hypergrad as implicit_hypergrad
 from .methods import AbstractHypergradientMethod as AbstractHypergradientMethod
+from .methods import AmortizationResetWarning as AmortizationResetWarning
+from .methods import AmortizedImplicit as AmortizedImplicit
 from .methods import Implicit as Implicit
 from .methods import Unrolled as Unrolled
 from .methods import get_method as get_method
+from .methods import pedregosa_tolerance as pedregosa_tolerance
 from .reversible import ReversibleResult as ReversibleResult
 from .reversible import reversible_hypergrad as reversible_hypergrad
 from .unrolled import unrolled_hypergrad as unrolled_hypergrad
 
 __all__ = [
     "AbstractHypergradientMethod",
+    "AmortizationResetWarning",
+    "AmortizedImplicit",
     "ConvergenceWarning",
     "NonStationaryWarning",
     "EvoGrad",
@@ -23,6 +28,7 @@ __all__ = [
     "Implicit",
     "Unrolled",
     "get_method",
+    "pedregosa_tolerance",
     "ReversibleResult",
     "evograd_hypergrad",
     "implicit_hypergrad",

@@ -163,6 +163,7 @@ def implicit_hypergrad(
     hessian: str = "exact",
     preconditioner: Callable | None = None,
     stationarity_tol: float | None = DEFAULT_STATIONARITY_TOL,
+    x0: Mapping[str, torch.Tensor] | None = None,
     return_stats: bool = False,
 ):
     r"""Hypergradient :math:`dE/d\lambda` at an inner optimum by the implicit function theorem.
@@ -213,10 +214,16 @@ def implicit_hypergrad(
             solves of well-posed problems reach ``1e-5`` and below.  Ill-conditioned
             problems (small Hessian eigenvalues) or small hypergradients need a tighter
             value.
+        x0: initial guess for the linear system's solution ``q`` (a dict shaped like
+            ``params``), e.g. ``stats.extra["adjoint"]`` of the previous hyper-step: along a
+            training run ``q`` changes slowly, so a warm-started solve needs few iterations
+            (:class:`~hypergradient.AmortizedImplicit` keeps it for you).  Ignored by the
+            ``"exact"`` and ``"identity"`` solvers.
         return_stats: also return the :class:`~hypergradient._results.SolveStats` of the
-            linear solve (steps, residual, number of Hessian-vector products, and the
-            measured ``stats.extra["inner_grad_norm"]`` or, for a :class:`FixedPoint`,
-            ``stats.extra["fixed_point_residual"]``).
+            linear solve (steps, residual, number of Hessian-vector products, the measured
+            ``stats.extra["inner_grad_norm"]`` or, for a :class:`FixedPoint`,
+            ``stats.extra["fixed_point_residual"]``, and the solution ``q`` as
+            ``stats.extra["adjoint"]``).
 
     Returns:
         dict shaped like ``hparams`` (and the stats when ``return_stats``).
@@ -315,8 +322,10 @@ def implicit_hypergrad(
     if stationarity_tol is not None and not stationarity <= stationarity_tol:
         _warn_non_stationary(fixed_point, stationarity, stationarity_tol)
 
-    # 3. Solve  A q = v  (A = H, or (I - d phi/dw)^T).
-    solution = linear_solver.solve(op.matvec, v)
+    # 3. Solve  A q = v  (A = H, or (I - d phi/dw)^T), from x0 when given (a warm start).
+    if x0 is not None:
+        x0 = _check_initial_guess(x0, v)
+    solution = linear_solver.solve(op.matvec, v, x0=x0)
     stats = solution.stats
     _raise_on_failure(linear_solver, stats, tol)
     q = solution.value
@@ -330,9 +339,28 @@ def implicit_hypergrad(
     result = {k: (direct[k] + sign * mixed[k]).detach() for k in hparam_keys}
     stats.extra["num_hvps"] = op.num_matvecs
     stats.extra[stat_key] = stationarity
+    stats.extra["adjoint"] = {k: t.detach() for k, t in q.items()}
     if return_stats:
         return result, stats
     return result
+
+
+def _check_initial_guess(x0: Mapping[str, torch.Tensor], v: Mapping[str, torch.Tensor]) -> dict:
+    """``x0`` must be shaped like ``params`` (the adjoint ``q`` of an earlier call)."""
+    if not isinstance(x0, Mapping) or set(x0) != set(v):
+        got = sorted(x0) if isinstance(x0, Mapping) else type(x0).__name__
+        raise HypergradientError(
+            f"{_WHERE}: x0 must be a dict with the keys of params {sorted(v)}, got {got}; pass "
+            f"the stats.extra['adjoint'] of an earlier call on the same params, or None."
+        )
+    for k, t in v.items():
+        if not isinstance(x0[k], torch.Tensor) or x0[k].shape != t.shape:
+            shape = tuple(x0[k].shape) if isinstance(x0[k], torch.Tensor) else type(x0[k])
+            raise HypergradientError(
+                f"{_WHERE}: x0[{k!r}] has shape {shape}, expected {tuple(t.shape)} (the shape "
+                f"of params[{k!r}]); pass None to solve from zero."
+            )
+    return {k: x0[k].detach().to(v[k]) for k in v}
 
 
 def _warn_non_stationary(fixed_point: bool, norm: float, tol: float) -> None:

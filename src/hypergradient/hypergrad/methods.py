@@ -10,14 +10,16 @@ solver (the user's ``torch.optim`` optimizer) is what lets any method drive any 
 from __future__ import annotations
 
 import abc
+import math
+import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
 
 from .._errors import HypergradientError
-from .implicit import implicit_hypergrad
+from .implicit import ConvergenceWarning, implicit_hypergrad
 from .unrolled import unrolled_hypergrad
 
 Loss = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
@@ -67,6 +69,14 @@ class AbstractHypergradientMethod(abc.ABC):
         (default: none; :class:`Implicit` gives ``inner_grad_norm``).  The training loop
         calls this one, so a subclass that only implements :meth:`hypergrad` still works."""
         return self.hypergrad(inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum), {}
+
+    def state_dict(self) -> dict:
+        """What the method carries from one hyper-step to the next (default: nothing), for
+        the training loop's checkpoints; tensors, numbers and containers only."""
+        return {}
+
+    def load_state_dict(self, state: Mapping) -> None:  # noqa: B027 - optional hook
+        """Restore :meth:`state_dict`'s result (default: nothing to restore)."""
 
 
 def register_method(cls):
@@ -185,3 +195,286 @@ class Unrolled(AbstractHypergradientMethod):
             momentum=float(momentum),
             mode=self.mode,
         )
+
+
+class AmortizationResetWarning(UserWarning):
+    """:class:`AmortizedImplicit` dropped its kept solution because reusing it would be wrong
+    (the hyperparameters or the model changed shape, the kept solution holds NaN/inf, or the
+    hyperparameters jumped); the solve started from zero instead."""
+
+
+def pedregosa_tolerance(tol: float = 0.1, power: float = 1.5) -> Callable[[int], float]:
+    r"""The inexact-hypergradient schedule of Pedregosa (2016, HOAG): the linear solve of
+    hyper-step :math:`k` (0-based) stops at relative residual :math:`\epsilon_k =
+    \texttt{tol}\,(k+1)^{-\texttt{power}}`; with ``power > 1`` the tolerances are summable,
+    the condition under which HOAG's outer iterates converge.
+
+    >>> [round(pedregosa_tolerance(0.1, 2.0)(k), 4) for k in range(3)]
+    [0.1, 0.025, 0.0111]
+    """
+    if not (tol > 0 and power > 0):
+        raise HypergradientError(
+            f"pedregosa_tolerance(tol={tol!r}, power={power!r}): expected tol > 0 and power > 0 "
+            f"(power > 1 for a summable schedule)."
+        )
+    return lambda k: tol * (k + 1) ** (-power)
+
+
+@register_method
+@dataclass(eq=False)
+class AmortizedImplicit(AbstractHypergradientMethod):
+    r"""Implicit hypergradients whose linear solve is warm-started from the previous
+    hyper-step's solution: along a training run the weights and hyperparameters move a
+    little per hyper-step, so the adjoint :math:`q = H^{-1}\nabla_w E` moves a little too,
+    and a few Hessian-vector products per hyper-step keep it accurate.
+
+    At hyper-step :math:`k` the solver starts from :math:`q_{k-1}` and stops after
+    ``max_steps`` iterations or at relative residual ``tol(k)`` (a number, or a schedule such
+    as :func:`pedregosa_tolerance`, the default: tolerances decreasing with the outer
+    iterations, summable).  The kept solution is reset, with an
+    :class:`AmortizationResetWarning`, when it would be wrong to reuse: the hyperparameters
+    or the model's parameters changed names or shapes, it holds NaN/inf, or the
+    hyperparameters jumped by more than ``reset_jump`` relative to their previous value.
+
+    Args:
+        solver: ``"cg"`` (needs a positive definite ``H + damping I`` along the iterates),
+            ``"minres"`` (symmetric indefinite) or ``"neumann"`` (Richardson iteration with
+            step ``alpha``, default the inner learning rate).
+        max_steps: most solver iterations per hyper-step.  CG and MINRES pay one more
+            Hessian-vector product for the warm start's initial residual.
+        tol: relative residual at which a solve stops early: a float or ``k -> float``.
+        alpha: Neumann's step (``None``: the inner optimizer's learning rate).
+        damping: solve :math:`(H + \delta I) q = \nabla_w E`.
+        preconditioner: ``None``, or ``r -> M^{-1} r`` on dicts shaped like the weights
+            (e.g. :func:`hypergradient.linalg.diagonal_preconditioner`, or K-FAC's
+            ``KFACPreconditioner(...).apply``); CG only.
+        reset_jump: relative change of the hyperparameters (in the 2-norm over all of them)
+            above which the kept solution is dropped.
+
+    Cost per hyper-step: that of :class:`Implicit` with ``max_steps`` (+1) Hessian-vector
+    products; memory: one extra vector the size of the weights (the kept solution).
+    :meth:`state_dict` / :meth:`load_state_dict` carry the kept solution through a
+    checkpoint, so a resumed run continues bit for bit.
+
+    References:
+        Pedregosa (2016), Hyperparameter optimization with approximate gradient (HOAG);
+        Lorraine, Vicol, Duvenaud (2020).
+    """
+
+    name: ClassVar[str] = "amortized"
+    outer_at_params: ClassVar[bool] = True
+    solver: str = "cg"
+    max_steps: int = 2
+    tol: float | Callable[[int], float] = field(default_factory=pedregosa_tolerance)
+    alpha: float | None = None
+    damping: float = 0.0
+    preconditioner: Callable | None = None
+    reset_jump: float = 0.5
+    _kept: dict | None = field(default=None, init=False, repr=False)
+    _calls: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self):
+        where = "AmortizedImplicit"
+        if self.solver not in ("cg", "minres", "neumann"):
+            raise HypergradientError(
+                f"{where}(solver={self.solver!r}): expected 'cg', 'minres' or 'neumann' (the "
+                f"solvers that start from a given solution)."
+            )
+        if not isinstance(self.max_steps, int) or isinstance(self.max_steps, bool):
+            raise HypergradientError(f"{where}(max_steps={self.max_steps!r}): expected an int.")
+        if self.max_steps < 1:
+            raise HypergradientError(f"{where}(max_steps={self.max_steps!r}): expected >= 1.")
+        if self.preconditioner is not None and self.solver != "cg":
+            raise HypergradientError(
+                f"{where}(preconditioner=..., solver={self.solver!r}): a preconditioner is used "
+                f"by solver='cg' only."
+            )
+        if not (isinstance(self.reset_jump, (int, float)) and self.reset_jump > 0):
+            raise HypergradientError(
+                f"{where}(reset_jump={self.reset_jump!r}): expected a positive number."
+            )
+        if not callable(self.tol) and not (
+            isinstance(self.tol, (int, float)) and math.isfinite(self.tol) and self.tol >= 0
+        ):
+            raise HypergradientError(
+                f"{where}(tol={self.tol!r}): expected a float >= 0 or a schedule k -> float."
+            )
+
+    # ------------------------------------------------------------------ kept solution
+    def reset(self) -> None:
+        """Forget the kept solution: the next solve starts from zero."""
+        self._kept = None
+
+    def state_dict(self) -> dict:
+        kept = self._kept
+        return {"calls": self._calls, "kept": None if kept is None else dict(kept)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._calls = int(state["calls"])
+        self._kept = None if state["kept"] is None else dict(state["kept"])
+
+    def _initial_guess(self, params, hparams) -> dict | None:
+        kept = self._kept
+        if kept is None:
+            return None
+        reason = None
+        q, last_hparams = kept["adjoint"], kept["hparams"]
+        if set(q) != set(params) or any(q[k].shape != params[k].shape for k in params):
+            reason = "the model's parameters changed names or shapes"
+        elif set(last_hparams) != set(hparams) or any(
+            last_hparams[k].shape != hparams[k].shape for k in hparams
+        ):
+            reason = "the hyperparameters changed names or shapes"
+        elif not all(bool(torch.isfinite(t).all()) for t in q.values()):
+            reason = "the kept solution holds NaN/inf"
+        else:
+            sq_diff = sum(float(torch.sum((hparams[k].double() - last_hparams[k]) ** 2))
+                          for k in hparams)  # fmt: skip
+            sq_norm = sum(float(torch.sum(last_hparams[k] ** 2)) for k in hparams)
+            jump = math.sqrt(sq_diff) / max(math.sqrt(sq_norm), 1e-12)
+            if jump > self.reset_jump:
+                reason = (
+                    f"the hyperparameters jumped (relative change {jump:.3g} > reset_jump="
+                    f"{self.reset_jump:g})"
+                )
+        if reason is not None:
+            warnings.warn(
+                f"AmortizedImplicit: {reason}; the kept solution is dropped and this solve "
+                f"starts from zero.",
+                AmortizationResetWarning,
+                stacklevel=4,
+            )
+            self._kept = None
+            return None
+        return q
+
+    # ------------------------------------------------------------------ the method
+    def hypergrad(self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0):
+        return self.hypergrad_and_info(
+            inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum
+        )[0]
+
+    def hypergrad_and_info(self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0):
+        x0 = self._initial_guess(params, hparams)
+        tol = float(self.tol(self._calls)) if callable(self.tol) else float(self.tol)
+        alpha = self.alpha
+        if alpha is None and self.solver == "neumann":
+            alpha = float(lr)
+        with warnings.catch_warnings():
+            # stopping at max_steps above tol is this method's point, not a failure
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            result, stats = implicit_hypergrad(
+                inner_loss,
+                outer_loss,
+                params,
+                hparams,
+                solver=self.solver,
+                max_steps=self.max_steps,
+                tol=tol,
+                alpha=alpha,
+                damping=self.damping,
+                preconditioner=self.preconditioner,
+                stationarity_tol=None,  # warm start: the weights are not an optimum by design
+                x0=x0,
+                return_stats=True,
+            )
+        self._kept = {
+            "adjoint": stats.extra["adjoint"],
+            "hparams": {k: v.detach().double().clone() for k, v in hparams.items()},
+        }
+        self._calls += 1
+        info = {
+            "inner_grad_norm": stats.extra["inner_grad_norm"],
+            "solve_hvps": stats.num_matvecs,
+            "solve_residual": stats.residual_norm,
+            "solve_tol": tol,
+            "warm_started": x0 is not None,
+        }
+        return result, info
+
+
+@dataclass(eq=False)
+class MeasuredMethod(AbstractHypergradientMethod):
+    r"""Any method, plus a check of its accuracy along a real run: at the hyper-steps where
+    ``at(k)`` is true (0-based calls), a converged reference hypergradient is computed from
+    scratch at the same weights, hyperparameters and batches (implicit differentiation, CG
+    to relative residual ``reference_tol``; MINRES where CG breaks down on an indefinite
+    Hessian), and the info returned to the training loop (its history) gets
+
+    * ``ref_rel_error`` :math:`\lVert g - g_\mathrm{ref}\rVert / \lVert g_\mathrm{ref}\rVert`,
+    * ``ref_cosine`` :math:`\langle g, g_\mathrm{ref}\rangle / (\lVert g\rVert
+      \lVert g_\mathrm{ref}\rVert)`,
+    * ``ref_hvps``, ``ref_solver``, ``ref_converged`` of the reference solve.
+
+    The reference costs up to ``reference_steps`` Hessian-vector products per measured step
+    and changes nothing in the run: the wrapped method's hypergradient is what is returned.
+    """
+
+    method: AbstractHypergradientMethod
+    at: Callable[[int], bool] = field(default=lambda k: k % 10 == 0)
+    reference_tol: float = 1e-8
+    reference_steps: int = 2000
+    _calls: int = field(default=0, init=False, repr=False)
+
+    name: ClassVar[str] = "measured"
+
+    @property
+    def outer_at_params(self) -> bool:  # type: ignore[override]
+        return self.method.outer_at_params
+
+    def state_dict(self) -> dict:
+        return {"calls": self._calls, "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self._calls = int(state.get("calls", 0))
+        self.method.load_state_dict(state.get("method", {}))
+
+    def hypergrad(self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0):
+        return self.hypergrad_and_info(
+            inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum
+        )[0]
+
+    def hypergrad_and_info(self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0):
+        grads, info = self.method.hypergrad_and_info(
+            inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum
+        )
+        if self.at(self._calls):
+            info = {**info, **self.compare(inner_loss, outer_loss, params, hparams, grads)}
+        self._calls += 1
+        return grads, info
+
+    def compare(self, inner_loss, outer_loss, params, hparams, grads) -> dict:
+        """The reference at ``params`` and the accuracy of ``grads`` against it."""
+        from .._errors import ConvergenceError
+
+        def reference(solver: str):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                return implicit_hypergrad(
+                    inner_loss,
+                    outer_loss,
+                    params,
+                    hparams,
+                    solver=solver,
+                    max_steps=self.reference_steps,
+                    tol=self.reference_tol,
+                    stationarity_tol=None,
+                    return_stats=True,
+                )
+
+        try:
+            ref, stats, solver = *reference("cg"), "cg"
+        except ConvergenceError:  # CG met negative curvature: the Hessian is indefinite here
+            ref, stats, solver = *reference("minres"), "minres"
+        dot = sum(float(torch.sum(grads[k].double() * ref[k].double())) for k in ref)
+        sq_ref = sum(float(torch.sum(ref[k].double() ** 2)) for k in ref)
+        sq_g = sum(float(torch.sum(grads[k].double() ** 2)) for k in ref)
+        sq_diff = sum(float(torch.sum((grads[k].double() - ref[k].double()) ** 2)) for k in ref)
+        tiny = 1e-300
+        return {
+            "ref_rel_error": math.sqrt(sq_diff) / max(math.sqrt(sq_ref), tiny),
+            "ref_cosine": dot / max(math.sqrt(sq_ref * sq_g), tiny),
+            "ref_hvps": stats.num_matvecs,
+            "ref_solver": solver,
+            "ref_converged": stats.converged,
+        }

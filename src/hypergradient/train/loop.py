@@ -570,6 +570,7 @@ class BilevelTrainer:
             "train_stream": self.train_stream.state_dict() if self.train_stream else None,
             "val_stream": self.val_stream.state_dict(),
             "rng": torch.get_rng_state(),
+            "method": self.method.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -600,6 +601,7 @@ class BilevelTrainer:
             self.train_stream.load_state_dict(state["train_stream"])
         self.val_stream.load_state_dict(state["val_stream"])
         torch.set_rng_state(state["rng"])
+        self.method.load_state_dict(state.get("method", {}))
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write the state and :meth:`signature` to ``path`` atomically (a kill mid-write
