@@ -40,15 +40,6 @@ from hypergradient.kfac import (
 EXACT = {"rtol": 1e-10, "atol": 1e-12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny tensors: intra-op threads only add contention on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def randn(gen: torch.Generator, *shape: int) -> torch.Tensor:
     """Drawn on the CPU generator, then moved to the default device (portable test data)."""
     return torch.randn(*shape, generator=gen, device="cpu").to(torch.get_default_device())
@@ -540,6 +531,34 @@ def test_preconditioner_is_the_inverse_of_the_damped_kronecker_matrix(layout):
         back = P.matvec(out)
         for k in u:
             torch.testing.assert_close(back[k], u[k])
+
+
+def test_singular_block_check_is_relative_to_the_block_scale():
+    """A smallest eigenvalue at round-off size is singular, whatever its sign or the scale.
+
+    eigh returns each eigenvalue of an n x n factor to about n * eps * its largest, so a
+    block's smallest eigenvalue at or below (dim_A + dim_G) * eps = 6 * 2.2e-16 = 1.3e-15 of
+    its largest is an exact zero blurred by rounding: on one CPU it comes out 0 (clamped), on
+    another 1.9e-20 (whose inverse, 5e19, would then scale the step).  Diagonal factors make
+    eigh exact, so the test does not depend on the CPU either.
+    """
+    for scale in (1.0, 1e-30, 1e30):  # relative: the same verdict at any curvature scale
+        roundoff = KroneckerBlock(
+            scale * torch.diag(torch.tensor([1.0, 0.5, 0.25, 1.5e-17])), torch.eye(2), "w", "b"
+        )
+        for mode in ("factored", "tikhonov"):
+            with pytest.raises(HypergradientError, match=r"singular.*1\.5e-17 x its largest"):
+                KFACPreconditioner([roundoff], 0.0, damping_mode=mode)
+        with pytest.raises(HypergradientError, match="singular.*Raise damping: .* well above"):
+            KFACPreconditioner([roundoff], 1e-40 * scale, damping_mode="tikhonov")
+        # genuinely ill-conditioned (1e-12 relative, far above 1.3e-15) is still accepted,
+        # and damping well above the round-off level makes the round-off block usable
+        ill = KroneckerBlock(
+            scale * torch.diag(torch.tensor([1.0, 0.5, 0.25, 1e-12])), torch.eye(2), "w", "b"
+        )
+        KFACPreconditioner([ill], 0.0)
+        KFACPreconditioner([roundoff], 1e-3 * scale, damping_mode="tikhonov")
+        KFACPreconditioner([roundoff], 1e-3 * scale, damping_mode="factored")
 
 
 def test_preconditioner_errors():

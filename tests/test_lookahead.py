@@ -25,15 +25,6 @@ from hypergradient import HypergradientError
 from hypergradient.optimizers import Lookahead, noisy_quadratic_variance
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small tensors: intra-op threads only add contention on a shared machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def regression(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(32, 5, generator=gen)

@@ -28,15 +28,6 @@ CASES = [(name, i) for name, info in OPTIMIZERS.items() for i in range(len(info.
 CASE_IDS = [f"{name}-{i}" for name, i in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: intra-op threads only add contention (and noise)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_problem(seed: int = 0, dead_feature: bool = True):
     """A one-hidden-layer regression net.  With ``dead_feature`` the first input feature
     is identically 0 and so is the first row of ``w1``: that row gets an exactly-zero

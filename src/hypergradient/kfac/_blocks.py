@@ -89,16 +89,37 @@ class Eigen:
         return QG @ ((QG.T @ V @ QA) * scale) @ QA.T
 
 
+def singular_level(eig: Eigen) -> float:
+    r"""Relative size below which a damped block's eigenvalue is round-off, not curvature.
+
+    ``eigh`` of an ``n x n`` symmetric factor returns each eigenvalue with an absolute error
+    of about ``n * eps * ||factor||`` (backward stability), so an eigenvalue of
+    :math:`A \otimes G` (a product :math:`\lambda_G \lambda_A`) is only known to about
+    ``(dim_A + dim_G) * eps`` times the block's largest eigenvalue.  A smallest eigenvalue at
+    or below that level is indistinguishable from an exact zero: how far above ``0.0`` it
+    lands (e.g. ``1.9e-20`` for ``1.0``) depends on the CPU's kernels, not on the curvature.
+    """
+    return (eig.vals_A.numel() + eig.vals_G.numel()) * torch.finfo(eig.vals_A.dtype).eps
+
+
 def inverse_scale(where: str, label: str, eig: Eigen, damping: float, mode: str) -> torch.Tensor:
-    """``1 / denominator``, refusing a singular damped block with an actionable message."""
+    """``1 / denominator``, refusing a singular damped block with an actionable message.
+
+    Singular means the smallest eigenvalue is at most :func:`singular_level` times the
+    largest (relative, so the check is the same for any scale of the factors and on any CPU).
+    """
     den = eig.denominator(damping, mode)
-    smallest = float(den.min())
-    if not smallest > 0.0:
+    smallest, largest = torch.stack([den.min(), den.max()]).tolist()
+    level = singular_level(eig)
+    if not (largest > 0.0 and smallest > level * largest):
+        ratio = smallest / largest if largest > 0.0 else 0.0
         raise HypergradientError(
             f"{where}: the K-FAC block of {label} is singular (smallest eigenvalue of the "
-            f"damped block {smallest:.3e}) with damping={damping!r}: a Kronecker factor has a "
+            f"damped block {smallest:.3e}, {ratio:.1e} x its largest, not above the round-off "
+            f"level {level:.1e} x largest) with damping={damping!r}: a Kronecker factor has a "
             f"zero eigenvalue (fewer examples than inputs, a constant input, a softmax's "
-            f"shift direction, ...). Pass damping > 0."
+            f"shift direction, ...). {'Pass damping > 0' if damping == 0 else 'Raise damping'}: "
+            f"the damped block's smallest eigenvalue must be well above {level * largest:.1e}."
         )
     return 1.0 / den
 

@@ -281,7 +281,7 @@ def lanczos(operator: SymmetricOperator, start: torch.Tensor, num_steps: int) ->
         >>> import torch
         >>> op = SymmetricOperator.from_matrix(torch.diag(torch.tensor([1.0, 2.0, 5.0])))
         >>> res = lanczos(op, torch.ones(3), num_steps=3)
-        >>> [round(v, 6) for v in res.ritz()[0].tolist()]
+        >>> [round(v, 4) for v in res.ritz()[0].tolist()]  # float32: exact to ~1e-6
         [1.0, 2.0, 5.0]
     """
     where = "lanczos(operator, start, num_steps)"
@@ -387,8 +387,10 @@ def top_eigenvalues(
 
         >>> import torch
         >>> a = torch.diag(torch.arange(1.0, 101.0))       # eigenvalues 1..100
-        >>> ev = top_eigenvalues(SymmetricOperator.from_matrix(a), k=2, num_steps=40)
-        >>> [round(v, 4) for v in ev.values.tolist()]
+        >>> ev = top_eigenvalues(SymmetricOperator.from_matrix(a), k=2, num_steps=60)
+        >>> bool((ev.residuals < 1e-4).all())   # each within 1e-4 of a true eigenvalue
+        True
+        >>> [round(v, 2) for v in ev.values.tolist()]  # digits well above that bound
         [100.0, 99.0]
     """
     where = "top_eigenvalues(operator, k, num_steps)"
