@@ -26,6 +26,28 @@ def cpu_model() -> str | None:
     return None
 
 
+DATA_ENV = "HYPERGRADIENT_DATA"  # the library's data folder (hypergradient.data.download)
+
+
+def data_source(data_dir) -> str:
+    """How a result names its data folder: ``--data-dir``'s value when one was given, else
+    ``$HYPERGRADIENT_DATA`` (the default of every benchmark's ``--data-dir``; unset: the
+    library's ``~/.cache/hypergradient``), so no machine's folder is written by default."""
+    if data_dir is not None:
+        return str(data_dir)
+    return f"${DATA_ENV}" if os.environ.get(DATA_ENV, "").strip() else "~/.cache/hypergradient"
+
+
+def rerun_command(script: str, argv: list[str]) -> str:
+    """``python benchmarks/<script> <argv>`` as a result records it, prefixed with
+    ``HYPERGRADIENT_DATA=/path/to/datasets`` when the data folder came from that variable."""
+    words = ["python", f"benchmarks/{script}", *argv]
+    given = any(a == "--data-dir" or a.startswith("--data-dir=") for a in argv)
+    if not given and os.environ.get(DATA_ENV, "").strip():
+        words.insert(0, f"{DATA_ENV}=/path/to/datasets")
+    return " ".join(words)
+
+
 def machine_info(*, threads: int | None = None, device: str = "cpu", **extra: Any) -> dict:
     """Date, platform, CPU, torch version and threads, load average, GPU name, plus ``extra``.
 
@@ -74,3 +96,19 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def load_cache(path) -> Any:
+    """A benchmark's cache file, read with ``torch.load(weights_only=True)`` (through
+    :func:`hypergradient._io.load_tensors`): tensors, numbers, strings and containers only, so
+    a planted file is refused with one line and runs no code."""
+    from hypergradient._io import load_tensors
+
+    return load_tensors(path, "benchmark cache", what="the cache")
+
+
+def save_cache(state: dict[str, Any], path) -> None:
+    """Write a cache that :func:`load_cache` reads: plain tensors and containers, atomically."""
+    from hypergradient._io import save_atomic
+
+    save_atomic(state, path)

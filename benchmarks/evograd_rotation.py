@@ -16,7 +16,8 @@ per hyper-step (``BilevelTrainer(hyper_every=1)``), 1500 hyper-steps.  Runs per 
 
 Cost of one hypergradient (the method's ``hypergrad`` call on the same weights and batches;
 the rest of a hyper-step is the same for every method), on the digits MLP (batch 64) and, when
-the MNIST files are found, on the paper's LeNet at MNIST scale (28x28, batch 128):
+the MNIST files are found (``--data-dir``, default ``$HYPERGRADIENT_DATA``), on the paper's
+LeNet at MNIST scale (28x28, batch 128):
 
 * time: one process, methods interleaved, median of many calls (one torch thread);
 * memory, two ways: (1) *tensor-level accounting*: a ``TorchDispatchMode`` sees every tensor
@@ -64,7 +65,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
-from _common import machine_info, status_kib
+from _common import machine_info, rerun_command, status_kib
 from hypergradient.hparams import AbstractHyperparameter
 
 HERE = Path(__file__).resolve()
@@ -694,7 +695,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--data-dir",
         default=None,
-        help="folder with mnist/ (default $HYPERGRADIENT_DATA, else ../shared/datasets)",
+        help="folder with mnist/ (default $HYPERGRADIENT_DATA, else ~/.cache/hypergradient)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
@@ -717,9 +718,6 @@ def main(argv=None) -> int:
     if args.rss_probe:
         print(json.dumps(rss_probe(args.setup, args.rss_probe, args.data_dir)))
         return 0
-    if args.data_dir is None and not os.environ.get("HYPERGRADIENT_DATA"):
-        shared = HERE.parents[2] / "shared" / "datasets"  # a checkout beside shared/datasets
-        args.data_dir = str(shared) if (shared / "mnist").is_dir() else None
     seeds = args.seeds or (1 if args.quick else 3)
     steps = args.steps or (400 if args.quick else 1500)
     calls = args.calls or (10 if args.quick else 40)
@@ -730,7 +728,7 @@ def main(argv=None) -> int:
         return 2
     result = {
         "machine": machine_info(threads=args.threads, device=args.device),
-        "command": " ".join(["python benchmarks/evograd_rotation.py", *sys.argv[1:]]),
+        "command": rerun_command("evograd_rotation.py", sys.argv[1:]),
         "config": {"seeds": seeds, "steps": steps, "n_train": 1000, "n_val": 300,
                    "batch": BATCH, "model_lr": MODEL_LR, "angle_lr": ANGLE_LR,
                    "true_angle_deg": TRUE_ANGLE_DEG, "timed_calls": calls},

@@ -49,7 +49,7 @@ from sklearn.datasets import load_digits
 from torch.func import grad as func_grad
 from torch.func import jacrev, jvp, vjp
 
-from _common import machine_info, reset_peak_rss, status_kib
+from _common import load_cache, machine_info, reset_peak_rss, status_kib
 
 try:
     import hypergradient as hg
@@ -414,7 +414,7 @@ def memory_probe(method: str, weights: Path | None) -> dict:
     the kernel's high-water mark (``VmHWM``) right before the call and read it after; the
     ``ru_maxrss`` difference is only the fallback elsewhere.
     """
-    trained = torch.load(weights) if weights else None
+    trained = load_cache(weights) if weights else None
     rows = {row.name: row for row in problem_a_rows(make_problem_a(trained))}
     fn = rows[method].fn
     gc.collect()

@@ -56,7 +56,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
-from _common import machine_info, reset_peak_rss, status_kib
+from _common import machine_info, rerun_command, reset_peak_rss, status_kib
 from hypergradient.recipes import weight_decay as recipe
 from hypergradient.recipes.weight_decay import WeightDecayConfig
 
@@ -472,7 +472,7 @@ def update_memory(args, hyper_steps: int) -> int:
     result = json.loads(path.read_text())
     for setup in args.setups or list(result["setups"]):
         result["setups"][setup]["memory"] = run_memory_probes(setup, hyper_steps, args.data_dir)
-    result["memory_command"] = " ".join(["python benchmarks/joint_training_cost.py", *sys.argv[1:]])
+    result["memory_command"] = rerun_command("joint_training_cost.py", sys.argv[1:])
     path.write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "joint_training_cost.md").write_text(markdown_report(result))
     print_rich(result, Console(width=max(Console().width, 130)))
@@ -496,7 +496,7 @@ def main(argv=None) -> int:
     setups = args.setups or [s for s in SETUPS if s == "digits" or mnist_available(args.data_dir)]
     started = time.perf_counter()
     result = {"machine": machine_info(repeats=repeats), "hyper_steps": hyper_steps, "setups": {}}
-    result["command"] = " ".join(["python benchmarks/joint_training_cost.py", *sys.argv[1:]])
+    result["command"] = rerun_command("joint_training_cost.py", sys.argv[1:])
     for setup in setups:
         config = make_config(setup, hyper_steps, args.data_dir)
         data = recipe.load_data(config)

@@ -63,7 +63,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from hypergradient import learned
-from _common import machine_info
+from _common import load_cache, machine_info, save_cache
 from hypergradient import ConvergenceError
 from hypergradient.learned import analysis
 
@@ -181,7 +181,7 @@ def trained(lopt, path: Path, reuse: bool, steps: int, meta_lr, truncation, part
     ``path``, or loaded from it with ``reuse``.  ``watch(theta)`` (a dict) is recorded every
     :data:`WATCH_EVERY` outer steps (its time is not counted in ``cpu_s``)."""
     if reuse and path.is_file():
-        saved = torch.load(path)
+        saved = load_cache(path)
         return (
             saved["theta"],
             saved["history"],
@@ -210,7 +210,7 @@ def trained(lopt, path: Path, reuse: bool, steps: int, meta_lr, truncation, part
         "cpu_s": cpu,
         "evolution": evolution,
     }
-    torch.save(saved, path)
+    save_cache(saved, path)
     return result.theta, result.history, wall, cpu, evolution
 
 

@@ -49,7 +49,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from hypergradient import learned
-from _common import machine_info
+from _common import load_cache, machine_info, save_cache
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
@@ -67,7 +67,7 @@ def run(args, label: str, work: Path, **kwargs) -> learned.SelfTrainingResult:
     where it stopped."""
     cache = work / (label.replace(" ", "_").replace("=", "").replace(",", "") + ".pt")
     if cache.is_file() and "checkpoint" not in kwargs:
-        saved = torch.load(cache, weights_only=False)
+        saved = load_cache(cache)
         if all(saved["args"].get(k) == getattr(args, k) for k in SETTINGS):
             print(f"{label:>20}: reused {cache}", flush=True)
             return saved["result"]
@@ -85,7 +85,7 @@ def run(args, label: str, work: Path, **kwargs) -> learned.SelfTrainingResult:
     best = result.evaluations[-1]["best"]
     print(f"{label:>20}: best held-out meta-loss {best:+.3f} ({seconds(result):.0f} s)", flush=True)
     if "checkpoint" not in kwargs:
-        torch.save({"args": vars(args), "result": result}, cache)
+        save_cache({"args": {k: getattr(args, k) for k in SETTINGS}, "result": result}, cache)
     return result
 
 

@@ -3,9 +3,10 @@ papers.md section 13).
 
 Meta-dataset: binary tasks from scikit-learn's shipped datasets (45 digit pairs, breast_cancer
 subsamples, wine and iris class pairs / one-vs-rest, diabetes thresholds) and, when the IDX
-files are found in ``--data-dir``, class pairs of MNIST and Fashion-MNIST (14 x 14 pooled
-images).  Each task's response surface is the 3-fold CV error of a standardised RBF-SVM on a
-shared 10 x 10 grid of log10 C x log10(gamma d) (``search.svm_surface``).
+files are found in ``--data-dir`` (default ``$HYPERGRADIENT_DATA``), class pairs of MNIST
+and Fashion-MNIST (14 x 14 pooled images).  Each task's response surface is the 3-fold CV
+error of a standardised RBF-SVM on a shared 10 x 10 grid of log10 C x log10(gamma d)
+(``search.svm_surface``).
 
 Leave-family-out: for every family, a DeepSets meta-feature network is trained with the
 Siamese loss on the *other* families (``search.train_meta_features``); each task of the
@@ -31,7 +32,7 @@ Run from the repository root::
 
     OMP_NUM_THREADS=1 nice -n 5 python benchmarks/warmstart_bo.py            # ~5 CPU min
     OMP_NUM_THREADS=1 python benchmarks/warmstart_bo.py --quick             # ~1 CPU min
-    python benchmarks/warmstart_bo.py --data-dir /path/with/mnist --cache /tmp/ws.pkl
+    python benchmarks/warmstart_bo.py --data-dir /path/with/mnist --cache /tmp/ws.pt
 
 Writes ``<out>/warmstart_bo.{json,md,png}`` (``--out``, default ``benchmarks/results``).
 Target (papers.md): mean normalised regret after 5 evaluations >= 20% lower warm than cold;
@@ -41,10 +42,10 @@ learned nearest neighbours' surface distance below random neighbours'.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
-import pickle
 import platform
 import sys
 import time
@@ -58,12 +59,12 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from _common import data_source, load_cache, save_cache
 from hypergradient import HypergradientError
 from hypergradient.search import warmstart as ws
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
-SHARED = Path("/work/shared/datasets")
 REPORT_AT = (1, 3, 5, 10, 20)
 ARMS = ("cold", "warm (learned)", "warm (pooled, untrained)", "warm (mean surface)")
 
@@ -77,11 +78,10 @@ def build(args) -> tuple[ws.MetaDataset, list[str]]:
     notes = []
     key = (args.quick, str(args.data_dir), args.no_images, args.image_pairs, args.image_rows)
     if args.cache and Path(args.cache).is_file():
-        with open(args.cache, "rb") as f:
-            cached = pickle.load(f)
-        if cached["key"] == key:
+        cached = load_meta_cache(args.cache, key)
+        if cached is not None:
             log(f"meta-dataset from cache {args.cache}")
-            return cached["meta"], cached["notes"]
+            return cached
     grid = ws.SurfaceGrid()
     max_rows = 120 if args.quick else 300
     tasks = ws.sklearn_tasks(seed=0, max_rows=max_rows)
@@ -99,7 +99,7 @@ def build(args) -> tuple[ws.MetaDataset, list[str]]:
         except HypergradientError as exc:
             notes.append(f"{family}: not used ({str(exc).splitlines()[0][:160]})")
             continue
-        notes.append(f"{family}: {len(found)} class-pair tasks from {args.data_dir}")
+        notes.append(f"{family}: {len(found)} class-pair tasks from {data_source(args.data_dir)}")
         tasks += found
     if args.no_images:
         notes.append("MNIST / Fashion-MNIST: not used (--no-images)")
@@ -111,9 +111,57 @@ def build(args) -> tuple[ws.MetaDataset, list[str]]:
 
     meta = ws.build_meta_dataset(tasks=tasks, grid=grid, progress=progress)
     if args.cache:
-        with open(args.cache, "wb") as f:
-            pickle.dump({"key": key, "meta": meta, "notes": notes}, f)
+        save_meta_cache(args.cache, key, meta, notes)
     return meta, notes
+
+
+def save_meta_cache(path, key, meta: ws.MetaDataset, notes: list[str]) -> None:
+    """The meta-dataset as plain tensors and JSON text (no pickled objects: a cache file can
+    never run code when it is read back by :func:`load_meta_cache`)."""
+
+    def tensor(a):
+        return None if a is None else torch.from_numpy(np.ascontiguousarray(a))
+
+    save_cache(
+        {
+            "key": json.dumps(list(key)),
+            "notes": list(notes),
+            "grid": json.dumps(dataclasses.asdict(meta.grid)),
+            "tasks": [
+                {
+                    "name": t.name,
+                    "family": t.family,
+                    "x": tensor(t.x),
+                    "y": tensor(t.y),
+                    "surface": tensor(t.surface),
+                }  # fmt: skip
+                for t in meta.tasks
+            ],
+        },
+        path,
+    )
+
+
+def load_meta_cache(path, key) -> tuple[ws.MetaDataset, list[str]] | None:
+    """``(meta, notes)`` from a cache written by :func:`save_meta_cache` for the same ``key``
+    (None for another key); read with ``weights_only=True``, so a planted file is refused."""
+    cached = load_cache(path)
+    if json.loads(cached["key"]) != json.loads(json.dumps(list(key))):
+        return None
+    grid_fields = json.loads(cached["grid"])
+    grid = ws.SurfaceGrid(**{k: tuple(v) if isinstance(v, list) else v
+                             for k, v in grid_fields.items()})  # fmt: skip
+    tasks = tuple(
+        ws.Task(
+            t["name"],
+            t["family"],
+            t["x"].numpy(),
+            t["y"].numpy(),
+            None if t["surface"] is None else t["surface"].numpy(),
+        )  # fmt: skip
+        for t in cached["tasks"]
+    )
+    return ws.MetaDataset(tasks, grid), list(cached["notes"])
 
 
 def mean_surface_configs(starter: ws.WarmStarter, k: int) -> list[dict[str, int]]:
@@ -165,8 +213,9 @@ def main() -> None:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        default=SHARED if SHARED.is_dir() else None,
-        help="folder with mnist/ and fashion-mnist/ IDX files (default: the shared folder)",
+        default=None,
+        help="folder with mnist/ and fashion-mnist/ IDX files (default: $HYPERGRADIENT_DATA, "
+        "else ~/.cache/hypergradient)",
     )
     parser.add_argument("--no-images", action="store_true", help="scikit-learn tasks only")
     parser.add_argument("--image-pairs", type=int, default=20)
@@ -175,7 +224,12 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--bo-tasks", type=int, default=10, help="searched tasks per family")
     parser.add_argument("--seeds", type=int, default=3, help="BO seeds per searched task")
-    parser.add_argument("--cache", type=str, default=None, help="pickle of the meta-dataset")
+    parser.add_argument(
+        "--cache",
+        type=str,
+        default=None,
+        help="cache file of the meta-dataset (tensors + JSON; reused when the options match)",
+    )
     args = parser.parse_args()
     if args.quick:
         args.steps, args.bo_tasks, args.seeds = 300, 3, 1

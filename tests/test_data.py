@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import hypergradient.data as hd
-from _datasets import DATASETS
-from _datasets import needs_mnist as needs_data
+from _datasets import ALL_DATASETS as DATASETS
+from _datasets import needs_all_datasets as needs_data
 from hypergradient import HypergradientError
 from hypergradient.data import download as dl
 from hypergradient.data import vision

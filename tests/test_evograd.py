@@ -14,14 +14,13 @@ its use in the training loop.
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import _readme
 import hypergradient as hg
 from hypergradient import HypergradientError
 from hypergradient.hparams import AbstractHyperparameter
@@ -384,15 +383,18 @@ def test_bad_inputs_raise():
         )
 
 
-def test_readme_evograd_example_runs(capsys):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = [
-        b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "hg.EvoGrad(" in b
-    ]
-    assert blocks, "README.md should show EvoGrad"
-    namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
-    assert set(namespace["g"]) == {"log_l2"} and torch.isfinite(namespace["g"]["log_l2"]).all()
-    torch.testing.assert_close(namespace["details"].weights.sum(), torch.tensor(1.0))
-    assert namespace["evograd"].effective_step == pytest.approx(1e-5)
-    assert "tensor([" in capsys.readouterr().out  # the weights were printed
+README_EXAMPLE = _readme.example(
+    "hg.EvoGrad(",
+    g_keys="sorted(g)",
+    g_finite="bool(torch.isfinite(g['log_l2']).all())",
+    weights_sum="details.weights.sum()",
+    effective_step="evograd.effective_step",
+)
+
+
+def test_readme_evograd_example_runs():
+    run = README_EXAMPLE.run()  # in a fresh interpreter, as a reader pastes it
+    assert run.values["g_keys"] == ["log_l2"] and run.values["g_finite"]
+    torch.testing.assert_close(torch.tensor(run.values["weights_sum"]), torch.tensor(1.0))
+    assert run.values["effective_step"] == pytest.approx(1e-5)
+    assert "tensor([" in run.stdout  # the weights were printed

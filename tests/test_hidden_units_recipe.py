@@ -20,6 +20,7 @@ import re
 import pytest
 import torch
 
+import _readme
 from _cli import assert_rejected, one_line_error
 from hypergradient import HypergradientError
 from hypergradient import sigmoid_units as su
@@ -217,22 +218,22 @@ def test_list_option_errors(tmp_path, capsys):
     assert math.isfinite(HiddenUnitsConfig().step_for(0.01))
 
 
-def test_readme_example_runs(capsys):
-    """The README's hidden-units example, as written, in a float32 session."""
-    from pathlib import Path
+README_EXAMPLE = _readme.example(
+    "su.cluster_directions",
+    k="k",
+    peaks_cos="float(su.match_directions(clusters.centers, w).min())",
+    fitted_cos="float(su.match_directions(model.weight.detach(), w).min())",
+)
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    (block,) = [b for b in blocks if "su.cluster_directions" in b]
-    torch.set_default_dtype(torch.float32)  # as a user's session would be
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
-    w, clusters, model = namespace["w"], namespace["clusters"], namespace["model"]
-    assert namespace["k"] == 3
+
+def test_readme_example_runs():
+    """The README's hidden-units example, as written, in a fresh (float32) interpreter."""
+    run = README_EXAMPLE.run()
+    assert run.values["k"] == 3
     # the README prints 0.9997, 0.9995, 0.9993 for the peaks and 1.0000 after the fit
-    assert float(su.match_directions(clusters.centers, w).min()) > 0.999
-    assert float(su.match_directions(model.weight.detach(), w).min()) > 0.9999
-    assert capsys.readouterr().out.startswith("3 ")
+    assert run.values["peaks_cos"] > 0.999
+    assert run.values["fitted_cos"] > 0.9999
+    assert run.stdout.startswith("3 ")
 
 
 def test_help_lists_every_option(capsys):

@@ -8,12 +8,11 @@ bias correction has m* = g, v* = g^2 and update*(g) = -lr g / (|g| + eps).
 import dataclasses
 import json
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
 
+import _readme
 from hypergradient import ConvergenceError, HypergradientError
 from hypergradient.learned import (
     GRULearnedOptimizer,
@@ -422,19 +421,21 @@ def test_bad_inputs_raise():
         LearnedMLPSystem.from_history(mlp, mtheta, torch.zeros(4, 3), torch.zeros(2))
 
 
-def test_readme_example_runs(tmp_path, monkeypatch, capsys):
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    example = [b for b in blocks if "analysis.report(" in b]
-    assert example, "README.md should show the reverse-engineering example"
-    monkeypatch.chdir(tmp_path)  # the example writes its report in the working directory
-    torch.set_default_dtype(torch.float32)  # as a user's session would be
-    namespace: dict = {}
-    exec(compile(example[0], str(readme), "exec"), namespace)  # noqa: S102
+README_EXAMPLE = _readme.example(
+    "analysis.report(",
+    momentum="lin.effective_momentum",
+    lr="lin.effective_lr",
+    saturation_ratio="rep['saturation_ratio']",
+)
+
+
+def test_readme_example_runs():
+    run = README_EXAMPLE.run()  # in a fresh (float32) interpreter, as a reader pastes it
     # float32: the recovered momentum and lr are exact to rounding (1e-6)
-    assert abs(namespace["lin"].effective_momentum - 0.9) < 1e-6
-    assert abs(namespace["lin"].effective_lr - 0.1) < 1e-6
-    assert math.isfinite(namespace["rep"]["saturation_ratio"])
-    assert (tmp_path / "reverse-engineering" / "gru.json").is_file()
-    assert (tmp_path / "reverse-engineering" / "gru.png").is_file()
-    assert "momentum 0.900000, lr 0.100000" in capsys.readouterr().out
+    assert abs(run.values["momentum"] - 0.9) < 1e-6
+    assert abs(run.values["lr"] - 0.1) < 1e-6
+    assert math.isfinite(run.values["saturation_ratio"])
+    # the example writes its report in the working directory
+    assert (run.cwd / "reverse-engineering" / "gru.json").is_file()
+    assert (run.cwd / "reverse-engineering" / "gru.png").is_file()
+    assert "momentum 0.900000, lr 0.100000" in run.stdout

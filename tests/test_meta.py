@@ -3,29 +3,19 @@ meta-gradients against closed forms, dense solves, finite differences and the co
 unrolled hypergradient; memory accounting; every error message."""
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import hessian
 
+import _readme
 import hypergradient as hg
 from _datasets import OMNIGLOT_DATASETS as DATASETS
-from _datasets import needs_omniglot
+from _datasets import needs_omniglot, skip_reason
 from hypergradient import HypergradientError, meta
 from hypergradient.meta._base import pull_back
 from hypergradient.testing import finite_difference_hypergrad, relative_error
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # small models gain nothing from intra-op threads, and on a busy machine the threads'
-    # spin-waiting makes every op several times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -154,7 +144,7 @@ def test_task_family_errors_say_what_is_wrong(build, match):
 @pytest.fixture(scope="module")
 def omniglot():
     if DATASETS is None:
-        pytest.skip("Omniglot files not found")
+        pytest.skip(skip_reason("omniglot"))
     train, heldout = meta.omniglot_tasks(DATASETS, ways=5, shots=1, queries=2, size=14)
     return train, heldout
 
@@ -632,15 +622,10 @@ def test_hyper_representation_regression_head_and_bad_representation():
 # ----------------------------------------------------------------------------- README
 
 
-def test_readme_meta_learning_example_runs_and_lowers_the_query_error(capsys):
-    import re
+README_EXAMPLE = _readme.example("meta.SinusoidTasks", before="before", after="after")
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    example = [b for b in blocks if "meta.SinusoidTasks" in b]
-    assert example, "README.md should show the meta-learning example"
-    torch.set_default_dtype(torch.float32)  # as a user's session would be
-    namespace: dict = {}
-    exec(compile(example[0], str(readme), "exec"), namespace)  # noqa: S102
-    assert namespace["after"] < 0.9 * namespace["before"]
-    assert "query MSE after adaptation" in capsys.readouterr().out
+
+def test_readme_meta_learning_example_runs_and_lowers_the_query_error():
+    run = README_EXAMPLE.run()  # in a fresh (float32) interpreter, as a reader pastes it
+    assert run.values["after"] < 0.9 * run.values["before"]
+    assert "query MSE after adaptation" in run.stdout

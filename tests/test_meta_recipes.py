@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 
 import pytest
 
@@ -80,6 +81,29 @@ def test_meta_training_on_sinusoids_lowers_the_held_out_error(recipe, extra, tmp
     results = json.loads((out / "results.json").read_text())
     start, end = results["validation"][0]["mse"], results["validation"][-1]["mse"]
     assert end < 0.9 * start, (start, end)
+
+
+@pytest.mark.parametrize("recipe", ["maml", "imaml"])
+def test_sinusoid_runs_at_the_default_options(recipe, tmp_path):
+    # Omniglot's 1 shot and inner steps of 0.4 (imaml: 0.3) sent the sine waves' support
+    # loss to inf; with data=sinusoid and nothing else set the per-data defaults apply
+    out = tmp_path / "run"
+    args = ["data=sinusoid", "meta_iterations=5"]
+    assert main([recipe, "--out", str(out), "--no-progress", "--set", *args]) == 0
+    results = json.loads((out / "results.json").read_text())
+    used = {k: results["config"][k] for k in ("shots", "queries", "inner_lr")}
+    assert used == {"shots": 10, "queries": 10, "inner_lr": 0.01}
+    losses = [r["query_loss"] for r in results["history"]]
+    losses += [v["mse"] for v in results["validation"]] + [results["heldout"]["mse"]]
+    assert len(results["history"]) == 5 and all(math.isfinite(x) for x in losses), losses
+
+
+def test_per_data_defaults_keep_omniglot_values_and_explicit_options():
+    omniglot = IMAMLConfig().resolved()
+    assert (omniglot.shots, omniglot.queries, omniglot.inner_lr) == (1, 5, 0.3)
+    assert MAMLConfig().resolved().inner_lr == 0.4
+    chosen = MAMLConfig(data="sinusoid", shots=3, inner_lr=0.02).resolved()
+    assert (chosen.shots, chosen.queries, chosen.inner_lr) == (3, 10, 0.02)
 
 
 @needs_omniglot

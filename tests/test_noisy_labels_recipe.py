@@ -18,6 +18,7 @@ import re
 import pytest
 import torch
 
+import _readme
 from _cli import assert_rejected, one_line_error
 from hypergradient import HypergradientError, label_noise
 from hypergradient.cli import main
@@ -203,26 +204,26 @@ def test_symmetric_noise_needs_no_correction(tmp_path):
     assert math.isfinite(run["estimated"]["prior"])
 
 
-def test_readme_example_runs(capsys):
-    """The README's label-noise example, as written, in a float32 session."""
-    from pathlib import Path
+README_EXAMPLE = _readme.example(
+    "label_noise.flip_labels",
+    rho_pos="rates.rho_pos",
+    rho_neg="rates.rho_neg",
+    threshold="threshold",
+    naive="float(((eta_noisy > 0.5).long() != y).float().mean())",
+    corrected="float(((eta_noisy > threshold).long() != y).float().mean())",
+)
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    (block,) = [b for b in blocks if "label_noise.flip_labels" in b]
-    torch.set_default_dtype(torch.float32)  # as a user's session would be
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
-    rates, threshold = namespace["rates"], namespace["threshold"]
+
+def test_readme_example_runs():
+    """The README's label-noise example, as written, in a fresh (float32) interpreter."""
+    run = README_EXAMPLE.run()
+    values = run.values
     # the exact posterior on [-2, 2] reaches sigmoid(-8) = 3e-4 of certainty: rates within 1e-3
-    assert rates.rho_pos == pytest.approx(0.4, abs=1e-3)
-    assert rates.rho_neg == pytest.approx(0.1, abs=1e-3)
-    assert threshold == pytest.approx(0.35, abs=1e-3)
-    eta_noisy, y = namespace["eta_noisy"], namespace["y"]
-    naive = float(((eta_noisy > 0.5).long() != y).float().mean())
-    corrected = float(((eta_noisy > threshold).long() != y).float().mean())
-    assert naive - corrected > 0.02
-    assert "corrected" in capsys.readouterr().out
+    assert values["rho_pos"] == pytest.approx(0.4, abs=1e-3)
+    assert values["rho_neg"] == pytest.approx(0.1, abs=1e-3)
+    assert values["threshold"] == pytest.approx(0.35, abs=1e-3)
+    assert values["naive"] - values["corrected"] > 0.02
+    assert "corrected" in run.stdout
 
 
 def test_help_lists_every_option(capsys):

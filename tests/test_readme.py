@@ -1,33 +1,38 @@
-"""The README's code example runs as written (documentation that cannot go stale)."""
+"""The README's first examples run as written (documentation that cannot go stale).
 
-import re
-from pathlib import Path
+They run in a fresh interpreter, as a reader pastes them (``tests/_readme.py``).
+"""
 
-import torch
+import _readme
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CORE = _readme.example(
+    "d_unrolled = hg.unrolled_hypergrad(",
+    shape="list(d_log_l2['log_l2'].shape)",
+    finite="bool(torch.isfinite(d_unrolled['log_l2']).all())",
+)
+LOOP = _readme.example(
+    "hg.BilevelTrainer(",
+    n_history="len(history)",
+    hyper_step="trainer.hyper_step",
+    val_first="history[0]['val_loss']",
+    val_last="history[-1]['val_loss']",
+)
 
 
-def test_readme_python_example_runs(capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README.md should contain a ```python example"
-    namespace: dict = {}
-    exec(compile(blocks[0], str(README), "exec"), namespace)  # noqa: S102
-    assert namespace["d_log_l2"]["log_l2"].shape == torch.Size([10, 64])
-    assert torch.isfinite(namespace["d_unrolled"]["log_l2"]).all()
-    assert "torch.Size([10, 64])" in capsys.readouterr().out
+def test_readme_python_example_runs():
+    assert _readme.blocks()[0] == CORE.block, "README.md should start with the core example"
+    run = CORE.run()
+    assert run.values["shape"] == [10, 64]
+    assert run.values["finite"]
+    assert "torch.Size([10, 64])" in run.stdout
 
 
-def test_readme_training_loop_example_runs(tmp_path, monkeypatch, capsys):
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    loop = [b for b in blocks if "BilevelTrainer" in b]
-    assert loop, "README.md should show the training loop"
-    monkeypatch.chdir(tmp_path)  # the example writes its run folder in the working directory
-    torch.set_default_dtype(torch.float32)  # as a user's session would be
-    namespace: dict = {}
-    exec(compile(loop[0], str(README), "exec"), namespace)  # noqa: S102
-    history, trainer = namespace["history"], namespace["trainer"]
-    assert len(history) == 100 and trainer.hyper_step == 100
-    assert (tmp_path / "hypergradient-runs/my-model/hyper_steps.jsonl").exists()
+def test_readme_training_loop_example_runs():
+    run = LOOP.run()  # float32, as a user's session would be
+    values = run.values
+    assert values["n_history"] == 100 and values["hyper_step"] == 100
+    # the example writes its run folder in the working directory
+    assert (run.cwd / "hypergradient-runs/my-model/hyper_steps.jsonl").exists()
+    assert (run.cwd / "hypergradient-runs/my-model/ckpt.pt").exists()
     # the weights are fitted: the validation loss fell far below its starting value
-    assert history[-1]["val_loss"] < 0.5 * history[0]["val_loss"]
+    assert values["val_last"] < 0.5 * values["val_first"]

@@ -5,29 +5,23 @@ nested resampling and racing.
   its SGD steps and evaluations converted by the documented rule.
 * Studies live in SQLite under the run folder and re-open by name; every sampler and pruner
   runs; a grid search stops when its grid is exhausted.
-* Two worker processes share one SQLite study; one is SIGKILLed mid-trial: every finished
-  trial is recorded, the killed trial is marked FAIL and re-queued, and the study ends with
-  exactly the requested number of finished trials.
+* Two threads racing for the last trials finish exactly the budget.  Worker processes that
+  start together on a new study, or are SIGKILLed mid-trial: tests/test_search_workers.py.
 * Nested CV: tuning never sees a row of its outer test fold; on labels that are pure noise
   the non-nested estimate is optimistic and the nested one is not.
 * Racing: of configurations with known quality, the worst are dropped after a few folds and
   the race costs fewer evaluations than full cross-validation.
 """
 
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 optuna = pytest.importorskip("optuna")
 
+import _readme  # noqa: E402
 from hypergradient import HypergradientError, Implicit, Unrolled, search  # noqa: E402
 from hypergradient.search import study as study_mod  # noqa: E402
 from hypergradient.search.racing import friedman_eliminations  # noqa: E402
@@ -300,7 +294,16 @@ def test_pruners_stop_bad_trials_on_reported_values(pruner):
             r"max_resource=2 < min_resource=3",
         ),  # fmt: skip
         (lambda d: search.make_storage("study.db"), r"expected a database URL"),
-        (lambda d: search.make_storage(f"sqlite:///{d}/x.db", max_retry=2), r"heartbeat_interval"),
+        (
+            lambda d: search.make_storage(
+                f"sqlite:///{d}/x.db", heartbeat_interval=None, max_retry=2
+            ),
+            r"heartbeat_interval",
+        ),  # fmt: skip
+        (
+            lambda d: search.make_storage(f"sqlite:///{d}/x.db", max_retry=-1),
+            r"max_retry=-1\)",
+        ),  # fmt: skip
         (
             lambda d: search.make_storage(f"sqlite:///{d}/x.db", heartbeat_interval=0),
             r"heartbeat_interval=0\)",
@@ -308,6 +311,7 @@ def test_pruners_stop_bad_trials_on_reported_values(pruner):
         (lambda d: search.make_sampler("tpe", startup_trials=0), r"startup_trials=0"),
         (lambda d: search.optimize(None, _quadratic), r"never ends"),
         (lambda d: search.optimize(None, _quadratic, n_trials=0), r"n_trials=0"),
+        (lambda d: search.optimize(None, _quadratic, n_trials=1, max_wait=-1), r"max_wait=-1"),
     ],
 )
 def test_study_errors(tmp_path, call, pattern):
@@ -316,7 +320,8 @@ def test_study_errors(tmp_path, call, pattern):
 
 
 def test_optimize_waits_for_trials_other_workers_hold(tmp_path):
-    study = search.create_study("w", run_dir=tmp_path, sampler="random")
+    # no heartbeat: a trial made by hand with ask() (Optuna warns with one)
+    study = search.create_study("w", run_dir=tmp_path, sampler="random", heartbeat_interval=None)
     search.optimize(study, _quadratic, n_trials=2)
     held = study.ask()  # another worker's running trial: the budget of 3 is held
     trials = search.optimize(study, _quadratic, n_trials=3, timeout=0.5, poll_interval=0.05)
@@ -346,72 +351,6 @@ def test_threads_racing_for_the_last_trials_finish_exactly_the_budget(tmp_path):
     # any other trial is one that lost the race for the last slot and was never run
     extra = [t for t in study.trials if t.state.name != "COMPLETE"]
     assert all(t.state.name == "FAIL" and t.user_attrs[study_mod.SURPLUS_ATTR] for t in extra)
-
-
-WORKER = textwrap.dedent(
-    """
-    import sys, time
-    from pathlib import Path
-    import optuna
-    from hypergradient import search
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
-    url, name, n, marks, role = sys.argv[1:6]
-    study = search.create_study(name, storage=url, sampler="random", seed=None,
-                                heartbeat_interval=1, grace_period=2, max_retry=2)
-    def objective(trial):
-        x = trial.suggest_float("x", -1.0, 1.0)
-        if role == "survivor":  # let the victim take a trial first
-            while not list(Path(marks).glob("start-*-victim")):
-                time.sleep(0.05)
-        Path(marks, f"start-{trial.number}-{role}").touch()
-        time.sleep(120.0 if role == "victim" else 0.2)  # the victim is killed in there
-        trial.set_user_attr("result", x * x)
-        return x * x
-    search.optimize(study, objective, n_trials=int(n), poll_interval=0.1)
-    """
-)
-
-
-def test_killed_worker_loses_no_trial(tmp_path):
-    marks = tmp_path / "marks"
-    marks.mkdir()
-    url = f"sqlite:///{tmp_path / 'shared.db'}"
-    n = 6
-    search.create_study("shared", storage=url, heartbeat_interval=1, grace_period=2, max_retry=2)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def spawn(role):
-        args = [sys.executable, "-c", WORKER, url, "shared", str(n), str(marks), role]
-        return subprocess.Popen(args, env=env)
-
-    victim, survivor = spawn("victim"), spawn("survivor")
-    try:
-        deadline = time.monotonic() + 120
-        # kill the victim mid-trial, once the survivor has finished two trials
-        while len(list(marks.glob("start-*-survivor"))) < 3 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (victim_mark,) = marks.glob("start-*-victim")
-        os.kill(victim.pid, signal.SIGKILL)
-        assert victim.wait(timeout=10) == -signal.SIGKILL
-        assert survivor.wait(timeout=120) == 0
-    finally:
-        for proc in (victim, survivor):
-            if proc.poll() is None:
-                proc.kill()
-    killed = int(victim_mark.name.split("-")[1])
-    study = optuna.load_study(study_name="shared", storage=url)
-    by_state = {}
-    for t in study.trials:
-        by_state.setdefault(t.state.name, []).append(t)
-    assert set(by_state) == {"COMPLETE", "FAIL"}
-    assert len(by_state["COMPLETE"]) == n  # exactly the requested count
-    for t in by_state["COMPLETE"]:  # every finished trial's result is in the database
-        assert t.value == t.user_attrs["result"] == pytest.approx(t.params["x"] ** 2)
-    assert [t.number for t in by_state["FAIL"]] == [killed]
-    # the killed trial was re-queued with its parameters and finished by the survivor
-    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
-    assert retry.state.name == "COMPLETE"
-    assert retry.params == study.trials[killed].params
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -551,18 +490,21 @@ def test_race_errors(kwargs, pattern):
         search.race(args.pop("candidates"), args.pop("evaluate"), args.pop("blocks"), **args)
 
 
-def test_readme_search_example_runs(tmp_path, monkeypatch, capsys):
-    import re
+README_EXAMPLE = _readme.example(
+    "search.nested_cv(evaluate",
+    finished="len(search.finished_trials(study))",
+    nested="nested.estimate",
+    flat="flat.score",
+    evaluations="raced.evaluations",
+    full_evaluations="raced.full_evaluations",
+)
 
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    example = [b for b in blocks if "search.create_study" in b]
-    assert example, "README.md should show hypergradient.search"
-    monkeypatch.chdir(tmp_path)  # the example writes its study in the working directory
-    namespace: dict = {}
-    exec(compile(example[0], str(readme), "exec"), namespace)  # noqa: S102
-    assert (tmp_path / "hypergradient-runs/search-demo/study.db").is_file()
-    assert len(search.finished_trials(namespace["study"])) == 20
-    assert namespace["nested"].estimate > namespace["flat"].score  # optimism, on noise
-    assert namespace["raced"].evaluations < namespace["raced"].full_evaluations
-    assert "nested" in capsys.readouterr().out
+
+def test_readme_search_example_runs():
+    run = README_EXAMPLE.run()  # in a fresh interpreter, as a reader pastes it
+    # the example writes its study in the working directory
+    assert (run.cwd / "hypergradient-runs/search-demo/study.db").is_file()
+    assert run.values["finished"] == 20
+    assert run.values["nested"] > run.values["flat"]  # optimism, on noise
+    assert run.values["evaluations"] < run.values["full_evaluations"]
+    assert "nested" in run.stdout

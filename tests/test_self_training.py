@@ -14,12 +14,11 @@
 
 import json
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
 
+import _readme
 from hypergradient import HypergradientError, learned
 from hypergradient.learned import self_training as st
 
@@ -334,15 +333,13 @@ def test_other_bad_inputs_raise():
         )
 
 
-def test_readme_example_runs(capsys):
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    example = [b for b in blocks if "learned.self_train(" in b]
-    assert example, "README.md should show self_train"
-    torch.set_default_dtype(torch.float32)  # as a user's session would be
-    namespace: dict = {}
-    exec(compile(example[0], str(readme), "exec"), namespace)  # noqa: S102
-    start, end = namespace["start"], namespace["end"]
+README_EXAMPLE = _readme.example(
+    "learned.self_train(", start_best="start['best']", end_best="end['best']"
+)
+
+
+def test_readme_example_runs():
+    run = README_EXAMPLE.run()  # in a fresh (float32) interpreter, as a reader pastes it
     # 10 outer steps from random init: -1.42 -> -2.73 (float32); a margin of 0.5
-    assert end["best"] < start["best"] - 0.5
-    assert "best member:" in capsys.readouterr().out
+    assert run.values["end_best"] < run.values["start_best"] - 0.5
+    assert "best member:" in run.stdout

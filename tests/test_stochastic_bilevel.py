@@ -9,15 +9,14 @@ Hessians, and the core's full-batch ``implicit_hypergrad`` (solver="exact").
 from __future__ import annotations
 
 import functools
-import re
 import statistics
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 import torch
 from torch.func import hessian, jacrev
 
+import _readme
 import hypergradient as hg
 from hypergradient import stochastic as st
 from hypergradient.stochastic.problems import ridge_problem
@@ -605,12 +604,10 @@ def test_saba_converges_linearly_while_soba_stalls_at_a_noise_floor():
 # --------------------------------------------------------------------------------------
 
 
-def test_readme_stochastic_example_runs(capsys):
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
-    blocks = [b for b in blocks if "stochastic" in b]
-    assert blocks, "README.md should show the stochastic solvers"
-    namespace: dict = {}
-    exec(compile(blocks[0], "README.md", "exec"), namespace)  # noqa: S102
-    assert abs(float(namespace["out"].state.x - namespace["t"].x_star)) < 1e-6
-    assert "SABA" in capsys.readouterr().out
+README_EXAMPLE = _readme.example("st.SABA(", error="abs(float(out.state.x - t.x_star))")
+
+
+def test_readme_stochastic_example_runs():
+    run = README_EXAMPLE.run()  # in a fresh interpreter, as a reader pastes it
+    assert run.values["error"] < 1e-6
+    assert "SABA" in run.stdout

@@ -15,8 +15,6 @@ Small grid (5 x 5, 2 folds) and small tasks (<= 80 rows) keep the file at a few 
 """
 
 import itertools
-import re
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +23,7 @@ import torch
 optuna = pytest.importorskip("optuna")
 pytest.importorskip("sklearn")
 
+import _readme  # noqa: E402
 from _datasets import DATASETS, needs_mnist  # noqa: E402
 from hypergradient import HypergradientError, search  # noqa: E402
 from hypergradient.search import warmstart as ws  # noqa: E402
@@ -326,17 +325,21 @@ def test_clear_errors(meta, trained, tmp_path):
 # ----------------------------------------------------------------------------- README
 
 
-def test_readme_warm_start_example_runs(tmp_path, monkeypatch):
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), flags=re.S)
-    example = [b for b in blocks if "warm_start_configs" in b]
-    assert example, "README.md should show the warm-start example"
-    monkeypatch.chdir(tmp_path)  # the example writes its study under hypergradient-runs/
-    namespace: dict = {}
-    exec(compile(example[0], "README.md", "exec"), namespace)  # noqa: S102
-    study, configs, new = namespace["study"], namespace["configs"], namespace["new"]
-    assert len(study.trials) == 10
-    assert [t.params for t in study.trials[:3]] == configs  # the warm start ran first
-    first = min(new.surface[c["c_index"], c["gamma_index"]] for c in configs)
-    assert study.best_value <= first
-    assert (tmp_path / "hypergradient-runs/warm-start/study.db").is_file()
+README_EXAMPLE = _readme.example(
+    "warm_start_configs",
+    trials="len(study.trials)",
+    first_params="[t.params for t in study.trials[:3]]",
+    configs="configs",
+    first="min(new.surface[c['c_index'], c['gamma_index']] for c in configs)",
+    best="study.best_value",
+)
+
+
+def test_readme_warm_start_example_runs():
+    run = README_EXAMPLE.run()  # in a fresh interpreter, as a reader pastes it
+    values = run.values
+    assert values["trials"] == 10
+    assert values["first_params"] == values["configs"]  # the warm start ran first
+    assert values["best"] <= values["first"]
+    # the example writes its study under hypergradient-runs/ in the working directory
+    assert (run.cwd / "hypergradient-runs/warm-start/study.db").is_file()

@@ -26,6 +26,11 @@ from .._errors import HypergradientError
 ENV_VAR = "HYPERGRADIENT_DATA"
 _CHUNK = 1 << 20
 
+# How every message names the two settings, for library calls and the recipes' command line
+# (``hypergradient <recipe> --set data_dir=... download=true``) alike.
+DATA_DIR_HINT = f"data_dir= (command line: --set data_dir=...; or set ${ENV_VAR})"
+DOWNLOAD_HINT = "download=True (command line: --set download=true)"
+
 # Indirection so that tests (and callers behind a proxy) can swap the opener.
 _urlopen = urllib.request.urlopen
 
@@ -59,7 +64,7 @@ def md5_of(path: Path) -> str:
 def _manual_hint(url: str, dest: Path) -> str:
     return (
         f"download {url} yourself (a browser or `curl -L -O {url}`) and put it at {dest}, "
-        f"or pass data_dir= (--data-dir on the command line) a folder that holds it"
+        f"or point {DATA_DIR_HINT} at a folder that holds it"
     )
 
 
@@ -77,8 +82,8 @@ def verify_md5(path: Path, md5: str, *, url: str | None = None, where: str = "fe
         raise HypergradientError(
             f"{where}: {path} has md5 {actual}, but the expected md5 is {md5.lower()}, so "
             f"the file is damaged (e.g. a cut-off download) or is a different file. Delete "
-            f"it and load again with download=True (--download), or pass data_dir= "
-            f"(--data-dir) a folder that holds a good copy{source}."
+            f"it and load again with {DOWNLOAD_HINT}, or point {DATA_DIR_HINT} at a "
+            f"folder that holds a good copy{source}."
         )
 
 
@@ -107,13 +112,13 @@ def fetch(
         return dest
     if dest.exists():
         raise HypergradientError(
-            f"{where}: {dest} exists but is not a file. Remove it or pass data_dir= "
-            f"(--data-dir) another folder."
+            f"{where}: {dest} exists but is not a file. Remove it or point {DATA_DIR_HINT} "
+            f"at another folder."
         )
     if not download:
         raise HypergradientError(
-            f"{where}: {dest} does not exist. Pass download=True (--download) to fetch it "
-            f"from {url}, or {_manual_hint(url, dest)}."
+            f"{where}: {dest} does not exist. Pass {DOWNLOAD_HINT} to fetch it from {url}, "
+            f"or {_manual_hint(url, dest)}."
         )
     _download(url, dest, md5, timeout=timeout, progress=progress, where=where)
     return dest
@@ -137,10 +142,10 @@ def fetch_files(
             listing = "\n".join(f"  {f.name}  (md5 {f.md5}, from {f.url})" for f in missing)
             raise HypergradientError(
                 f"{where}: the folder {folder} lacks {len(missing)} of the {len(files)} "
-                f"file(s) it needs:\n{listing}\nPass download=True (--download) to fetch "
-                f"them into that folder, or download them yourself from the URLs above and "
-                f"put them there under exactly these names, or pass data_dir= (--data-dir) "
-                f"a folder that holds them."
+                f"file(s) it needs:\n{listing}\nPass {DOWNLOAD_HINT} to fetch them into "
+                f"that folder, or download them yourself from the URLs above and put them "
+                f"there under exactly these names, or point {DATA_DIR_HINT} at a folder that "
+                f"holds them."
             )
     return [
         fetch(
@@ -162,8 +167,8 @@ def _download(url: str, dest: Path, md5: str, *, timeout: float, progress: bool,
         fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     except OSError as exc:
         raise HypergradientError(
-            f"{where}: cannot write into {dest.parent} to download {dest.name} ({exc}). Pass "
-            f"data_dir= (--data-dir) a writable folder, or set ${ENV_VAR}."
+            f"{where}: cannot write into {dest.parent} to download {dest.name} ({exc}). "
+            f"Point {DATA_DIR_HINT} at a writable folder."
         ) from exc
     tmp = Path(tmp_name)
     try:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from .._errors import HypergradientError
-from .download import RemoteFile, default_data_dir, fetch_files
+from .download import DOWNLOAD_HINT, RemoteFile, default_data_dir, fetch_files
 from .embedded import Split
 
 # --------------------------------------------------------------------------- file tables
@@ -190,7 +190,7 @@ def _read_idx(where: str, path: Path, *, magic: int, ndim: int) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as exc:
         raise HypergradientError(
             f"{where}: {path} is not a valid gzip file ({type(exc).__name__}: {exc}); it is "
-            f"damaged or cut off. Delete it and fetch it again (download=True)."
+            f"damaged or cut off. Delete it and fetch it again ({DOWNLOAD_HINT})."
         ) from None
     found = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else f"<{len(raw)} bytes>"
     if found != magic:
@@ -204,7 +204,7 @@ def _read_idx(where: str, path: Path, *, magic: int, ndim: int) -> np.ndarray:
     if len(raw) < header:
         raise HypergradientError(
             f"{where}: {path} decompresses to {len(raw)} bytes, too short for an IDX header "
-            f"({header} bytes). Delete it and fetch it again (download=True)."
+            f"({header} bytes). Delete it and fetch it again ({DOWNLOAD_HINT})."
         )
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + math.prod(dims)
@@ -212,7 +212,7 @@ def _read_idx(where: str, path: Path, *, magic: int, ndim: int) -> np.ndarray:
         raise HypergradientError(
             f"{where}: {path} declares shape {tuple(dims)}, i.e. {expected} bytes, but "
             f"decompresses to {len(raw)} bytes; it is damaged or cut off. Delete it and fetch "
-            f"it again (download=True)."
+            f"it again ({DOWNLOAD_HINT})."
         )
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
@@ -284,7 +284,7 @@ def _load_cifar10(
     except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
         raise HypergradientError(
             f"{where}: {path} is not a readable tar.gz archive ({type(exc).__name__}: {exc}); "
-            f"it is damaged or cut off. Delete it and fetch it again (download=True)."
+            f"it is damaged or cut off. Delete it and fetch it again ({DOWNLOAD_HINT})."
         ) from None
     missing = [b for b in wanted if b not in found]
     if missing:
@@ -543,7 +543,7 @@ def _zip_members(where: str, path: Path) -> list[tuple[str, bytes]]:
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error, RuntimeError) as exc:
         raise HypergradientError(
             f"{where}: {path} is not a readable zip file ({type(exc).__name__}: {exc}); it is "
-            f"damaged or cut off. Delete it and fetch it again (download=True)."
+            f"damaged or cut off. Delete it and fetch it again ({DOWNLOAD_HINT})."
         ) from None
 
 

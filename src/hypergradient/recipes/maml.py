@@ -44,7 +44,11 @@ separately from the test episodes; used for the curve only, nothing is selected 
 ``data = "sinusoid"`` runs the same loop on sine-wave regression (amplitude in [0.1, 5],
 phase in [0, pi], ``shots`` support and ``queries`` query points, a 1-40-40-1 ReLU MLP):
 mean squared errors instead of accuracies, the nearest-neighbour baseline predicts the
-target of the closest support point.  It needs no files (the CLI tests use it).
+target of the closest support point.  It needs no files (the CLI tests use it).  The options
+``shots``, ``queries`` and (``maml``, ``imaml``) ``inner_lr`` default to none, meaning the data
+set's value: Omniglot's 1 shot, 5 queries and inner steps of 0.4 (``imaml``: 0.3) would
+diverge on sine waves, which get 10 shots, 10 queries and inner steps of 0.01 (Finn et al.'s
+sinusoid setting); ``results.json`` records the values used.
 
 Files in the run folder: ``results.json``, ``meta_training.png`` (query accuracy or loss per
 meta-iteration, held-out validation points, final accuracies against the baseline),
@@ -57,7 +61,7 @@ from __future__ import annotations
 import abc
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +105,20 @@ from ._config import (
 )
 
 _DATA = ("omniglot", "sinusoid")
+
+
+def per_data_field(text: str, defaults: dict[str, Any]) -> Any:
+    """An option whose default depends on ``data``: none (the default) means
+    ``defaults[data]``; :meth:`MetaLearningConfig.resolved` fills it in.  Omniglot's values
+    diverge on sine waves (an inner step of 0.4 sends the support loss to inf)."""
+    values = ", ".join(f"{v} for {k}" for k, v in defaults.items())
+    return field(
+        default=None, metadata={**help_text(f"{text}; none: {values}"), "per_data": defaults}
+    )
+
+
+_SHOTS = {"omniglot": 1, "sinusoid": 10}  # sinusoid: Finn et al.'s K = 10
+_QUERIES = {"omniglot": 5, "sinusoid": 10}
 _OMNIGLOT_ALPHABETS = (
     "Balinese", "Early_Aramaic", "Greek", "Japanese_(katakana)", "Korean", "Latin",
     "Sanskrit", "Tagalog",
@@ -142,16 +160,18 @@ class MetaLearningConfig:
     )
     image_size: int = field(default=28, metadata=help_text("images are resized to this side"))
     ways: int = field(default=5, metadata=help_text("N: classes per episode (omniglot)"))
-    shots: int = field(
-        default=1, metadata=help_text("K: support examples per class (sinusoid: support points)")
+    shots: int | None = per_data_field(
+        "K: support examples per class (sinusoid: support points)", _SHOTS
     )
-    queries: int = field(
-        default=5, metadata=help_text("query examples per class (sinusoid: query points)")
+    queries: int | None = per_data_field(
+        "query examples per class (sinusoid: query points)", _QUERIES
     )
     channels: int = field(default=32, metadata=help_text("convolution channels (omniglot)"))
     blocks: int = field(default=4, metadata=help_text("convolution blocks (omniglot)"))
     inner_steps: int = field(default=5, metadata=help_text("adaptation steps per task"))
-    inner_lr: float = field(default=0.4, metadata=help_text("adaptation step size"))
+    inner_lr: float | None = per_data_field(
+        "adaptation step size", {"omniglot": 0.4, "sinusoid": 0.01}
+    )
     meta_batch: int = field(default=4, metadata=help_text("tasks per meta-iteration"))
     meta_lr: float = field(default=0.001, metadata=help_text("Adam learning rate of theta"))
     meta_iterations: int = field(default=600, metadata=help_text("meta-iterations"))
@@ -170,8 +190,21 @@ class MetaLearningConfig:
     )
     threads: int = threads_field()
 
-    def validate(self) -> None:
+    def resolved(self) -> MetaLearningConfig:
+        """A copy with every per-data option that is none set to ``data``'s default (what
+        the run uses, and what ``results.json`` records)."""
         check_choice("data", self.data, _DATA)
+        chosen = {
+            f.name: f.metadata["per_data"][self.data]
+            for f in fields(self)
+            if "per_data" in f.metadata and getattr(self, f.name) is None
+        }
+        return replace(self, **chosen)
+
+    def validate(self) -> None:
+        self.resolved()._validate()
+
+    def _validate(self) -> None:
         check_data_dir(self.data_dir, holds="omniglot/")
         if not isinstance(self.download, bool):
             raise HypergradientError(
@@ -262,7 +295,7 @@ class IMAMLConfig(MetaLearningConfig):
     inner_steps: int = field(
         default=10, metadata=help_text("gradient steps on the proximal inner problem")
     )
-    inner_lr: float = field(default=0.3, metadata=help_text("their step size"))
+    inner_lr: float | None = per_data_field("their step size", {"omniglot": 0.3, "sinusoid": 0.01})
     lam: float = field(
         default=0.5,
         metadata=help_text("lambda: strength of the proximal term (lam/2) ||phi - theta||^2"),
@@ -367,6 +400,7 @@ def run_meta_learning(
 ) -> dict[str, Any]:
     """The meta-training loop and evaluation shared by the recipes: ``model.init`` gives
     the meta-parameters, ``learner`` adapts and differentiates."""
+    config = config.resolved()
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     data = _Data(config, name)
@@ -379,9 +413,11 @@ def run_meta_learning(
     history: list[dict[str, Any]] = []
     validation: list[dict[str, Any]] = []
     checkpoint = run_dir / "checkpoint.pt"
-    options = {k: v for k, v in asdict(config).items() if k not in _RESUME_EXCLUDED}
+    options = {"recipe": name} | {
+        k: v for k, v in asdict(config).items() if k not in _RESUME_EXCLUDED
+    }
     if resume_or_start_over(run_dir, options, resume=resume):
-        state = load_checkpoint(checkpoint, "--resume")
+        state = load_checkpoint(checkpoint, "--resume", signature=options)
         with torch.no_grad():
             for k, v in theta.items():
                 v.copy_(state["theta"][k])
@@ -439,6 +475,7 @@ def run_meta_learning(
                     "validation": validation,
                 },
                 checkpoint,
+                signature=options,
             )
             bar.update(task, completed=iteration)
         loop_seconds = sum(r["seconds"] for r in history)
@@ -569,6 +606,7 @@ class _MetaLearningRecipe(ThreadedRecipe):
         """``(model, learner)`` for a validated ``config``."""
 
     def _run(self, config, run_dir, *, resume, progress, console):
+        config = config.resolved()  # the per-data defaults, also in results.json's config
         model, learner = self.build(config)
         return run_meta_learning(
             self.name, config, model, learner, run_dir,
