@@ -434,3 +434,27 @@ def test_ctrl_c_in_the_demo_process_gives_one_line_and_exit_130(tmp_path):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted;") and "--resume" in lines[0]
     assert json.loads((out / "results.json").read_text())["interrupted"] is True
+
+
+# ----------------------------------------------------------------------------- threads
+
+
+def test_threads_are_chosen_by_model_size_and_restored():
+    from hypergradient._threads import SMALL_MODEL, threads_for
+
+    default = torch.get_num_threads()
+    assert threads_for(10_000) == 1 and threads_for(10_000, 3) == 3
+    assert threads_for(SMALL_MODEL) == default
+    with pytest.raises(hg.HypergradientError, match=r"threads=-1: expected an int >= 1"):
+        threads_for(10, -1)
+    torch.set_num_threads(2)
+    try:
+        trainer = _trainer()
+        trainer.fit(2)
+        assert [r["threads"] for r in trainer.history] == [1, 1]  # a 5-8-3 MLP: one thread
+        assert torch.get_num_threads() == 2  # restored after fit
+        explicit = _trainer(threads=2)
+        explicit.fit(1)
+        assert explicit.history[0]["threads"] == 2
+    finally:
+        torch.set_num_threads(default)

@@ -40,6 +40,8 @@ def _demo_parser(sub) -> None:
         "init_weight_decay": "initial value of every per-weight decay",
         "grid": "global weight decays of the baseline grid",
         "seed": "random seed (data split and initialisation)",
+        "threads": "torch intra-op threads (0: chosen by model size; one for this small MLP, "
+        "since on a busy machine a second thread only spin-waits)",
         "out": "output folder for results.json, config.json and losses.png",
     }
     p = sub.add_parser(

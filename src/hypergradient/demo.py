@@ -40,6 +40,7 @@ from ._io import (
     write_json_atomic,
     write_text_atomic,
 )
+from ._threads import threads_for, torch_threads
 from .data import Split, load_digits_split
 from .hypergrad import implicit_hypergrad
 
@@ -59,6 +60,7 @@ class DemoConfig:
     init_weight_decay: float = 1e-3  # starting value of every per-weight decay
     grid: list[float] = field(default_factory=lambda: [0.0, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
     seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0: chosen by model size (1 for this MLP)
     out: str = "hypergradient-runs/demo"
 
     def validate(self) -> None:
@@ -69,6 +71,11 @@ class DemoConfig:
                 raise HypergradientError(
                     f"demo: --{name.replace('_', '-')} must be an int >= 1, got {value!r}."
                 )
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise HypergradientError(
+                f"demo: --threads must be an int >= 0 (0: chosen by model size), got "
+                f"{self.threads!r}."
+            )
         if not isinstance(self.neumann_terms, int) or self.neumann_terms < 0:
             raise HypergradientError(
                 f"demo: --neumann-terms must be an int >= 0, got {self.neumann_terms!r}."
@@ -309,15 +316,9 @@ def _plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(
+def _run_demo(
     config: DemoConfig, *, show_progress: bool = True, console=None, resume: bool = False
 ) -> dict:
-    """Run the demo, write ``results.json``, ``config.json`` and ``losses.png``; return results.
-
-    Finished work is checkpointed in ``config.out`` (every grid run and every hyper-step);
-    ``resume=True`` (``hypergradient demo --resume``) continues an interrupted demo with the
-    same options to the same result. After Ctrl-C, ``results.json`` holds what was finished.
-    """
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -446,3 +447,20 @@ def run_demo(
             f"Wrote {out / 'results.json'}, {out / 'config.json'} and {out / 'losses.png'}."
         )
         return result
+
+
+def run_demo(
+    config: DemoConfig, *, show_progress: bool = True, console=None, resume: bool = False
+) -> dict:
+    """Run the demo, write ``results.json``, ``config.json`` and ``losses.png``; return results.
+
+    Finished work is checkpointed in ``config.out`` (every grid run and every hyper-step);
+    ``resume=True`` (``hypergradient demo --resume``) continues an interrupted demo with the
+    same options to the same result. After Ctrl-C, ``results.json`` holds what was finished.
+    The run uses ``config.threads`` torch threads (0: one for this small model, see
+    :func:`hypergradient._threads.threads_for`); ``results.json`` records the count.
+    """
+    config.validate()
+    num_params = 64 * config.hidden + config.hidden + config.hidden * 10 + 10
+    with torch_threads(threads_for(num_params, config.threads)):
+        return _run_demo(config, show_progress=show_progress, console=console, resume=resume)

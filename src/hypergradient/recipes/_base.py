@@ -19,10 +19,9 @@ description that goes into ``results.json``.
 from __future__ import annotations
 
 import abc
-import contextlib
 import json
 import platform
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -34,6 +33,7 @@ from .._errors import HypergradientError
 from .._io import load_checkpoint as load_checkpoint  # re-exported for the recipes
 from .._io import save_atomic as save_atomic
 from .._io import write_json_atomic
+from .._threads import torch_threads as torch_threads  # re-exported for the recipes
 
 _RECIPES: dict[str, type[AbstractRecipe]] = {}
 
@@ -99,23 +99,6 @@ def machine() -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
     }
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` inside the ``with`` block (``n = 0``: torch's setting is
-    left alone); the previous count is restored afterwards, also after an exception.
-
-    Recipes run small models: one thread is about as fast, and on a busy machine extra
-    threads spin-wait and make every step several times slower.
-    """
-    old = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def progress_bar(console: Console, progress: bool) -> Progress:

@@ -37,6 +37,7 @@ from torch import nn
 
 from .._errors import HypergradientError
 from .._io import RunLock, load_checkpoint, save_atomic, write_text_atomic
+from .._threads import threads_for, torch_threads
 from ..hparams._base import AbstractHyperparameter
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit
 from ..problem import as_function
@@ -145,6 +146,10 @@ class BilevelTrainer:
             above ``2 / lr``); the loss then grows geometrically, and this catches it within
             a few inner steps instead of many hyper-steps later.  ``None``: only non-finite
             losses stop the run.
+        threads: torch intra-op threads during :meth:`fit` (restored afterwards); ``None``
+            or 0: chosen by model size (one below a million parameters, where a second
+            thread gains nothing and spin-waits on a busy machine; torch's setting above).
+            Every history record says how many were used (``threads``).
 
     Cost per hyper-step: ``hyper_every`` ordinary training steps plus one hypergradient (see
     the method); memory: the model, one hyperparameter tensor per hyperparameter and the
@@ -170,6 +175,7 @@ class BilevelTrainer:
         seed: int = 0,
         wrap_loss: Callable[[Callable, int], Callable] | None = None,
         divergence_factor: float | None = 1e3,
+        threads: int | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise HypergradientError(
@@ -222,6 +228,8 @@ class BilevelTrainer:
                 f"> 1 or None."
             )
         self.divergence_factor = divergence_factor
+        threads_for(0, threads)  # validates it
+        self.threads = threads
         self._hypergrad_info: dict[str, float] = {}
         self.forward = as_function(model)
         params = {k: v.detach() for k, v in model.named_parameters()}
@@ -439,6 +447,7 @@ class BilevelTrainer:
             "train_loss": train_loss,
             "val_loss": val_loss,
             "hypergrad_norm": grad_norm,
+            "threads": torch.get_num_threads(),
             **self._hypergrad_info,  # e.g. Implicit's inner_grad_norm at the weights used
             "seconds": time.perf_counter() - start,
             **self.hyper.describe(self.hparams),
@@ -474,6 +483,11 @@ class BilevelTrainer:
             raise HypergradientError(
                 f"{_WHERE}.fit(resume=True): resuming needs checkpoint=<path> to read from."
             )
+        num_params = sum(p.numel() for p in self.model.parameters())
+        with torch_threads(threads_for(num_params, self.threads)):
+            return self._fit_locked(hyper_steps, checkpoint, resume, progress)
+
+    def _fit_locked(self, hyper_steps, checkpoint, resume, progress) -> list[dict[str, Any]]:
         if checkpoint is None:
             return self._fit(hyper_steps, None, progress)
         # one process per checkpoint: a second one would interleave saves and log lines
