@@ -29,14 +29,27 @@ statistics of its own; ``ru_maxrss`` cannot be reset.  One run per method and ``
 long runs take seconds to minutes; the time columns are single measurements on a shared
 machine).
 
+Then a second table, time per step against ``T``, in one process (``--skip-timing`` leaves
+it out, ``--timing-only`` runs only it and keeps the memory table of an existing result):
+exact reversal at ``T`` = 100, 1000 and 10,000 with the momentum held at 0.9 and at 0.5
+(per-step learning-rate and momentum schedules, 2T hyperparameters) on an MLP 64-128-10
+(9,610 weights; ``--timing-hidden``, where the per-step work is less dominated by the cost
+of launching each small tensor operation than at 64-32-10), its buffer's bytes and
+bits per weight and step, and reverse mode on the same problem in turn (skipped where its
+stored graphs, extrapolated from its peak at a shorter T, would take over half the free
+memory).  Up to ``T = 1000`` each is measured ``--timing-repeats`` times (default 3) and the
+medians are reported, as wall time and as this process's CPU time, which other jobs on a
+shared machine disturb much less.
+
 Run from the repository root::
 
-    PYTHONPATH=src python benchmarks/long_horizon.py            # ~4-5 minutes
+    PYTHONPATH=src python benchmarks/long_horizon.py            # ~8-10 minutes
     PYTHONPATH=src python benchmarks/long_horizon.py --quick    # smoke test, T = 50, 200
 
 Writes ``<out>/long_horizon.json`` and ``<out>/long_horizon.md``.
-Target: at ``T = 1000`` the reversible hypergradient needs >= 20x less peak memory than
-reverse mode, and agrees with it.
+Targets: at ``T = 1000`` the reversible hypergradient needs >= 20x less peak memory than
+reverse mode, and agrees with it; its time per step is flat in ``T`` (100 to 10,000), and
+at ``T = 1000`` it takes at most 2x reverse mode's time.
 """
 
 from __future__ import annotations
@@ -56,18 +69,23 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
-from _common import machine_info, reset_peak_rss, status_kib
+from _common import load_cache, machine_info, reset_peak_rss, status_kib
 
 try:
     import hypergradient as hg
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
+from hypergradient.hypergrad.reversible import ExactMomentumSGD  # noqa: E402
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
 METHODS = ("reversible", "reverse", "truncated", "forward")
 MEMORY_TARGET_T, MEMORY_TARGET = 1000, 20.0
+TIME_TARGET_T, TIME_TARGET = 1000, 2.0  # exact reversal within 2x reverse mode's time
+TIMING_STEPS, TIMING_MOMENTA = (100, 1000, 10_000), (0.9, 0.5)
+TIMING_REPEAT_MAX_STEPS = 1000  # longer timing runs are measured once
+TIMING_HIDDEN = 128  # the timing table's MLP: 64-128-10, 9,610 weights
 BLOCKS = 10  # the schedules are piecewise constant over this many blocks
 HIDDEN, N_TRAIN, N_VAL = 32, 500, 300
 DTYPE = torch.float64
@@ -78,12 +96,12 @@ DTYPE = torch.float64
 # ======================================================================================
 
 
-def build_problem(steps: int):
+def build_problem(steps: int, hidden: int = HIDDEN):
     """Losses, initial weights and the two ways of writing the schedules for ``steps``."""
     split = hg.data.load_digits_split(n_train=N_TRAIN, n_val=N_VAL, seed=0, dtype=DTYPE)
     x, y, xv, yv = split.x_train, split.y_train, split.x_val, split.y_val
     gen = torch.Generator().manual_seed(0)
-    sizes = [(64, HIDDEN), (HIDDEN, 10)]
+    sizes = [(64, hidden), (hidden, 10)]
     w0 = {}
     for i, (fan_in, fan_out) in enumerate(sizes):
         w0[f"w{i}"] = torch.randn(fan_in, fan_out, generator=gen, dtype=DTYPE) / fan_in**0.5
@@ -187,7 +205,7 @@ def run_probe_subprocess(method: str, steps: int, threads: int, folder: Path) ->
     if proc.returncode != 0:
         raise RuntimeError(f"probe {method} T={steps} failed:\n{proc.stderr}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["grads"] = torch.load(save_to)
+    result["grads"] = load_cache(save_to)
     return result
 
 
@@ -225,6 +243,276 @@ def agreement(results: dict, steps: int) -> dict:
             _flat(results["forward"]["grads"], block_keys), _flat(sums, block_keys)
         )
     return out
+
+
+# ======================================================================================
+# Time per step: exact reversal against T, and against reverse mode, in one process
+# ======================================================================================
+
+
+def _timed(fn, steps: int) -> tuple[float, float, object]:
+    """``(wall ms per step, CPU ms per step, fn())``: CPU is this process's time, which the
+    other jobs on a shared machine disturb much less than the wall clock."""
+    gc.collect()
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return 1e3 * wall / steps, 1e3 * cpu / steps, out
+
+
+def _mem_available_mib() -> float | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in MiB (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _bookkeeping_ms_per_step(size: int, steps: int, momentum: float) -> float:
+    """CPU ms per step of the fixed-point steps and the buffer alone, forward and back.
+
+    ``ExactMomentumSGD`` on ``size`` weights, fed a cycle of 64 synthetic gradients
+    (N(0, 0.01^2)) instead of the network's, lr 0.01: the integer bookkeeping that exact
+    reversal adds to the gradients, with nothing else in the loop."""
+    sgd = ExactMomentumSGD([0.01] * steps, [momentum] * steps)
+    gen = torch.Generator().manual_seed(0)
+    grads = [0.01 * torch.randn(size, generator=gen, dtype=DTYPE) for _ in range(64)]
+    state = sgd.init(0.1 * torch.randn(size, generator=gen, dtype=DTYPE))
+    gc.collect()
+    cpu = time.process_time()
+    for t in range(steps):
+        sgd.step(state, grads[t % 64], t)
+    for t in reversed(range(steps)):
+        sgd.undo_position(state, t)
+        sgd.undo_velocity(state, grads[t % 64], t)
+    cpu = time.process_time() - cpu
+    assert state.buffer.is_empty()
+    return 1e3 * cpu / steps
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
+def run_timing(args, console: Console) -> dict:
+    """Exact reversal at every (momentum, T) and reverse mode at T <= --reverse-max-steps.
+
+    The hyperparameters are a per-step learning-rate schedule (the memory table's) and a
+    per-step momentum schedule held at the momentum (2T hyperparameters).  Up to T = 1000
+    each measurement is repeated --timing-repeats times, reversal and reverse mode in turn,
+    and the medians are reported; T = 10,000 runs once.
+    """
+    hidden = args.timing_hidden
+    steps_list = args.timing_steps or ([50, 200] if args.quick else list(TIMING_STEPS))
+    machine = machine_info(threads=args.threads)
+    _, _, w0, _, _, _ = build_problem(1, hidden)
+    out = {
+        "machine": machine,
+        "hidden": hidden,
+        "num_weights": sum(v.numel() for v in w0.values()),
+        "steps": steps_list,
+        "momenta": args.timing_momenta,
+        "repeats": args.timing_repeats,
+        "reverse_max_steps": args.reverse_max_steps,
+        "rows": [],
+    }
+
+    def call(mode: str, steps: int, momentum: float):
+        inner, outer, w0, per_step, _, _ = build_problem(steps, hidden)
+        hp = {"lr": per_step["lr"], "momentum": torch.full((steps,), momentum, dtype=DTYPE)}
+        if mode == "reversible":
+            return lambda: hg.reversible_hypergrad(inner, outer, w0, hp, steps, "lr", "momentum")
+        return lambda: hg.unrolled_hypergrad(
+            inner, outer, w0, hp, steps, "lr", "momentum", mode="reverse"
+        )
+
+    for mode in ("reversible", "reverse"):  # warm-up: lazy imports, allocator pools
+        call(mode, 3, 0.9)()
+    # what reverse mode's graph keeps per step: the tensors saved for backward, once each
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        call("reverse", 20, 0.9)()
+    graph_mib_per_step = sum(saved.values()) / 20 / 2**20
+    out["reverse_graph_mib_per_step"] = graph_mib_per_step
+    for momentum in args.timing_momenta:
+        for steps in steps_list:
+            repeats = args.timing_repeats if steps <= TIMING_REPEAT_MAX_STEPS else 1
+            with_reverse, too_big = steps <= args.reverse_max_steps, None
+            need, available = graph_mib_per_step * steps, _mem_available_mib()
+            if with_reverse and available is not None and need > available / 2:
+                with_reverse, too_big = False, (need, available)  # keep to half of what is free
+            runs = {"reversible": [], "reverse": []}
+            result = reference = None
+            for _ in range(repeats):
+                wall, cpu, result = _timed(call("reversible", steps, momentum), steps)
+                runs["reversible"].append((wall, cpu))
+                if with_reverse:
+                    wall, cpu, reference = _timed(call("reverse", steps, momentum), steps)
+                    runs["reverse"].append((wall, cpu))
+            s = result.stats
+            bookkeeping = _bookkeeping_ms_per_step(s.num_weights, steps, momentum)
+            row = {
+                "momentum": momentum,
+                "steps": steps,
+                "repeats": repeats,
+                "reversible_wall_ms_per_step": [w for w, _ in runs["reversible"]],
+                "reversible_cpu_ms_per_step": [c for _, c in runs["reversible"]],
+                "buffer_bytes": s.buffer_bytes,
+                "buffer_bits": s.buffer_bits,
+                "bits_per_weight_per_step": s.bits_per_weight_per_step,
+                "expected_bits_per_weight_per_step": s.expected_bits_per_weight_per_step,
+                "weights_bytes_per_step": s.num_weights * 8,
+                "bookkeeping_cpu_ms_per_step": bookkeeping,
+            }
+            if with_reverse:
+                keys = ("lr", "momentum")
+                row["reverse_wall_ms_per_step"] = [w for w, _ in runs["reverse"]]
+                row["reverse_cpu_ms_per_step"] = [c for _, c in runs["reverse"]]
+                row["relative_error_vs_reverse"] = _compare(
+                    _flat(result.hypergrad, keys), _flat(reference, keys)
+                )["relative_error"]
+            elif too_big:
+                row["reverse_skipped"] = (
+                    f"its graph would keep ~{too_big[0] / 1024:.1f} GiB "
+                    f"({graph_mib_per_step:.2f} MiB of saved tensors per step), over half the "
+                    f"free memory ({too_big[1] / 1024:.1f} GiB)"
+                )
+            else:
+                row["reverse_skipped"] = f"T > --reverse-max-steps={args.reverse_max_steps}"
+            out["rows"].append(row)
+            ref = row.get("reverse_cpu_ms_per_step")
+            console.print(
+                f"timing mu={momentum} T={steps}: reversal "
+                f"{_median(row['reversible_cpu_ms_per_step']):.2f} ms/step CPU"
+                + (f", reverse mode {_median(ref):.2f}" if ref else "")
+                + f", buffer {s.buffer_bytes / 1024:.0f} KiB"
+            )
+    machine["load_average_at_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return out
+
+
+def _timing_rows(timing: dict) -> list[list[str]]:
+    rows = []
+    for r in timing["rows"]:
+        rev_wall = _median(r["reversible_wall_ms_per_step"])
+        rev_cpu = _median(r["reversible_cpu_ms_per_step"])
+        if "reverse_cpu_ms_per_step" in r:
+            ref_wall = _median(r["reverse_wall_ms_per_step"])
+            ref_cpu = _median(r["reverse_cpu_ms_per_step"])
+            reverse = f"{ref_wall:.2f} / {ref_cpu:.2f}"
+            ratio = f"{rev_wall / ref_wall:.2f} / {rev_cpu / ref_cpu:.2f}"
+            note = f"rel. error vs reverse {r['relative_error_vs_reverse']:.0e}"
+        else:
+            reverse, ratio, note = "skipped", "-", r["reverse_skipped"]
+        rows.append([
+            f"{r['momentum']:g}", f"{r['steps']:,}", f"{r['repeats']}",
+            f"{rev_wall:.2f} / {rev_cpu:.2f}", f"{r['bookkeeping_cpu_ms_per_step']:.2f}",
+            _bytes(r["buffer_bytes"]),
+            f"{r['bits_per_weight_per_step']:.3f} ({r['expected_bits_per_weight_per_step']:.3f})",
+            _bytes(r["weights_bytes_per_step"] * r["steps"]), reverse, ratio, note,
+        ])  # fmt: skip
+    return rows
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+TIMING_COLUMNS = ("momentum", "T", "runs", "exact reversal ms/step (wall / CPU)",
+                  "of which fixed point + buffer (CPU)", "buffer",
+                  "bits per weight and step (log2(1/mu))", "w_1..w_T in float64",
+                  "reverse mode ms/step (wall / CPU)", "reversal / reverse (wall / CPU)",
+                  "note")  # fmt: skip
+
+
+def _timing_verdict(timing: dict) -> str:
+    lines = []
+    for momentum in timing["momenta"]:
+        rows = {r["steps"]: r for r in timing["rows"] if r["momentum"] == momentum}
+        cpu = {t: _median(r["reversible_cpu_ms_per_step"]) for t, r in sorted(rows.items())}
+        integer = {t: r["bookkeeping_cpu_ms_per_step"] for t, r in sorted(rows.items())}
+        text = (
+            f"momentum {momentum:g}: exact reversal costs "
+            + ", ".join(f"{v:.2f}" for v in cpu.values())
+            + " ms per step (CPU) at T = "
+            + ", ".join(f"{t:,}" for t in cpu)
+            + "; its fixed-point steps and buffer alone "
+            + ", ".join(f"{v:.2f}" for v in integer.values())
+            + " ms"
+        )
+        at = rows.get(TIME_TARGET_T)
+        if at is not None and "reverse_cpu_ms_per_step" in at:
+            ratio = cpu[TIME_TARGET_T] / _median(at["reverse_cpu_ms_per_step"])
+            wall = _median(at["reversible_wall_ms_per_step"]) / _median(
+                at["reverse_wall_ms_per_step"]
+            )
+            ok = "MET" if ratio <= TIME_TARGET else "NOT MET"
+            text += (
+                f"; at T = {TIME_TARGET_T:,} it takes {ratio:.2f}x reverse mode's CPU time "
+                f"({wall:.2f}x wall; target <= {TIME_TARGET:g}x: {ok})"
+            )
+        lines.append(text + ".")
+    return " ".join(lines)
+
+
+def timing_markdown(timing: dict) -> list[str]:
+    m = timing["machine"]
+    start = m["load_average_at_start"]
+    end = m.get("load_average_at_end")
+    table = ["| " + " | ".join(TIMING_COLUMNS) + " |",
+             "|" + "|".join(["---:"] * (len(TIMING_COLUMNS) - 1) + ["---"]) + "|"]  # fmt: skip
+    table += ["| " + " | ".join(r) + " |" for r in _timing_rows(timing)]
+    return [
+        "#### Time per step against T",
+        "",
+        f"{m['date']}; {m['cpu_model']}, {m['cpu_count']} CPUs; torch {m['torch']} "
+        f"(threads: {m['torch_threads']}); one process, exact reversal and reverse mode in "
+        f"turn. Load average at the start "
+        f"{_fmt(start[0] if start else None, '.2f')} (1 minute), at the end "
+        f"{_fmt(end[0] if end else None, '.2f')} (1 minute) / "
+        f"{_fmt(end[2] if end else None, '.2f')} (15 minutes): other jobs share the 2 "
+        f"cores, so wall times are upper bounds and the process CPU times are the fairer "
+        f"comparison.",
+        "",
+        f"Hypergradient of a per-step learning-rate schedule (lr 0.3 * 0.85^block over "
+        f"{BLOCKS} blocks) and a per-step momentum schedule held at the momentum (2T "
+        f"hyperparameters) through T full-batch steps of an MLP 64-{timing['hidden']}-10 "
+        f"(tanh, float64, {timing['num_weights']:,} weights) on digits. Medians of *runs* "
+        f"measurements; reverse mode runs up to T = {timing['reverse_max_steps']:,}. "
+        f"Command: `{timing.get('command', '?')}`.",
+        "",
+        *table,
+        "",
+        _timing_verdict(timing),
+        "",
+        "*of which fixed point + buffer* = `ExactMomentumSGD` alone, T steps forward and "
+        "back on the same number of weights fed synthetic gradients: the integer "
+        "bookkeeping exact reversal adds to the gradients (cheaper while the buffer's "
+        "numbers stay below 2^47 and are plain positional digits: the first ~300 steps at "
+        "momentum 0.9, ~47 at 0.5). The rest of a step is one gradient forward and one "
+        "gradient with its Hessian-vector product back, whose cost drifts with the weights "
+        "along the run (+15% over 10,000 steps of plain training here). *buffer* = the "
+        "information buffer's peak allocation (16-bit words, a 64-bit state and a 32-bit "
+        "depth per weight); *bits per weight and step* = what it held over T x weights, "
+        "with the mean log2(1/mu) it must hold in parentheses (weights fed by always-zero "
+        "pixels never move and hold nothing). *w_1..w_T in float64* = what storing the "
+        "weights of every step would take.",
+        "",
+    ]
 
 
 # ======================================================================================
@@ -306,6 +594,9 @@ def _verdict(result: dict) -> str:
 
 
 def markdown_report(result: dict) -> str:
+    if not result.get("runs"):  # --timing-only without an earlier memory table
+        header = ["### Long training runs (`benchmarks/long_horizon.py`)", ""]
+        return "\n".join([*header, *timing_markdown(result["timing"])])
     m = result["machine"]
     load = m["load_average_at_start"][0] if m["load_average_at_start"] else None
     end = m.get("load_average_at_end")
@@ -344,17 +635,27 @@ def markdown_report(result: dict) -> str:
         "velocity stays exactly zero (fed by pixels that are zero in every training image) "
         "lose nothing.",
         "",
+        *(timing_markdown(result["timing"]) if result.get("timing") else []),
     ])  # fmt: skip
 
 
 def print_rich(result: dict, console: Console) -> None:
-    table = Table(title="Hypergradient through T SGD-momentum steps (digits MLP)")
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col in ("method", "note") else "right")
-    for row in _rows(result):
-        table.add_row(*row)
-    console.print(table)
-    console.print(_verdict(result))
+    if result.get("runs"):
+        table = Table(title="Hypergradient through T SGD-momentum steps (digits MLP)")
+        for col in COLUMNS:
+            table.add_column(col, justify="left" if col in ("method", "note") else "right")
+        for row in _rows(result):
+            table.add_row(*row)
+        console.print(table)
+        console.print(_verdict(result))
+    if result.get("timing"):
+        table = Table(title="Time per step against T")
+        for col in TIMING_COLUMNS:
+            table.add_column(col, justify="left" if col == "note" else "right")
+        for row in _timing_rows(result["timing"]):
+            table.add_row(*row)
+        console.print(table)
+        console.print(_timing_verdict(result["timing"]))
 
 
 # ======================================================================================
@@ -373,6 +674,25 @@ def parse_args(argv=None):
         help="skip forward mode above this T (its cost grows as 20 JVP passes of T steps)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--skip-timing", action="store_true",
+                        help="only the memory table (no time-per-step table)")  # fmt: skip
+    parser.add_argument(
+        "--timing-only", action="store_true",
+        help="only the time-per-step table; the memory table of an existing "
+        "<out>/long_horizon.json is kept",
+    )  # fmt: skip
+    parser.add_argument("--timing-steps", type=int, nargs="+", default=None,
+                        help="horizons of the timing table (default 100 1000 10000)")  # fmt: skip
+    parser.add_argument("--timing-momenta", type=float, nargs="+", default=list(TIMING_MOMENTA))
+    parser.add_argument("--timing-repeats", type=int, default=3,
+                        help="measurements per T <= 1000 (medians; default 3)")  # fmt: skip
+    parser.add_argument("--timing-hidden", type=int, default=TIMING_HIDDEN,
+                        help=f"timing MLP hidden units (default {TIMING_HIDDEN})")  # fmt: skip
+    parser.add_argument(
+        "--reverse-max-steps", type=int, default=10_000,
+        help="timing table: skip reverse mode above this T (it stores every step's graph; "
+        "it is also skipped where its peak, extrapolated, exceeds half the free memory)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     parser.add_argument("--probe", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--probe-steps", type=int, help=argparse.SUPPRESS)
@@ -404,7 +724,7 @@ def main(argv=None) -> int:
     steps_list = args.steps or ([50, 200] if args.quick else [100, 1000, 3000])
     methods = list(dict.fromkeys(["reverse", *args.methods]))  # the reference always runs
     console = Console(width=max(Console().width, 150))
-    started = time.perf_counter()
+    started = begun = time.perf_counter()
     _, _, w0, _, _, _ = build_problem(1)
     result = {
         "machine": machine_info(threads=args.threads),
@@ -412,6 +732,11 @@ def main(argv=None) -> int:
         "num_weights": sum(v.numel() for v in w0.values()),
         "runs": {},
     }
+    existing = args.out / "long_horizon.json"
+    if args.timing_only:
+        if existing.exists():  # keep the memory table, replace the timing table
+            result = json.loads(existing.read_text())
+        steps_list = []
     with tempfile.TemporaryDirectory() as tmp:
         for steps in steps_list:
             block = {"methods": {}, "skipped": {}}
@@ -429,15 +754,22 @@ def main(argv=None) -> int:
             for r in block["methods"].values():
                 r.pop("grads")
             result["runs"][str(steps)] = block
-    result["wall_s"] = time.perf_counter() - started
-    result["machine"]["load_average_at_end"] = (
-        os.getloadavg() if hasattr(os, "getloadavg") else None
-    )
+    if not args.timing_only:
+        result["wall_s"] = time.perf_counter() - started
+        result["machine"]["load_average_at_end"] = (
+            os.getloadavg() if hasattr(os, "getloadavg") else None
+        )
+    if not args.skip_timing:
+        started = time.perf_counter()
+        result["timing"] = run_timing(args, console)
+        result["timing"]["wall_s"] = time.perf_counter() - started
+        result["timing"]["command"] = " ".join(["python benchmarks/long_horizon.py", *sys.argv[1:]])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "long_horizon.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "long_horizon.md").write_text(markdown_report(result))
     print_rich(result, console)
-    console.print(f"wrote {args.out}/long_horizon.{{json,md}} in {result['wall_s']:.0f} s")
+    elapsed = time.perf_counter() - begun
+    console.print(f"wrote {args.out}/long_horizon.{{json,md}} in {elapsed:.0f} s")
     return 0
 
 

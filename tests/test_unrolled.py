@@ -187,3 +187,22 @@ def test_error_loss_dtype():
             steps=3,
             lr=0.1,
         )
+
+
+def test_error_forward_mode_with_many_hyperparameters():
+    # 20,000 scalar hyperparameters: forward mode's identity basis would be 20,000 x 20,000
+    # float64 values (3 GiB).  Refused up front, before the losses are evaluated once.
+    def never(p, h):
+        raise AssertionError("forward mode evaluated a loss before refusing")
+
+    hp = {"log_l2": torch.zeros(20_000)}
+    with pytest.raises(
+        hg.HypergradientError,
+        match=r"mode='forward' runs one JVP per scalar hyperparameter from an identity basis "
+        r"of their number: 20,000 hyperparameters need a 20,000 x 20,000 float64 basis of "
+        r"2\.98 GiB \(limit 1 GiB\) and 20,000 JVP passes\. Use mode='reverse' \(or "
+        r"'reversible'\) for many hyperparameters",
+    ):
+        hg.unrolled_hypergrad(
+            never, never, {"w": torch.zeros(20_000)}, hp, steps=5, lr=0.1, mode="forward"
+        )

@@ -44,6 +44,7 @@ from .hypergrad import EvoGrad as EvoGrad
 from .hypergrad import FixedPoint as FixedPoint
 from .hypergrad import Implicit as Implicit
 from .hypergrad import NonStationaryWarning as NonStationaryWarning
+from .hypergrad import ReversibleMemoryWarning as ReversibleMemoryWarning
 from .hypergrad import Unrolled as Unrolled
 from .hypergrad import evograd_hypergrad as evograd_hypergrad
 from .hypergrad import implicit_hypergrad as implicit_hypergrad
@@ -68,6 +69,7 @@ __all__ = [
     "HypergradientError",
     "Implicit",
     "NonStationaryWarning",
+    "ReversibleMemoryWarning",
     "Result",
     "Solution",
     "SolveStats",

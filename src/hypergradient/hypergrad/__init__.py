@@ -13,6 +13,7 @@ from .methods import Implicit as Implicit
 from .methods import Unrolled as Unrolled
 from .methods import get_method as get_method
 from .methods import pedregosa_tolerance as pedregosa_tolerance
+from .reversible import ReversibleMemoryWarning as ReversibleMemoryWarning
 from .reversible import ReversibleResult as ReversibleResult
 from .reversible import reversible_hypergrad as reversible_hypergrad
 from .unrolled import unrolled_hypergrad as unrolled_hypergrad
@@ -29,6 +30,7 @@ __all__ = [
     "Unrolled",
     "get_method",
     "pedregosa_tolerance",
+    "ReversibleMemoryWarning",
     "ReversibleResult",
     "evograd_hypergrad",
     "implicit_hypergrad",

@@ -20,9 +20,10 @@ operation exactly invertible:
   to the grid by a deterministic function of state the reverse pass also has;
 * the multiplication :math:`b \mapsto \mu_t b` with :math:`\mu_t \approx n/d` (a fraction
   with :math:`d \le` ``max_denominator``) destroys about :math:`\log_2(d/n)` bits per
-  weight; they are kept exactly in an :class:`InfoBuffer`, one arbitrary-precision natural
-  number per weight, which grows by :math:`\log_2(1/\mu)` bits per weight and step
-  (0.152 bits for :math:`\mu = 0.9`, against 64 bits to store a float64).
+  weight; they are kept exactly in an :class:`InfoBuffer`, an exact stack of digits per
+  weight (an ``int64`` state over 16-bit words, coded as in rANS so that a push or a pop
+  touches only the state and the top word), which grows by :math:`\log_2(1/\mu)` bits per
+  weight and step (0.152 bits for :math:`\mu = 0.9`, against 64 bits to store a float64).
 
 **The exact multiplication.**  Write :math:`x = qd + r` (:math:`0 \le r < d`).  Pop
 :math:`u \in [0, n)` from the buffer, form :math:`z = rn + u \in [0, dn)`, set
@@ -33,8 +34,11 @@ rounded *with a dither* taken from the buffer, never more than one grid unit
 rebuilds :math:`z`, hence :math:`r = \lfloor z/n \rfloor` and :math:`u = z \bmod n`, and pushes
 :math:`u` back.  (Maclaurin's ExactRep pops :math:`u` into the low bits directly, which is off
 by up to :math:`n` grid units; the dithered form costs the same :math:`\log_2(d/n)` bits and
-is as accurate as rounding.)  With :math:`\mu_t = 0` the velocity is forgotten completely and
-all of it is pushed (64 bits: four 16-bit digits), no better than storing the trajectory.
+is as accurate as rounding.)  With :math:`\mu_t = 0` (or a momentum that rounds to
+:math:`0/1`, below ``1 / (2 max_denominator)``) the velocity is forgotten completely and all
+of it is kept (64 bits per weight, stored whole), no better than storing the trajectory: a
+:class:`ReversibleMemoryWarning` says so when the mean over the steps reaches the weights'
+dtype bits (every step at :math:`\mu = 0` for float64, half of them for float32).
 
 **What is differentiated.**  The reverse pass applies the vector-Jacobian products of the
 *real-valued* update
@@ -55,10 +59,11 @@ chaotic the result agrees with reverse mode to ~1e-13 relative, far below the 1e
 Reverse pass per step: one gradient with ``create_graph`` and one backward through it (the
 Hessian-vector product :math:`\nabla^2_w L\,u` and the mixed term
 :math:`\nabla^2_{\lambda w} L\,u` together), plus integer bookkeeping.  The forward pass
-costs one gradient per step.  Memory: the weights, the velocity, two adjoint vectors, one
-step's graph and the buffer (:math:`\approx T \log_2(1/\mu)` bits per weight, held as 43-bit
-digits in ``int64`` words with the default ``max_denominator``) - independent of :math:`T`
-except for the buffer.
+costs one gradient per step.  The integer bookkeeping is a few dozen element-wise operations
+on the weights per step, whatever :math:`T` (the buffer is only touched at its top).
+Memory: the weights, the velocity, two adjoint vectors, one step's graph and the buffer
+(:math:`\approx T \log_2(1/\mu)` bits per weight in 16-bit words, plus 12 bytes of state
+per weight) - independent of :math:`T` except for the buffer.
 
 ``inner_loss`` must be a deterministic function of ``(params, hparams)``: the reverse pass
 recomputes every gradient and needs the same bits as the forward pass (no dropout, no batch
@@ -69,6 +74,7 @@ from the given one - and reported.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -90,162 +96,374 @@ _WHERE = "hypergradient.reversible_hypergrad(...)"
 # below 2**61 and the state below 2**62, so one addition of the two never wraps an int64.
 _INPUT_LIMIT = 2**61
 _STATE_LIMIT = 2**62
-# A fully forgotten velocity (momentum 0) is pushed as 4 digits of 16 bits, offset by 2**62.
-_WIDE_BASE, _WIDE_DIGITS, _WIDE_OFFSET = 2**16, 4, 2**62
+# A fully forgotten velocity (momentum 0) is kept whole: 64 bits.
+_WIDE_BITS = 64
 
 ParamsInit = Mapping[str, torch.Tensor] | Callable[[Mapping[str, torch.Tensor]], Mapping]
 
 
 # ======================================================================================
-# The information buffer: one arbitrary-precision natural number per weight
+# The information buffer: per weight, one int64 state over a stack of 16-bit words
 # ======================================================================================
+
+# Layout of one weight's number (see InfoBuffer): X = x * 2**(16 k) + the k words below it.
+_WORD_BITS = 16
+_WORD_MASK = (1 << _WORD_BITS) - 1
+_WORD_OFFSET = 1 << (_WORD_BITS - 1)  # words are kept as int16: word - 2**15
+_STATE_BITS = 63  # the state x stays below 2**63 (an int64)
+_LOW = 1 << (_STATE_BITS - _WORD_BITS)  # L = 2**47: x >= L whenever words lie below it
+# A base b that is not a power of two is coded with a precision M = 2**p >= 2**_SLACK_BITS b:
+# the symbols get M // b or M // b + 1 slots, so a uniform digit costs log2(b) plus at most
+# (8 ln 2)**-1 * 4**-_SLACK_BITS = 7e-4 bits; the one-off of an empty buffer is ~log2(M) bits.
+_SLACK_BITS = 4
+_MAX_BASE = 2**24
+_CHUNK_ROWS = 4  # words are allocated 4 rows (8 bytes per weight) at a time
+_UNKNOWN = 1 << _STATE_BITS
 
 
 class InfoBuffer:
-    r"""A vector of arbitrary-precision naturals :math:`S_i \ge 0`, used as a stack of digits.
+    r"""One exact stack of digits per weight; push and pop cost :math:`O(\text{size})`.
 
-    ``push(digits, base)`` sets :math:`S_i \leftarrow S_i \cdot base + digit_i`;
-    ``pop(base)`` returns :math:`S_i \bmod base` and sets
-    :math:`S_i \leftarrow \lfloor S_i / base \rfloor`.  They are exact inverses when used in
-    last-in first-out order, which is how the exact multiplication stores the bits it
-    destroys.  Popping from :math:`S_i = 0` returns 0 and leaves 0.
+    ``push(digits, base)`` stores one digit in ``[0, base)`` per number; ``pop(base)`` returns
+    the digits of the last push with that base and undoes it.  The two are exact inverses in
+    last-in first-out order, as the exact multiplication needs.  A pop may also read digits
+    that were pushed with *another* base (this is how the multiplication takes back
+    :math:`\log_2 n` of the :math:`\log_2 d` bits it stores): pop-then-push with the same
+    base restores the buffer exactly as well.  Popping from an empty number returns 0 and
+    leaves it empty, so weights whose velocity stays exactly zero store nothing.
 
-    Representation: an ``int64`` tensor of shape ``(capacity, size)`` of little-endian digits
-    of ``limb_bits = 63 - ceil(log2(max_base))`` bits (47 for bases up to :math:`2^{16}`), so
-    ``digit * base`` and ``remainder * 2**limb_bits + digit`` never overflow.  All numbers
-    share the number of digits in use.  Cost per push: a handful of element-wise operations
-    on ``(size, digits in use)``; per pop: a loop over the digits in use (the remainder
-    carries from the top digit down).  Memory: ``8 * size * capacity`` bytes, i.e.
-    ``64 / limb_bits`` (1.36 for 47-bit digits) times the information held, plus one digit.
+    Representation: each number is :math:`X = x \cdot 2^{16k} + (\text{its } k \text{ words})`,
+    an ``int64`` state :math:`x` over a stack of :math:`k` 16-bit words (rANS, Duda 2013, as in
+    bits-back coding).  A digit :math:`v` of base :math:`b` is coded with a precision
+    :math:`M = 2^p` (:math:`M = b` for a power of two, else :math:`M \ge 16 b`) in which it
+    owns :math:`f_v \in \{\lfloor M/b \rfloor, \lceil M/b \rceil\}` slots starting at
+    :math:`c_v`:
+
+    * push: while :math:`x \ge 2^{63-p} f_v`, move the low 16 bits of :math:`x` onto the
+      stack; then :math:`x \leftarrow M \lfloor x / f_v \rfloor + c_v + (x \bmod f_v)`;
+    * pop: :math:`v` is the symbol owning slot :math:`x \bmod M`,
+      :math:`x \leftarrow f_v \lfloor x / M \rfloor + (x \bmod M) - c_v`; then, while words
+      lie below and :math:`x < 2^{47}`, bring the top word back into the low bits.
+
+    Every number keeps :math:`2^{47} \le x < 2^{63}` while it has words (below that only
+    when it has none), and :math:`M` divides :math:`2^{47}`; that makes the two
+    renormalisations exact inverses, so pop undoes push bit for bit with no side
+    information.  Below :math:`2^{47}` the digits are ranked positionally instead
+    (:math:`x \leftarrow x b + v` where :math:`x < \lfloor M/b \rfloor 2^{47}/M`, and the
+    few ranks above in order), a bijection onto exactly the numbers the coding above leaves
+    out, so a small number behaves as an arbitrary-precision one: popping from 0 gives 0.
+    Only the state and the top word are touched: a push or pop is a few dozen element-wise
+    operations on ``size`` numbers plus a scatter for those that spill or refill, whatever
+    the depth of the stack.  :meth:`exchange` is pop-then-push without the refills the push
+    would spill right back.
+
+    Information: a uniform digit costs :math:`\log_2 b` bits, plus at most 7e-4 (the slots
+    are uneven by one) once the number passes :math:`2^{47}`.  Memory: the words (16 bits
+    each, allocated 4 rows at a time), the state (8 bytes) and the depth (4 bytes) per
+    number: the information held plus under two 64-bit words per number.  Whole 64-bit
+    values (:meth:`push_wide`, for momentum 0) are kept apart, 8 bytes each.
 
     Args:
         size: how many numbers (one per weight).
-        max_base: the largest base ``push``/``pop`` will be called with.
-        device: where the digits live.
+        max_base: the largest base ``push``/``pop`` will be called with (at most 2**24).
+        device: where the state and the words live.
     """
 
     def __init__(self, size: int, *, max_base: int = 2**16, device=None):
         if not isinstance(size, int) or size < 1:
             raise HypergradientError(f"InfoBuffer(size={size!r}): expected an int >= 1.")
-        if not isinstance(max_base, int) or not 2 <= max_base <= 2**31:
+        if not isinstance(max_base, int) or not 2 <= max_base <= _MAX_BASE:
             raise HypergradientError(
-                f"InfoBuffer(max_base={max_base!r}): expected an int in [2, 2**31]."
+                f"InfoBuffer(max_base={max_base!r}): expected an int in [2, 2**24]."
             )
         self.size = size
         self.max_base = max_base
-        self.limb_bits = 63 - (max_base - 1).bit_length()
-        self._mask = (1 << self.limb_bits) - 1
-        # digit-major: row j holds digit j of every number, so each step of the division
-        # loop reads and writes one contiguous row
-        self._limbs = torch.zeros(4, size, dtype=torch.int64, device=device)
-        self._used = 0  # digits 0.._used-1 may be nonzero; the rest are zero
+        self._x = torch.zeros(size, dtype=torch.int64, device=device)
+        self._depth = torch.zeros(size, dtype=torch.int32, device=device)
+        self._one = torch.ones((), dtype=torch.int32, device=device)
+        self._minus_one = -self._one
+        self._chunks: list[torch.Tensor] = []  # chunk c holds rows 4c..4c+3 of every stack
+        self._tables: dict[int, tuple[int, int, int, int]] = {}
+        self._refills = 0
+        self._small = False  # may a number without words lie in (0, 2**47)?
+        # an upper bound of every state (_UNKNOWN: none known); below 2**47 no number has
+        # words and the digits are plain positional ones (a few operations per push or pop)
+        self._bound = 0
+        self._tight = False  # recompute the bound before the next push or pop?
+        self._wide: list[torch.Tensor] = []  # push_wide's values
         self.peak_bytes = self.nbytes
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated for the digits now."""
-        return self._limbs.numel() * self._limbs.element_size()
+        """Bytes allocated now: states, depths and words."""
+        words = sum(c.numel() * c.element_size() for c in [*self._chunks, *self._wide])
+        return words + self._x.numel() * 8 + self._depth.numel() * 4
 
-    def _check_base(self, base: int) -> None:
-        if not 1 <= base <= self.max_base:
-            raise HypergradientError(
-                f"InfoBuffer: base {base} is outside [1, max_base={self.max_base}]."
+    def _table(self, base: int) -> tuple[int, int, int, int]:
+        """``(p, q, rem, passes)``: ``M = 2**p``, ``divmod(M, base)``, spills per push."""
+        table = self._tables.get(base)
+        if table is None:
+            if not 1 <= base <= self.max_base:
+                raise HypergradientError(
+                    f"InfoBuffer: base {base} is outside [1, max_base={self.max_base}]."
+                )
+            p = (base - 1).bit_length()
+            if base & (base - 1):  # not a power of two
+                p += _SLACK_BITS
+            q, rem = divmod(1 << p, base)
+            # a digit of at most 16 bits (q >= M / 2**16) spills or refills one word at most
+            passes = 1 if q << _WORD_BITS >= 1 << p else 2
+            table = self._tables[base] = (p, q, rem, passes)
+        return table
+
+    # ---------------------------------------------------------------- the stack of words
+
+    def _chunk_groups(self, rows: torch.Tensor):
+        """``(chunk, selection or None, row in chunk)`` for the rows of a spill or refill."""
+        chunk = rows >> 2
+        offset = rows & (_CHUNK_ROWS - 1)
+        low, high = torch.aminmax(chunk)
+        low, high = int(low), int(high)
+        if low == high:
+            return high, [(low, None, offset)]
+        return high, [(c, chunk == c, offset) for c in torch.unique(chunk).tolist()]
+
+    def _spill(self, idx: torch.Tensor) -> None:
+        """Move the low word of ``x[idx]`` onto their stacks."""
+        x = self._x[idx]
+        rows = self._depth[idx].to(torch.int64)
+        words = ((x & _WORD_MASK) - _WORD_OFFSET).to(torch.int16)
+        top, groups = self._chunk_groups(rows)
+        while len(self._chunks) <= top:
+            self._chunks.append(
+                torch.zeros(_CHUNK_ROWS, self.size, dtype=torch.int16, device=x.device)
             )
+            self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        for chunk, sel, offset in groups:
+            if sel is None:
+                self._chunks[chunk][offset, idx] = words
+            else:
+                self._chunks[chunk][offset[sel], idx[sel]] = words[sel]
+        self._depth.index_put_((idx,), self._one, accumulate=True)
+        self._x[idx] = x >> _WORD_BITS
 
-    def _grow(self, digits: int) -> None:
-        capacity = self._limbs.shape[0]
-        if digits <= capacity:
+    def _refill(self, idx: torch.Tensor) -> None:
+        """Bring the top word of the stacks ``idx`` back into the low bits of ``x``."""
+        rows = self._depth[idx].to(torch.int64) - 1
+        _, groups = self._chunk_groups(rows)
+        if groups[0][1] is None:
+            words = self._chunks[groups[0][0]][groups[0][2], idx]
+        else:
+            words = torch.empty(idx.shape, dtype=torch.int16, device=idx.device)
+            for chunk, sel, offset in groups:
+                words[sel] = self._chunks[chunk][offset[sel], idx[sel]]
+        self._depth.index_put_((idx,), self._minus_one, accumulate=True)
+        self._bound = _UNKNOWN
+        x = (self._x[idx] << _WORD_BITS).add_(words.to(torch.int64)).add_(_WORD_OFFSET)
+        self._x[idx] = x
+        self._refills += 1
+        if self._refills % 16 == 0:
+            self._release()
+
+    def _release(self) -> None:
+        """Free the chunks above the deepest stack."""
+        if self._chunks:
+            del self._chunks[-(-int(self._depth.max()) // _CHUNK_ROWS) :]
+
+    # ---------------------------------------------------------------- push and pop
+
+    def _limit(self, digits: torch.Tensor, base: int):
+        """``(f, limit)``: the digits' slot counts and the state a push must stay below."""
+        p, q, rem, _ = self._table(base)
+        f = (digits < rem) + q if rem else q  # the first rem digits own q + 1 slots
+        return f, f << (_STATE_BITS - p)
+
+    def _limit_word_below(self, f, base: int):
+        """``limit / 2**16`` (at most 2**47 for a digit of at most 16 bits)."""
+        return f << (_STATE_BITS - _WORD_BITS - self._table(base)[0])
+
+    def _spill_above(self, limit, base: int) -> None:
+        p, q, _, passes = self._table(base)
+        if self._bound < q << (_STATE_BITS - p):  # below every digit's limit
             return
-        new = torch.zeros(
-            max(digits, 2 * capacity), self.size, dtype=torch.int64, device=self._limbs.device
+        for _ in range(passes):
+            idx = torch.nonzero(self._x >= limit).squeeze(1)
+            if idx.numel() == 0:
+                break
+            self._spill(idx)
+
+    def _encode(self, digits: torch.Tensor, base: int, f) -> None:
+        """``x <- C(x, digit)`` (the state is below the push's limit)."""
+        p, q, rem, _ = self._table(base)
+        self._tighten()
+        x = self._x
+        if not rem:  # a power of two: a plain positional digit
+            self._x = (x << p).add_(digits)
+            self._bound = min(((self._bound + 1) << p) - 1, _UNKNOWN)
+            self._small = True
+            return
+        kq = (_LOW >> p) * q
+        if self._bound < kq:  # every number ranks its digit positionally (see below)
+            self._x = torch.add(digits, x, alpha=base)
+            self._bound = (self._bound + 1) * base - 1
+            self._small = True
+            return
+        high = torch.div(x, f, rounding_mode="floor")
+        # M * high + start + (x - f * high), start = q * digit + min(digit, rem)
+        out = torch.addcmul(x, high, (1 << p) - f)
+        out.add_(digits, alpha=q).add_(torch.clamp(digits, max=rem))
+        # Numbers below 2**47 (only without words) rank their digits positionally: that
+        # map takes x < K f exactly to what the above takes to [1, 2**47) (K = 2**47 / M).
+        idx = torch.nonzero((out < _LOW) & (out > 0)).squeeze(1)
+        self._small = self._tight = bool(idx.numel())
+        self._bound = _UNKNOWN
+        if self._small:
+            xs, vs = x[idx], digits[idx]
+            out[idx] = torch.where(xs < kq, xs * base + vs, (xs - kq) * rem + (kq * base) + vs)
+        self._x = out
+
+    def _decode(self, base: int) -> torch.Tensor:
+        """The digits ``x`` holds and ``x <- the rest`` (below 2**47 possibly, no refill)."""
+        p, q, rem, _ = self._table(base)
+        self._tighten()
+        x = self._x
+        if not rem:
+            self._x = x >> p
+            self._bound >>= p
+            self._small = True
+            return x & ((1 << p) - 1)
+        kq = (_LOW >> p) * q
+        if self._bound < kq * base:  # every number ranks its digits positionally
+            high = torch.div(x, base, rounding_mode="floor")
+            self._x = high
+            self._bound //= base
+            self._small = True
+            return x - high * base
+        slot = x & ((1 << p) - 1)
+        small = slot < rem * (q + 1)  # the first rem digits own q + 1 slots, the others q
+        digits = torch.where(
+            small,
+            torch.div(slot, q + 1, rounding_mode="floor"),
+            torch.div(slot - rem, q, rounding_mode="floor"),
         )
-        new[:capacity] = self._limbs
-        self._limbs = new
-        self.peak_bytes = max(self.peak_bytes, self.nbytes)
+        start = torch.clamp(digits, max=rem).add_(digits, alpha=q)
+        self._x = torch.addcmul(slot.sub_(start), x >> p, small + q)
+        self._bound = _UNKNOWN
+        if self._small:  # positional ranks below 2**47 (see _encode)
+            idx = torch.nonzero((x < _LOW) & (x > 0)).squeeze(1)
+            if idx.numel():
+                self._tight = True
+                xs, kqb = x[idx], kq * base
+                rest = (xs - kqb).clamp_(min=0)
+                positional = xs < kqb
+                digits[idx] = torch.where(positional, xs % base, rest % rem)
+                self._x[idx] = torch.where(positional, xs // base, rest // rem + kq)
+        self._small = True  # a number without words may now lie below 2**47
+        return digits
+
+    def _tighten(self) -> None:
+        """Bound the states again after an operation that met small ones."""
+        if self._tight:
+            self._bound = int(self._x.max())
+            self._tight = False
+
+    def _refill_below(self, passes: int) -> None:
+        for _ in range(passes):
+            idx = torch.nonzero((self._x < _LOW) & (self._depth > 0)).squeeze(1)
+            if idx.numel() == 0:
+                break
+            self._refill(idx)
 
     def push(self, digits: torch.Tensor, base: int) -> None:
-        """``S <- S * base + digits`` with ``digits`` an ``int64`` tensor in ``[0, base)``."""
-        self._check_base(base)
-        if base == 1:
+        """Store ``digits`` (``int64``, each in ``[0, base)``), one per number."""
+        if self._table(base)[0] == 0:  # base 1
             return
-        if self._used == 0:
-            if bool(digits.any()):
-                self._grow(1)
-                self._limbs[0] = digits
-                self._used = 1
-            return
-        k, used = self.limb_bits, self._used
-        limbs = self._limbs[:used]
-        prod = limbs * base  # < 2**63 by the choice of limb_bits
-        torch.bitwise_and(prod, self._mask, out=limbs)
-        limbs[1:] += prod[:-1] >> k
-        limbs[0] += digits
-        top = prod[-1] >> k
-        # Each digit is now below 2**k + 2**(bits(base)+1): at most a carry of one, which
-        # ripples further only through digits that were all ones (rare; the loop ends).
-        carry = limbs >> k
-        while bool(carry.any()):
-            limbs &= self._mask
-            limbs[1:] += carry[:-1]
-            top += carry[-1]
-            carry = limbs >> k
-        if bool(top.any()):
-            self._grow(used + 1)
-            self._limbs[used] = top
-            self._used += 1
+        f, limit = self._limit(digits, base)
+        self._spill_above(limit, base)
+        self._encode(digits, base, f)
 
     def pop(self, base: int) -> torch.Tensor:
-        """Return ``S mod base`` (``int64``) and set ``S <- S // base``."""
-        self._check_base(base)
-        remainder = torch.zeros(self.size, dtype=torch.int64, device=self._limbs.device)
-        if base == 1 or self._used == 0:
-            return remainder
-        k = self.limb_bits
-        for j in reversed(range(self._used)):
-            current = (remainder << k).add_(self._limbs[j])
-            quotient = torch.div(current, base, rounding_mode="floor", out=self._limbs[j])
-            # one integer division per digit (the slow operation); the remainder by product
-            remainder = current.sub_(quotient * base)
-        while self._used > 0 and not bool(self._limbs[self._used - 1].any()):
-            self._used -= 1
-        return remainder
+        """Return one digit in ``[0, base)`` per number (``int64``) and remove it."""
+        if self._table(base)[0] == 0:  # base 1
+            return torch.zeros_like(self._x)
+        deep = self._bound >= _LOW  # below 2**47 no number has words
+        digits = self._decode(base)
+        if deep:
+            self._refill_below(self._table(base)[3])
+        return digits
+
+    def exchange(self, pop_base: int, push_base: int, fn: Callable):
+        """``digits, out = fn(pop(pop_base)); push(digits, push_base); return out``.
+
+        The same result bit for bit, minus the refills that the push would spill right
+        back: with digits of at most 16 bits a number refills at most one word,
+        ``x * 2**16 + word``, and the push's limit is a multiple of ``2**16``, so whether
+        the push spills it again depends on ``x`` alone.  (This is the common case while a
+        buffer grows: a pop leaves ~20% of the numbers just below 2**47.)
+        """
+        pop_table, push_table = self._table(pop_base), self._table(push_base)
+        if pop_table[0] == 0 or push_table[0] == 0 or pop_table[3] > 1 or push_table[3] > 1:
+            digits, out = fn(self.pop(pop_base))
+            self.push(digits, push_base)
+            return out
+        deep = self._bound >= _LOW  # below 2**47 no number has words
+        digits, out = fn(self._decode(pop_base))
+        f, limit = self._limit(digits, push_base)
+        if deep:
+            # f / M <= 1 / base + 1 / M: limit / 2**16 = 2**47 f / M <= 2**47, so x < 2**47
+            below = self._limit_word_below(f, push_base)
+            idx = torch.nonzero((self._x < below) & (self._depth > 0)).squeeze(1)
+            if idx.numel():
+                self._refill(idx)
+            self._spill_above(limit, push_base)
+        self._encode(digits, push_base, f)
+        return out
 
     def push_wide(self, values: torch.Tensor) -> None:
-        """Push ``int64`` values in ``[0, 2**64)`` as 4 digits of 16 bits (low digit first)."""
-        for i in range(_WIDE_DIGITS):
-            self.push((values >> (16 * i)) & (_WIDE_BASE - 1), _WIDE_BASE)
+        """Store ``int64`` values whole (64 bits each), apart from the digits.
+
+        For a velocity that is forgotten completely (momentum 0) there is nothing to
+        compress: it is kept as it is, one ``int64`` per number, on a stack of its own.
+        ``pop_wide`` returns the values of the last ``push_wide`` not yet popped (zeros if
+        none), whatever digits were pushed or popped in between.
+        """
+        self._wide.append(values.to(torch.int64, copy=True))
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     def pop_wide(self) -> torch.Tensor:
         """Inverse of :meth:`push_wide`."""
-        out = torch.zeros(self.size, dtype=torch.int64, device=self._limbs.device)
-        for i in reversed(range(_WIDE_DIGITS)):
-            out |= self.pop(_WIDE_BASE) << (16 * i)
-        return out
+        if not self._wide:
+            return torch.zeros_like(self._x)
+        return self._wide.pop()
+
+    # ---------------------------------------------------------------- inspection
 
     def bit_lengths(self) -> torch.Tensor:
-        """``int64`` tensor of ``S_i.bit_length()``: the information each number holds."""
-        if self._used == 0:
-            return torch.zeros(self.size, dtype=torch.int64, device=self._limbs.device)
-        limbs = self._limbs[: self._used].T
-        position = torch.arange(1, self._used + 1, device=limbs.device)
-        top = ((limbs != 0) * position).amax(dim=1) - 1  # index of the top nonzero digit
-        top_digit = limbs.gather(1, top.clamp(min=0)[:, None])[:, 0]
-        # frexp: x = m * 2**e with m in [0.5, 1): e is the bit length (digits < 2**53 are exact)
-        _, exponent = torch.frexp(top_digit.to(torch.float64))
-        bits = top * self.limb_bits + exponent.to(torch.int64)
-        return torch.where(top >= 0, bits, torch.zeros_like(bits))
+        """``int64`` tensor: the bits each number holds (``X_i.bit_length()`` of its digits'
+        number, plus 64 per value held by ``push_wide``)."""
+        x = self._x
+        _, exponent = torch.frexp(x.to(torch.float64))
+        bits = exponent.to(torch.int64).clamp(max=_STATE_BITS)
+        # float64 rounding can carry x = 2**k - 1 up to 2**k: correct the exponent
+        power = torch.ones_like(x) << (bits - 1).clamp(min=0)
+        bits = torch.where((bits > 0) & (power > x), bits - 1, bits)
+        return bits + _WORD_BITS * self._depth.to(torch.int64) + 64 * len(self._wide)
 
     def is_empty(self) -> bool:
-        """Are all numbers zero (every push undone)?"""
-        return self._used == 0
+        """Is every push undone?  Frees the words' memory if so."""
+        self._release()
+        return not (self._wide or bool(self._x.any()) or bool(self._depth.any()))
 
     def to_ints(self) -> list[int]:
-        """The numbers as Python ints (for tests and inspection; slow for large buffers)."""
+        """The digits' numbers ``X_i`` as Python ints (for tests and inspection; slow)."""
+        states = self._x.tolist()
+        depths = self._depth.tolist()
+        rows = [c.tolist() for c in self._chunks]
         out = []
-        for row in self._limbs[: self._used].T.tolist():
-            value = 0
-            for digit in reversed(row):
-                value = (value << self.limb_bits) | digit
+        for i, (value, depth) in enumerate(zip(states, depths)):
+            for row in reversed(range(depth)):
+                word = rows[row // _CHUNK_ROWS][row % _CHUNK_ROWS][i] + _WORD_OFFSET
+                value = (value << _WORD_BITS) | word
             out.append(value)
         return out
 
@@ -332,10 +550,11 @@ class ExactMomentumSGD:
         self.where = where
         self.fraction_bits = fraction_bits
         self.scale = 2.0**fraction_bits
+        self.resolution = 2.0**-fraction_bits
         self.lrs = [float(v) for v in lrs]
         self.momenta = [float(v) for v in momenta]
         self.fractions = [momentum_fraction(mu, max_denominator) for mu in self.momenta]
-        self.max_base = max(_WIDE_BASE, max_denominator)
+        self.max_base = max(2, max_denominator)
 
     @property
     def steps(self) -> int:
@@ -350,40 +569,43 @@ class ExactMomentumSGD:
         """Information the multiplication of step ``t`` destroys, per weight (bits)."""
         n, d = self.fractions[t]
         if n == 0:
-            return 16.0 * _WIDE_DIGITS
+            return float(_WIDE_BITS)
         return math.log2(d / n)
 
     # ---------------------------------------------------------------- conversions
 
     def to_fixed(self, x: torch.Tensor, what: str, t: int | None = None) -> torch.Tensor:
         """``round(x * 2**f)`` as ``int64``, refusing NaN/inf and values out of range."""
-        x64 = x.detach().to(torch.float64)
-        at = "" if t is None else f" at step {t}"
+        x64 = x.detach() if x.dtype == torch.float64 else x.detach().to(torch.float64)
         if x64.numel() == 0:
             return x64.to(torch.int64)
+        scaled = torch.mul(x64, self.scale).round_()
+        low, high = torch.aminmax(scaled)
+        if float(low) > -_INPUT_LIMIT and float(high) < _INPUT_LIMIT:  # False for NaN too
+            return scaled.to(torch.int64)
+        at = "" if t is None else f" at step {t}"
         if not bool(torch.isfinite(x64).all()):
             raise HypergradientError(
                 f"{self.where}: the {what}{at} contains NaN/inf: the inner training "
                 f"diverged. Lower the learning rate or the number of steps."
             )
-        scaled = torch.round(x64 * self.scale)
-        if bool((scaled.abs() >= _INPUT_LIMIT).any()):
-            raise HypergradientError(
-                f"{self.where}: the largest magnitude in the {what}{at} is "
-                f"{float(x64.abs().max()):.4g}, outside the fixed-point range "
-                f"+-{self.value_limit:.4g} of fraction_bits={self.fraction_bits}. Pass "
-                f"fewer fraction_bits (each one fewer doubles the "
-                f"range and halves the resolution), or lower the learning rate if training "
-                f"diverges."
-            )
-        return scaled.to(torch.int64)
+        raise HypergradientError(
+            f"{self.where}: the largest magnitude in the {what}{at} is "
+            f"{float(x64.abs().max()):.4g}, outside the fixed-point range "
+            f"+-{self.value_limit:.4g} of fraction_bits={self.fraction_bits}. Pass "
+            f"fewer fraction_bits (each one fewer doubles the "
+            f"range and halves the resolution), or lower the learning rate if training "
+            f"diverges."
+        )
 
     def to_float(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x * 2**-f`` in ``dtype`` (exact in float64 while ``|x| < 2**53``)."""
-        return (x.to(torch.float64) / self.scale).to(dtype)
+        out = x.to(torch.float64).mul_(self.resolution)
+        return out if dtype == torch.float64 else out.to(dtype)
 
     def _check_state(self, x: torch.Tensor, what: str, t: int) -> None:
-        if bool((x.abs() >= _STATE_LIMIT).any()):
+        low, high = torch.aminmax(x)
+        if not -_STATE_LIMIT < int(low) <= int(high) < _STATE_LIMIT:
             raise HypergradientError(
                 f"{self.where}: the {what} after step {t} reaches "
                 f"{float(x.abs().max()) / self.scale:.4g}, outside the fixed-point range "
@@ -393,8 +615,9 @@ class ExactMomentumSGD:
 
     def _update(self, b: torch.Tensor, t: int) -> torch.Tensor:
         """``[eta_t * b]``: a deterministic function of the integer velocity."""
-        step = torch.round(self.lrs[t] * b.to(torch.float64))
-        if bool((step.abs() >= _INPUT_LIMIT).any()):
+        step = b.to(torch.float64).mul_(self.lrs[t]).round_()
+        low, high = torch.aminmax(step)
+        if not -_INPUT_LIMIT < float(low) <= float(high) < _INPUT_LIMIT:
             raise HypergradientError(
                 f"{self.where}: the update lr * velocity at step {t} reaches "
                 f"{float(step.abs().max()) / self.scale:.4g}, outside the fixed-point range "
@@ -411,14 +634,17 @@ class ExactMomentumSGD:
         if n == d:
             return x
         if n == 0:
-            buffer.push_wide(x + _WIDE_OFFSET)
+            buffer.push_wide(x)
             return torch.zeros_like(x)
         q = torch.div(x, d, rounding_mode="floor")
-        r = x - q * d
-        z = r * n + buffer.pop(n)
-        s = torch.div(z, d, rounding_mode="floor")
-        buffer.push(z - s * d, d)
-        return q * n + s
+        r = torch.sub(x, q, alpha=d)
+
+        def dither(u):  # z = r n + u in [0, d n): push z mod d, keep s = z // d
+            z = torch.add(u, r, alpha=n)
+            s = torch.div(z, d, rounding_mode="floor")
+            return torch.sub(z, s, alpha=d), s
+
+        return buffer.exchange(n, d, dither).add_(q, alpha=n)
 
     def _unmul(self, y: torch.Tensor, t: int, buffer: InfoBuffer) -> torch.Tensor:
         """Inverse of :meth:`_mul`."""
@@ -428,13 +654,16 @@ class ExactMomentumSGD:
         if n == 0:
             if bool(y.any()):
                 raise _not_reconstructed(self.where, f"the velocity at step {t}")
-            return buffer.pop_wide() - _WIDE_OFFSET
+            return buffer.pop_wide()
         q = torch.div(y, n, rounding_mode="floor")
-        s = y - q * n
-        z = s * d + buffer.pop(d)
-        r = torch.div(z, n, rounding_mode="floor")
-        buffer.push(z - r * n, n)
-        return q * d + r
+        s = torch.sub(y, q, alpha=n)
+
+        def undither(v):  # z = s d + (z mod d): push u = z mod n, keep r = z // n
+            z = torch.add(v, s, alpha=d)
+            r = torch.div(z, n, rounding_mode="floor")
+            return torch.sub(z, r, alpha=n), r
+
+        return buffer.exchange(d, n, undither).add_(q, alpha=d)
 
     # ---------------------------------------------------------------- steps
 
@@ -528,22 +757,56 @@ class _Layout:
 
     keys: tuple[str, ...]
     shapes: tuple[torch.Size, ...]
+    sizes: tuple[int, ...]
 
     @classmethod
     def of(cls, tree: Mapping[str, torch.Tensor]) -> _Layout:
-        return cls(tuple(tree), tuple(v.shape for v in tree.values()))
+        shapes = tuple(v.shape for v in tree.values())
+        return cls(tuple(tree), shapes, tuple(math.prod(s) for s in shapes))
+
+    @property
+    def size(self) -> int:
+        return sum(self.sizes)
 
     def flatten(self, tree: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([tree[k].reshape(-1) for k in self.keys])
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        sizes = [math.prod(s) for s in self.shapes]
-        parts = torch.split(flat, sizes)
+        parts = flat.split_with_sizes(self.sizes)
         return {k: p.view(s) for k, p, s in zip(self.keys, parts, self.shapes)}
 
-    def leaves(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Fresh leaves that require grad (for one differentiated evaluation)."""
-        return {k: v.detach().requires_grad_(True) for k, v in self.unflatten(flat).items()}
+
+class ReversibleMemoryWarning(UserWarning):
+    r"""Exact reversal would store at least as much as the trajectory it avoids storing.
+
+    The buffer grows by :math:`\log_2(1/\mu_t)` bits per weight and step, and a momentum of
+    0 (or one below ``1 / (2 max_denominator)``, which rounds to 0) forgets the velocity
+    completely: all 64 bits are kept.  When the mean over the steps reaches the bits of the
+    weights' dtype (64 for float64: every step at momentum 0; 32 for float32), the buffer is
+    no smaller than the weights of every step, and reverse mode (or truncated
+    back-propagation) is the cheaper choice.
+    """
+
+
+def _warn_if_no_saving(where: str, sgd: ExactMomentumSGD, num_weights: int, dtype) -> None:
+    steps = sgd.steps
+    bits = sum(sgd.bits_per_step(t) for t in range(steps)) / steps
+    dtype_bits = torch.finfo(dtype).bits
+    if bits < dtype_bits:
+        return
+    zero = sum(n == 0 for n, _ in sgd.fractions)
+    buffer_mb = bits * steps * num_weights / 8 / 1e6
+    trajectory_mb = dtype_bits * steps * num_weights / 8 / 1e6
+    warnings.warn(
+        f"{where}: the momentum is 0 at {zero} of {steps} steps, so the reversal buffer must "
+        f"hold {bits:.1f} bits per weight and step: {buffer_mb:.3g} MB for T={steps} steps "
+        f"of {num_weights:,} weights, no less than storing the trajectory w_1..w_T in "
+        f"{str(dtype).removeprefix('torch.')} ({trajectory_mb:.3g} MB). Exact reversal saves "
+        f"no memory here: use mode='reverse' (with truncate=K to bound its memory to K "
+        f"steps), or a momentum well above 0 (0.9 stores 0.152 bits per weight and step).",
+        ReversibleMemoryWarning,
+        stacklevel=4,  # the caller of reversible_hypergrad or unrolled_hypergrad
+    )
 
 
 def initial_params(where: str, init: Callable, hparams: Mapping[str, torch.Tensor]) -> dict:
@@ -650,9 +913,15 @@ def reversible_hypergrad(
             run, or a reverse pass that failed to reconstruct ``w_0`` (non-deterministic
             ``inner_loss``).
 
+    Warns:
+        ReversibleMemoryWarning: the momenta are so small that the buffer would hold at
+            least as many bits per weight and step as the weights' dtype (momentum 0 at
+            every step for float64): storing the trajectory, i.e. ``mode="reverse"``, costs
+            no more memory.
+
     Cost: forward ``T`` gradients; reverse ``T`` gradients with ``create_graph`` plus ``T``
     backward passes through them (Hessian- and mixed-vector products), and integer
-    bookkeeping that grows with the buffer (a loop over its 43-bit digits per step).
+    bookkeeping that costs the same at every step, whatever ``T``.
     Memory: ``O(P)`` plus one step's graph plus the buffer, about ``T log2(1/mu)`` bits per
     weight (``T * 0.152`` for ``mu = 0.9``), instead of ``O(T)`` step graphs for reverse mode.
 
@@ -718,17 +987,17 @@ def _reversible(
         where=where,
     )
     layout = _Layout.of(params0)
+    _warn_if_no_saving(where, sgd, layout.size, dtype)
 
     def gradient(w_flat, hp_, create_graph):
-        """Flat float gradient at ``w_flat`` (and the leaves and graph when asked)."""
-        w = layout.leaves(w_flat)
+        """``(flat gradient, leaf, loss)`` at ``w_flat``: ``inner_loss`` sees views of one
+        flat leaf, so the gradient (and a Hessian-vector product through its graph) comes
+        out flat."""
+        leaf = w_flat.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = inner_loss(w, hp_)
-            grads = torch.autograd.grad(
-                loss, list(w.values()), create_graph=create_graph, allow_unused=True
-            )
-        grads = [torch.zeros_like(v) if g is None else g for v, g in zip(w.values(), grads)]
-        return torch.cat([g.reshape(-1) for g in grads]).detach(), w, grads, loss
+            loss = inner_loss(layout.unflatten(leaf), hp_)
+            (g,) = torch.autograd.grad(loss, [leaf], create_graph=create_graph, allow_unused=True)
+        return (torch.zeros_like(leaf) if g is None else g), leaf, loss
 
     # ---- forward: T gradients, integer state, nothing of the trajectory kept
     hp_req = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
@@ -738,7 +1007,7 @@ def _reversible(
     for t in range(steps):
         # hp_req in both passes: the forward gradients must be bitwise those the reverse
         # pass recomputes, so both evaluate inner_loss on the same kind of inputs.
-        g, _, _, loss = gradient(sgd.to_float(state.w, dtype), hp_req, create_graph=False)
+        g, _, loss = gradient(sgd.to_float(state.w, dtype), hp_req, create_graph=False)
         if t == 0:
             check_loss_dtype(
                 where, "inner_loss", check_scalar_loss(where, "inner_loss", loss), dtype
@@ -749,58 +1018,41 @@ def _reversible(
     idle_weights = int((bit_lengths == 0).sum())
 
     # ---- the outer loss at w_T
-    w_final = layout.leaves(sgd.to_float(state.w, dtype))
+    w_final = sgd.to_float(state.w, dtype).requires_grad_(True)
     with torch.enable_grad():
-        value = check_scalar_loss(where, "outer_loss", outer_loss(w_final, hp_req))
+        value = outer_loss(layout.unflatten(w_final), hp_req)
+        value = check_scalar_loss(where, "outer_loss", value)
         check_loss_dtype(where, "outer_loss", value, dtype)
-        grads = torch.autograd.grad(value, [*w_final.values(), *hp_req.values()], allow_unused=True)
-    num_w = len(w_final)
-    dw = torch.cat(
-        [
-            torch.zeros_like(v).reshape(-1) if g is None else g.reshape(-1)
-            for v, g in zip(w_final.values(), grads[:num_w])
-        ]
-    )
+        grads = torch.autograd.grad(value, [w_final, *hp_req.values()], allow_unused=True)
+    dw = torch.zeros_like(w_final) if grads[0] is None else grads[0]
     db = torch.zeros_like(dw)
-    d_hp: dict[str, torch.Tensor | None] = dict(zip(hp_req, grads[num_w:]))
-    d_lr = torch.zeros(steps, dtype=dtype, device=dw.device)
-    d_mom = torch.zeros(steps, dtype=dtype, device=dw.device)
+    d_hp: dict[str, torch.Tensor | None] = dict(zip(hp_req, grads[1:]))
+    minus_d_lr = torch.empty(steps, dtype=dtype, device=dw.device)
+    d_mom = torch.empty(steps, dtype=dtype, device=dw.device)
 
     # ---- reverse: rebuild w_t, b_t exactly and accumulate the adjoints
     hp_list = list(hp_req.values())
     for t in reversed(range(steps)):
         lr_t, mom_t = sgd.lrs[t], sgd.momenta[t]
-        d_lr[t] = -torch.dot(dw, sgd.to_float(state.b, dtype))
-        u = db - lr_t * dw
+        torch.dot(dw, sgd.to_float(state.b, dtype), out=minus_d_lr[t])
+        u = torch.sub(db, dw, alpha=lr_t)
         sgd.undo_position(state, t)
-        g, w_leaves, g_parts, _ = gradient(sgd.to_float(state.w, dtype), hp_req, True)
-        sgd.undo_velocity(state, g, t)
+        g, leaf, _ = gradient(sgd.to_float(state.w, dtype), hp_req, True)
+        sgd.undo_velocity(state, g.detach(), t)
         # One backward through the gradient graph: H u (w.r.t. w) and the mixed term (hparams)
-        pairs = [(gp, uk) for gp, uk in zip(g_parts, layout.unflatten(u).values())]
-        pairs = [(gp, uk) for gp, uk in pairs if gp.requires_grad]
-        hvp = torch.zeros_like(dw)
-        if pairs:
-            outs = torch.autograd.grad(
-                [gp for gp, _ in pairs],
-                [*w_leaves.values(), *hp_list],
-                grad_outputs=[uk for _, uk in pairs],
-                allow_unused=True,
-            )
-            hvp = torch.cat(
-                [
-                    torch.zeros_like(v).reshape(-1) if o is None else o.reshape(-1)
-                    for v, o in zip(w_leaves.values(), outs[:num_w])
-                ]
-            )
-            for k, o in zip(hp_req, outs[num_w:]):
+        if g.requires_grad:
+            outs = torch.autograd.grad(g, [leaf, *hp_list], grad_outputs=u, allow_unused=True)
+            for k, o in zip(hp_req, outs[1:]):
                 if o is not None:
                     d_hp[k] = o if d_hp[k] is None else d_hp[k] + o
-        d_mom[t] = torch.dot(u, sgd.to_float(state.b, dtype))
+            if outs[0] is not None:
+                dw = dw + outs[0]
+        torch.dot(u, sgd.to_float(state.b, dtype), out=d_mom[t])
         db = mom_t * u
-        dw = dw + hvp.detach()
 
     if not torch.equal(state.w, w0_fixed) or bool(state.b.any()) or not state.buffer.is_empty():
         raise _not_reconstructed(where, "the initial weights and velocity")
+    d_lr = -minus_d_lr
 
     # ---- the learning rates, momenta and initial weights as functions of the hparams
     def add(key, value):
@@ -851,6 +1103,6 @@ def _reversible(
         momentum_max_error=max(abs(mu - n / d) for mu, (n, d) in zip(sgd.momenta, sgd.fractions)),
         fraction_bits=fraction_bits,
     )
-    params_t = {k: v.detach() for k, v in w_final.items()}
+    params_t = layout.unflatten(w_final.detach())
     hypergrad = {k: v.detach() for k, v in d_hp.items() if v is not None}
     return ReversibleResult(hypergrad=hypergrad, params=params_t, stats=stats)

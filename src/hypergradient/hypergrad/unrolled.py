@@ -46,6 +46,8 @@ from ._checks import (
 )
 
 _WHERE = "hypergradient.unrolled_hypergrad(...)"
+# Forward mode refuses an identity basis (hyperparameters x hyperparameters) above this.
+FORWARD_BASIS_LIMIT_BYTES = 2**30
 
 StepHParam = float | torch.Tensor | str | Callable[[Mapping[str, torch.Tensor], int], torch.Tensor]
 
@@ -159,7 +161,10 @@ def unrolled_hypergrad(
         truncate: ``K`` in ``1..steps`` to back-propagate through the last ``K`` steps only;
             ``None`` for all of them.
         forward_chunk_size: forward mode evaluates one JVP per scalar hyperparameter,
-            vectorised with ``vmap``; this bounds how many run at once (memory).
+            vectorised with ``vmap``; this bounds how many run at once (memory).  The
+            directions are the rows of an identity matrix of the number of scalar
+            hyperparameters; forward mode refuses more than fit in 1 GiB (11,585 in
+            float64), before computing anything.
         return_params: also return ``w_T`` (detached).
 
     Returns:
@@ -200,6 +205,8 @@ def unrolled_hypergrad(
             f"{_WHERE}: mode={mode!r}; expected 'reverse', 'forward' or 'reversible'. "
             f"(Implicit differentiation lives in hg.implicit_hypergrad.)"
         )
+    if mode == "forward":
+        _check_forward_basis(hparams, dtype)
     if mode == "reversible":
         if truncate is not None:
             raise HypergradientError(
@@ -311,6 +318,21 @@ def _reverse(run: _Unroll, w, buf):
         raise ignored_hparam_error(_WHERE, unused, implicit=False)
     result = {k: g.detach() for k, g in zip(hp, grads)}
     return result, {k: v.detach() for k, v in w.items()}
+
+
+def _check_forward_basis(hparams, dtype) -> None:
+    """Refuse a forward-mode basis (one row per scalar hyperparameter) over the limit."""
+    total = tree_size(hparams)
+    need = total * total * torch.empty((), dtype=dtype).element_size()
+    if need > FORWARD_BASIS_LIMIT_BYTES:
+        raise HypergradientError(
+            f"{_WHERE}: mode='forward' runs one JVP per scalar hyperparameter from an identity "
+            f"basis of their number: {total:,} hyperparameters need a {total:,} x {total:,} "
+            f"{str(dtype).removeprefix('torch.')} basis of {need / 2**30:.3g} GiB (limit "
+            f"{FORWARD_BASIS_LIMIT_BYTES / 2**30:.3g} GiB) and {total:,} JVP passes. Use "
+            f"mode='reverse' (or 'reversible') for many hyperparameters; forward mode is for "
+            f"a few."
+        )
 
 
 def _forward(run: _Unroll, w0, buf0, chunk_size):
