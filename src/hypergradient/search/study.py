@@ -693,5 +693,11 @@ def optimize(
         sampler = study.sampler
         if hasattr(sampler, "is_exhausted") and sampler.is_exhausted(study):
             break  # a grid search that has visited every cell
-        study.optimize(run, n_trials=1, catch=(_Surplus,))
+        try:
+            study.optimize(run, n_trials=1, catch=(_Surplus,))
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # another worker took this live trial for dead (its heartbeat came late on a
+            # loaded machine), failed it and re-queued its parameters: the result is dropped
+            # and the re-queued copy runs it again, so this worker just goes on
+            continue
     return finished_trials(study)
