@@ -126,3 +126,194 @@ def test_the_kept_solution_survives_a_trainer_checkpoint_bit_for_bit(tmp_path):
         assert torch.equal(whole.hparams[k], resumed.hparams[k])
     assert [r["solve_hvps"] for r in whole.history] == [r["solve_hvps"] for r in resumed.history]
     assert whole.history[0]["warm_started"] is False and whole.history[1]["warm_started"]
+
+
+# ---------------------------------------------------------------------------- Nystrom
+
+
+def _spd(n, eigenvalues, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64)).Q
+    return basis @ torch.diag(eigenvalues) @ basis.T
+
+
+def test_nystrom_makes_a_low_rank_plus_shift_operator_the_identity_times_the_shift():
+    # A = G + mu I with rank(G) = 5 <= rank of the sketch: the Nystrom approximation of G is
+    # exact, so M^{-1} A = mu I (every eigenvalue equal) and CG needs one step.
+    n, mu = 60, 0.3
+    eig = torch.zeros(n, dtype=torch.float64)
+    eig[:5] = torch.tensor([50.0, 20.0, 9.0, 4.0, 2.0], dtype=torch.float64)
+    g = _spd(n, eig)
+    pre = hg.linalg.NystromPreconditioner(rank=8, refresh_every=1)
+    assert pre.prepare(lambda v: g @ v, torch.zeros(n, dtype=torch.float64), shift=mu) == 8
+    a = g + mu * torch.eye(n, dtype=torch.float64)
+    m_inv = torch.stack([pre(e) for e in torch.eye(n, dtype=torch.float64)], dim=1)
+    assert torch.allclose(m_inv, m_inv.T, atol=1e-12)
+    assert torch.allclose(m_inv @ a, mu * torch.eye(n, dtype=torch.float64), atol=1e-9)
+    b = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    solution = hg.linalg.CG(max_steps=3, tol=1e-12, preconditioner=pre).solve(lambda v: a @ v, b)
+    assert solution.stats.num_steps <= 2
+    assert torch.allclose(solution.value, torch.linalg.solve(a, b), rtol=1e-10, atol=1e-12)
+
+
+def test_nystrom_preconditioned_cg_solves_a_decaying_spectrum_in_fewer_steps():
+    n = 200
+    eig = torch.cat([torch.logspace(3, 0, 30, dtype=torch.float64),
+                     1.0 + torch.linspace(0, 1, n - 30, dtype=torch.float64)])  # fmt: skip
+    a = _spd(n, eig, seed=2)
+    b = torch.randn(n, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    exact = torch.linalg.solve(a, b)
+    plain = hg.linalg.CG(max_steps=500, tol=1e-10).solve(lambda v: a @ v, b)
+    pre = hg.linalg.NystromPreconditioner(rank=30, refresh_every=1)
+    pre.prepare(lambda v: a @ v, b)
+    fast = hg.linalg.CG(max_steps=500, tol=1e-10, preconditioner=pre).solve(lambda v: a @ v, b)
+    for solution in (plain, fast):
+        assert torch.linalg.norm(solution.value - exact) <= 1e-8 * torch.linalg.norm(exact)
+    # the 30 large eigenvalues are deflated: the rest spans [1, 2], about 15 steps to 1e-10
+    assert fast.stats.num_steps < 0.5 * plain.stats.num_steps
+
+
+def test_nystrom_refreshes_on_schedule_and_on_new_shapes():
+    a = _spd(20, torch.linspace(1, 10, 20, dtype=torch.float64))
+    pre = hg.linalg.NystromPreconditioner(rank=4, refresh_every=3)
+    like = torch.zeros(20, dtype=torch.float64)
+    spent = [pre.prepare(lambda v: a @ v, like) for _ in range(7)]
+    assert spent == [4, 0, 0, 4, 0, 0, 4]
+    assert pre.prepare(lambda v: v, torch.zeros(5, dtype=torch.float64)) == 4  # new shape
+    with pytest.raises(hg.HypergradientError, match="rank"):
+        hg.linalg.NystromPreconditioner(rank=0)
+    with pytest.raises(hg.HypergradientError, match="not positive definite"):
+        pre.sketch(lambda v: -v, like)
+
+
+def test_implicit_hypergrad_with_a_nystrom_preconditioner_is_exact_and_counts_its_matvecs():
+    prob = ridge_problem()
+    pre = hg.linalg.NystromPreconditioner(rank=3, refresh_every=1)
+    grads, stats = hg.implicit_hypergrad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver="cg",
+        max_steps=50, tol=1e-13, damping=0.05, preconditioner=pre, stationarity_tol=None,
+        return_stats=True,
+    )  # fmt: skip
+    exact = hg.implicit_hypergrad(
+        prob.inner_loss, prob.outer_loss, prob.params, prob.hparams, solver="exact",
+        damping=0.05, stationarity_tol=None,
+    )  # fmt: skip
+    assert relative_error(grads, exact) < 1e-9
+    assert stats.extra["preconditioner_matvecs"] == 3
+    assert stats.num_matvecs == stats.num_steps + 3
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+def _mlp_trainer(method, resample=1, wrap_loss=None, hyper=None):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(48, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (48,), generator=gen)
+    data = torch.utils.data.DataLoader(list(zip(x, y)), batch_size=8)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    return hg.BilevelTrainer(
+        model,
+        hyper or hg.hparams.WeightDecay("per_weight", initial=1e-2),
+        data,
+        data,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        method=method,
+        hyper_every=2,
+        hypergrad_resample_every=resample,
+        wrap_loss=wrap_loss,
+    )
+
+
+def test_the_trainer_solves_the_gauss_newton_system_of_the_kept_batches():
+    """A converged Gauss-Newton solve in the trainer equals the dense Gauss-Newton
+    hypergradient on the batches it kept (float64)."""
+    method = hg.AmortizedImplicit(
+        solver="cg", max_steps=200, tol=1e-13, hessian="gauss_newton", damping=0.1
+    )
+    trainer = _mlp_trainer(method, resample=3)
+    trainer.fit(4)
+    batches = trainer._hypergrad_batches
+    assert trainer._hypergrad_batches_drawn_at == 3  # drawn at hyper-steps 0 and 3
+    train_batch, val_batch = batches
+    params = {k: v.detach() for k, v in trainer.model.named_parameters()}
+    hparams = trainer._detached_hparams()
+    loss = trainer.hyper.gauss_newton_loss(trainer.forward, train_batch, trainer.criterion)
+
+    def outer(p, h):
+        return torch.nn.functional.cross_entropy(trainer.forward(p, val_batch[0]), val_batch[1])
+
+    grads, info = method.hypergrad_and_info(loss, outer, params, hparams, lr=0.1)
+    dense = hg.implicit_hypergrad(
+        loss, outer, params, hparams, solver="exact", hessian="gauss_newton", damping=0.1,
+        stationarity_tol=None,
+    )  # fmt: skip
+    assert relative_error(grads, dense) < 1e-9
+    # the Gauss-Newton system differs from the (indefinite) Hessian one away from a minimum
+    hessian = hg.implicit_hypergrad(
+        loss, outer, params, hparams, solver="exact", damping=0.1, stationarity_tol=None
+    )
+    assert relative_error(hessian, dense) > 1e-6
+
+
+def test_kept_hypergradient_batches_are_reused_then_redrawn():
+    seen = []
+    trainer = _mlp_trainer(hg.AmortizedImplicit(max_steps=2, hessian="gauss_newton"), resample=2)
+    original = trainer.hyper.gauss_newton_loss
+
+    def spy(forward, batch, criterion):
+        seen.append(batch[0])
+        return original(forward, batch, criterion)
+
+    trainer.hyper.gauss_newton_loss = spy
+    trainer.fit(5)
+    same = [torch.equal(seen[i], seen[i + 1]) for i in range(4)]
+    assert same == [True, False, True, False]
+
+
+def test_gauss_newton_without_a_split_or_with_a_wrapped_loss_is_one_clear_error():
+    method = hg.AmortizedImplicit(hessian="gauss_newton")
+    with pytest.raises(hg.HypergradientError, match="wrap_loss"):
+        _mlp_trainer(method, wrap_loss=lambda loss, n: loss).fit(1)
+
+    class NoSplit(hg.hparams.WeightDecay):
+        def gauss_newton_loss(self, forward, batch, criterion):
+            return None
+
+    with pytest.raises(hg.HypergradientError, match="no Gauss-Newton split"):
+        _mlp_trainer(method, hyper=NoSplit("per_weight")).fit(1)
+    with pytest.raises(hg.HypergradientError, match="hessian='fisher'"):
+        hg.AmortizedImplicit(hessian="fisher")
+    with pytest.raises(hg.HypergradientError, match="hypergrad_resample_every"):
+        _mlp_trainer(method, resample=0)
+
+
+def test_the_reference_solves_the_methods_own_damped_gauss_newton_system():
+    method = hg.AmortizedImplicit(
+        solver="cg", max_steps=100, tol=1e-13, hessian="gauss_newton", damping=0.5
+    )
+    measured = MeasuredMethod(method, at=lambda k: True, reference_tol=1e-12)
+    trainer = _mlp_trainer(measured, resample=4)
+    trainer.fit(3)
+    assert all(r["ref_rel_error"] < 1e-8 for r in trainer.history)
+    assert all(r["ref_converged"] and r["ref_solver"] == "cg" for r in trainer.history)
+
+
+def test_gauss_newton_nystrom_and_kept_batches_resume_bit_for_bit(tmp_path):
+    def method():
+        pre = hg.linalg.NystromPreconditioner(rank=4, refresh_every=3)
+        return hg.AmortizedImplicit(
+            max_steps=2, hessian="gauss_newton", damping=0.1, preconditioner=pre
+        )
+
+    whole = _mlp_trainer(method(), resample=3)
+    whole.fit(7)
+    checkpoint = tmp_path / "ck.pt"
+    _mlp_trainer(method(), resample=3).fit(4, checkpoint=checkpoint)
+    resumed = _mlp_trainer(method(), resample=3)
+    resumed.fit(7, checkpoint=checkpoint, resume=True)
+    for k in whole.hparams:
+        assert torch.equal(whole.hparams[k], resumed.hparams[k])
+    assert [r["solve_hvps"] for r in whole.history] == [r["solve_hvps"] for r in resumed.history]
+    assert [r["solve_hvps"] for r in whole.history][:4] == [6, 3, 3, 7]  # sketches at 0 and 3

@@ -88,6 +88,16 @@ class AbstractHyperparameter(abc.ABC):
         """
         return None
 
+    def gauss_newton_loss(
+        self, forward: Forward, batch: Any, criterion: Criterion = F.cross_entropy
+    ):
+        """Optional: :meth:`training_loss` on ``batch`` split as a
+        :class:`~hypergradient.linalg.GaussNewtonLoss` (the model's outputs, a loss convex in
+        them, a regulariser), for hypergradients with ``hessian="gauss_newton"``, whose
+        Gauss-Newton matrix is positive semi-definite where the Hessian of a network is not.
+        Default: ``None`` (this kind offers no split)."""
+        return None
+
     def describe(self, hparams: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """A few numbers worth logging about the current values (default: none)."""
         return {}

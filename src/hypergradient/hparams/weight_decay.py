@@ -145,6 +145,18 @@ class WeightDecay(AbstractHyperparameter):
     def training_loss(self, forward, params, hparams, batch, criterion=F.cross_entropy):
         return _data_loss(forward, params, batch, criterion) + self.penalty(params, hparams)
 
+    def gauss_newton_loss(self, forward, batch, criterion=F.cross_entropy):
+        r"""``criterion(f(w; x), y)`` (convex in the outputs) plus the decay penalty, whose
+        Hessian :math:`\mathrm{diag}(e^{\lambda})` is kept exactly."""
+        from ..linalg.operators import GaussNewtonLoss
+
+        x, y = batch[0], batch[1]
+        return GaussNewtonLoss(
+            predict=lambda params, hparams: forward(params, x),
+            output_loss=lambda outputs, hparams: per_example_loss(criterion, outputs, y).mean(),
+            regularizer=self.penalty,
+        )
+
     def split_training_loss(self, hparams):
         r"""At fixed decays :math:`\nabla_w` of the penalty is :math:`e^{\lambda} \odot w`.
 

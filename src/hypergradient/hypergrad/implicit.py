@@ -28,6 +28,7 @@ import torch
 
 from .._errors import ConvergenceError, HypergradientError, check_scalar_loss
 from .._results import Result, SolveStats
+from .._tree import tree_axpy
 from ..linalg import CG, GMRES, MINRES, AbstractLinearSolver, Dense, Identity, Neumann
 from ..linalg.operators import (
     FixedPointOperator,
@@ -198,7 +199,11 @@ def implicit_hypergrad(
         hessian: ``"exact"`` or ``"gauss_newton"`` (PSD approximation; ``inner_loss`` must
             be a :class:`GaussNewtonLoss`).
         preconditioner: for ``solver="cg"``, a function applying :math:`M^{-1}` to a dict
-            shaped like ``params`` (e.g. ``hg.linalg.diagonal_preconditioner(diag)``).
+            shaped like ``params`` (e.g. ``hg.linalg.diagonal_preconditioner(diag)``), or
+            one built from the operator such as
+            :class:`~hypergradient.linalg.NystromPreconditioner`: its ``prepare(matvec,
+            like)`` runs first and its matvecs count in ``stats.num_matvecs`` (and in
+            ``stats.extra["preconditioner_matvecs"]``).
         stationarity_tol: warn (:class:`NonStationaryWarning`) when
             :math:`\lVert\nabla_w L(w, \lambda)\rVert` at ``params`` (for a
             :class:`FixedPoint`: the residual :math:`\lVert w - \Phi(w, \lambda)\rVert`)
@@ -325,8 +330,18 @@ def implicit_hypergrad(
     # 3. Solve  A q = v  (A = H, or (I - d phi/dw)^T), from x0 when given (a warm start).
     if x0 is not None:
         x0 = _check_initial_guess(x0, v)
+    # a preconditioner built from the operator (e.g. a Nystrom sketch) prepares itself here
+    # from the undamped operator and the damping (a sketch of A + delta I with a small
+    # sketch sees mostly delta I: randomized sketches need the spectrum to decay)
+    prepare = getattr(getattr(linear_solver, "preconditioner", None), "prepare", None)
+    sketch_matvecs = 0
+    if callable(prepare):
+        undamped = op.matvec if damping == 0 else (lambda u: tree_axpy(-damping, u, op.matvec(u)))
+        sketch_matvecs = int(prepare(undamped, v, shift=float(damping)))
     solution = linear_solver.solve(op.matvec, v, x0=x0)
     stats = solution.stats
+    stats.num_matvecs += sketch_matvecs
+    stats.extra["preconditioner_matvecs"] = sketch_matvecs
     _raise_on_failure(linear_solver, stats, tol)
     q = solution.value
 

@@ -122,8 +122,10 @@ class Implicit(AbstractHypergradientMethod):
     alpha: float | None = None
     damping: float = 0.0
     stationarity_tol: float | None = None
+    hessian: str = "exact"
 
     def __post_init__(self):
+        _check_hessian("Implicit", self.hessian)
         if self.solver not in ("exact", "cg", "neumann", "identity", "minres", "gmres"):
             raise HypergradientError(
                 f"Implicit(solver={self.solver!r}): expected one of 'exact', 'cg', 'neumann', "
@@ -153,11 +155,21 @@ class Implicit(AbstractHypergradientMethod):
             tol=self.tol,
             alpha=alpha,
             damping=self.damping,
+            hessian=self.hessian,
             stationarity_tol=self.stationarity_tol,
             return_stats=True,
         )
         keys = ("inner_grad_norm", "fixed_point_residual")
         return result, {k: stats.extra[k] for k in keys if k in stats.extra}
+
+
+def _check_hessian(where: str, hessian: str) -> None:
+    if hessian not in ("exact", "gauss_newton"):
+        raise HypergradientError(
+            f"{where}(hessian={hessian!r}): expected 'exact' or 'gauss_newton' (the positive "
+            f"semi-definite Gauss-Newton matrix, for training losses split as a "
+            f"GaussNewtonLoss)."
+        )
 
 
 @register_method
@@ -245,9 +257,17 @@ class AmortizedImplicit(AbstractHypergradientMethod):
         tol: relative residual at which a solve stops early: a float or ``k -> float``.
         alpha: Neumann's step (``None``: the inner optimizer's learning rate).
         damping: solve :math:`(H + \delta I) q = \nabla_w E`.
+        hessian: ``"exact"`` or ``"gauss_newton"``: :math:`H` is then the generalised
+            Gauss-Newton matrix plus the regulariser's exact Hessian, positive semi-definite
+            (CG never breaks down), where a network's mini-batch Hessian is indefinite away
+            from a minimum.  :class:`~hypergradient.BilevelTrainer` builds the split loss from
+            the hyperparameter kind (``gauss_newton_loss``).
         preconditioner: ``None``, or ``r -> M^{-1} r`` on dicts shaped like the weights
             (e.g. :func:`hypergradient.linalg.diagonal_preconditioner`, or K-FAC's
-            ``KFACPreconditioner(...).apply``); CG only.
+            ``KFACPreconditioner(...).apply``), or
+            :class:`hypergradient.linalg.NystromPreconditioner` (a low-rank sketch of the
+            operator itself, rebuilt every ``refresh_every`` hyper-steps: its matvecs count
+            in ``solve_hvps``); CG only.
         reset_jump: relative change of the hyperparameters (in the 2-norm over all of them)
             above which the kept solution is dropped.
 
@@ -268,6 +288,7 @@ class AmortizedImplicit(AbstractHypergradientMethod):
     tol: float | Callable[[int], float] = field(default_factory=pedregosa_tolerance)
     alpha: float | None = None
     damping: float = 0.0
+    hessian: str = "exact"
     preconditioner: Callable | None = None
     reset_jump: float = 0.5
     _kept: dict | None = field(default=None, init=False, repr=False)
@@ -275,6 +296,7 @@ class AmortizedImplicit(AbstractHypergradientMethod):
 
     def __post_init__(self):
         where = "AmortizedImplicit"
+        _check_hessian(where, self.hessian)
         if self.solver not in ("cg", "minres", "neumann"):
             raise HypergradientError(
                 f"{where}(solver={self.solver!r}): expected 'cg', 'minres' or 'neumann' (the "
@@ -307,11 +329,16 @@ class AmortizedImplicit(AbstractHypergradientMethod):
 
     def state_dict(self) -> dict:
         kept = self._kept
-        return {"calls": self._calls, "kept": None if kept is None else dict(kept)}
+        state = {"calls": self._calls, "kept": None if kept is None else dict(kept)}
+        if hasattr(self.preconditioner, "state_dict"):  # e.g. a Nystrom sketch
+            state["preconditioner"] = self.preconditioner.state_dict()
+        return state
 
     def load_state_dict(self, state: Mapping) -> None:
         self._calls = int(state["calls"])
         self._kept = None if state["kept"] is None else dict(state["kept"])
+        if "preconditioner" in state and hasattr(self.preconditioner, "load_state_dict"):
+            self.preconditioner.load_state_dict(state["preconditioner"])
 
     def _initial_guess(self, params, hparams) -> dict | None:
         kept = self._kept
@@ -373,6 +400,7 @@ class AmortizedImplicit(AbstractHypergradientMethod):
                 tol=tol,
                 alpha=alpha,
                 damping=self.damping,
+                hessian=self.hessian,
                 preconditioner=self.preconditioner,
                 stationarity_tol=None,  # warm start: the weights are not an optimum by design
                 x0=x0,
@@ -406,14 +434,19 @@ class MeasuredMethod(AbstractHypergradientMethod):
       \lVert g_\mathrm{ref}\rVert)`,
     * ``ref_hvps``, ``ref_solver``, ``ref_converged`` of the reference solve.
 
-    The reference costs up to ``reference_steps`` Hessian-vector products per measured step
-    and changes nothing in the run: the wrapped method's hypergradient is what is returned.
+    The reference solves the same linear system as the wrapped method: the same batches and
+    the same damping :math:`(H + \delta I) q = \nabla_w E` (``reference_damping``, default
+    the method's own ``damping``) and the same curvature (the method's ``hessian``: exact or
+    Gauss-Newton), so a method is judged on the system it approximates.
+    It costs up to ``reference_steps`` Hessian-vector products per measured step and changes
+    nothing in the run: the wrapped method's hypergradient is what is returned.
     """
 
     method: AbstractHypergradientMethod
     at: Callable[[int], bool] = field(default=lambda k: k % 10 == 0)
     reference_tol: float = 1e-8
     reference_steps: int = 2000
+    reference_damping: float | None = None
     _calls: int = field(default=0, init=False, repr=False)
 
     name: ClassVar[str] = "measured"
@@ -421,6 +454,11 @@ class MeasuredMethod(AbstractHypergradientMethod):
     @property
     def outer_at_params(self) -> bool:  # type: ignore[override]
         return self.method.outer_at_params
+
+    @property
+    def hessian(self) -> str:
+        """The wrapped method's curvature (a training loop builds the loss it needs)."""
+        return getattr(self.method, "hessian", "exact")
 
     def state_dict(self) -> dict:
         return {"calls": self._calls, "method": self.method.state_dict()}
@@ -447,6 +485,10 @@ class MeasuredMethod(AbstractHypergradientMethod):
         """The reference at ``params`` and the accuracy of ``grads`` against it."""
         from .._errors import ConvergenceError
 
+        damping = self.reference_damping
+        if damping is None:
+            damping = float(getattr(self.method, "damping", 0.0) or 0.0)
+
         def reference(solver: str):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
@@ -458,6 +500,8 @@ class MeasuredMethod(AbstractHypergradientMethod):
                     solver=solver,
                     max_steps=self.reference_steps,
                     tol=self.reference_tol,
+                    damping=damping,
+                    hessian=getattr(self.method, "hessian", "exact"),
                     stationarity_tol=None,
                     return_stats=True,
                 )

@@ -11,6 +11,7 @@ from ._base import available_solvers as available_solvers
 from ._base import get_solver as get_solver
 from ._base import register_solver as register_solver
 from ._base import solve as solve
+from .preconditioners import NystromPreconditioner as NystromPreconditioner
 from .solvers import CG as CG
 from .solvers import GMRES as GMRES
 from .solvers import MINRES as MINRES
@@ -29,6 +30,7 @@ __all__ = [
     "Identity",
     "MatVec",
     "Neumann",
+    "NystromPreconditioner",
     "Preconditioner",
     "available_solvers",
     "diagonal_preconditioner",

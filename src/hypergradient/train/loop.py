@@ -40,6 +40,7 @@ from .._io import RunLock, load_checkpoint, save_atomic, write_text_atomic
 from .._threads import threads_for, torch_threads
 from ..hparams._base import AbstractHyperparameter
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit
+from ..linalg.operators import GaussNewtonLoss
 from ..problem import as_function
 
 _WHERE = "hypergradient.BilevelTrainer"
@@ -150,6 +151,14 @@ class BilevelTrainer:
             or 0: chosen by model size (one below a million parameters, where a second
             thread gains nothing and spin-waits on a busy machine; torch's setting above).
             Every history record says how many were used (``threads``).
+        hypergrad_resample_every: hyper-steps between fresh draws of the training and
+            validation batch that the hypergradient is computed on (default 1: fresh batches
+            at every hyper-step).  Above 1 the same two batches are reused, so the linear
+            system of an implicit hypergradient changes only with the weights and
+            hyperparameters between draws: what lets
+            :class:`~hypergradient.AmortizedImplicit`'s warm-started solve stay accurate on
+            a few Hessian-vector products (a fresh batch moves the solution as much as a
+            restart).  The inner training steps always see fresh batches.
 
     Cost per hyper-step: ``hyper_every`` ordinary training steps plus one hypergradient (see
     the method); memory: the model, one hyperparameter tensor per hyperparameter and the
@@ -176,6 +185,7 @@ class BilevelTrainer:
         wrap_loss: Callable[[Callable, int], Callable] | None = None,
         divergence_factor: float | None = 1e3,
         threads: int | None = None,
+        hypergrad_resample_every: int = 1,
     ):
         if not isinstance(model, nn.Module):
             raise HypergradientError(
@@ -196,7 +206,11 @@ class BilevelTrainer:
                 f"{_WHERE}(train_loader=None): {type(hyper).__name__} trains on real data; "
                 f"pass a training data loader."
             )
-        for name, value in (("hyper_every", hyper_every), ("cold_start_steps", cold_start_steps)):
+        for name, value in (
+            ("hyper_every", hyper_every),
+            ("cold_start_steps", cold_start_steps),
+            ("hypergrad_resample_every", hypergrad_resample_every),
+        ):
             if value is not None and (
                 not isinstance(value, int) or isinstance(value, bool) or value < 1
             ):
@@ -212,6 +226,11 @@ class BilevelTrainer:
         self.optimizer = optimizer
         self.method = method
         self.hyper_every = hyper_every
+        self.hypergrad_resample_every = hypergrad_resample_every
+        # the (training, validation) batches of the hypergradient and the hyper-step they
+        # were drawn at; redrawn every hypergrad_resample_every hyper-steps
+        self._hypergrad_batches: tuple[Any, Any] | None = None
+        self._hypergrad_batches_drawn_at = 0
         self.warm_start = warm_start
         self.cold_start_steps = cold_start_steps or hyper_every
         self.criterion = criterion
@@ -390,15 +409,47 @@ class BilevelTrainer:
         lr = float(lr.item() if isinstance(lr, torch.Tensor) else lr)
         return lr, float(group.get("momentum", 0.0) or 0.0)
 
+    def _gauss_newton_loss(self, train_batch) -> GaussNewtonLoss:
+        split = self.hyper.gauss_newton_loss(self.forward, train_batch, self.criterion)
+        if split is None:
+            raise HypergradientError(
+                f"{_WHERE}(method=...(hessian='gauss_newton')): {type(self.hyper).__name__} "
+                f"offers no Gauss-Newton split of its training loss (gauss_newton_loss); use "
+                f"hessian='exact' (with damping or solver='minres' if the Hessian is "
+                f"indefinite)."
+            )
+        if self.wrap_loss is not None:
+            raise HypergradientError(
+                f"{_WHERE}(wrap_loss=..., method=...(hessian='gauss_newton')): a wrapped loss "
+                f"cannot be split for the Gauss-Newton matrix; use hessian='exact'."
+            )
+        return split
+
+    def _hypergrad_data(self) -> tuple[Any, Any]:
+        """The training and validation batch of this hyper-step's hypergradient: fresh ones,
+        or the kept ones while they are younger than ``hypergrad_resample_every``."""
+        kept = self._hypergrad_batches
+        if kept is None or (
+            self.hyper_step - self._hypergrad_batches_drawn_at >= self.hypergrad_resample_every
+        ):
+            kept = (self._train_batch(), self.val_stream.next())
+            self._hypergrad_batches_drawn_at = self.hyper_step
+            if self.hypergrad_resample_every > 1:  # kept only when reused
+                self._hypergrad_batches = kept
+        return kept
+
     def hypergradient(self) -> tuple[dict[str, torch.Tensor], float]:
-        """The method's hypergradient at the current weights on fresh batches; and val loss."""
-        train_batch = self._train_batch()
-        val_batch = self.val_stream.next()
+        """The method's hypergradient at the current weights (on fresh batches, or the kept
+        ones: see ``hypergrad_resample_every``); and the validation loss."""
+        train_batch, val_batch = self._hypergrad_data()
         xv, yv = val_batch[0], val_batch[1]
         forward, criterion, hyper = self.forward, self.criterion, self.hyper
 
         def inner_loss(p, h):
             return hyper.training_loss(forward, p, h, train_batch, criterion)
+
+        if getattr(self.method, "hessian", "exact") == "gauss_newton":
+            inner_loss = self._gauss_newton_loss(train_batch)
 
         outer_values: list[float] = []
 
@@ -411,7 +462,8 @@ class BilevelTrainer:
             outer_values.append(float(value.detach()))
             return value
 
-        inner_loss = self._wrap(inner_loss, train_batch)
+        if not isinstance(inner_loss, GaussNewtonLoss):
+            inner_loss = self._wrap(inner_loss, train_batch)
         params = {k: v.detach() for k, v in self.model.named_parameters()}
         lr, momentum = self._optimizer_lr_momentum()
         grads, self._hypergrad_info = self.method.hypergrad_and_info(
@@ -569,6 +621,7 @@ class BilevelTrainer:
             "warm_start": self.warm_start,
             "hyper_every": self.hyper_every,
             "cold_start_steps": self.cold_start_steps,
+            "hypergrad_resample_every": self.hypergrad_resample_every,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -585,6 +638,10 @@ class BilevelTrainer:
             "val_stream": self.val_stream.state_dict(),
             "rng": torch.get_rng_state(),
             "method": self.method.state_dict(),
+            "hypergrad_batches": None
+            if self._hypergrad_batches is None
+            else [list(b) if isinstance(b, (tuple, list)) else b for b in self._hypergrad_batches],
+            "hypergrad_batches_drawn_at": self._hypergrad_batches_drawn_at,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -616,6 +673,9 @@ class BilevelTrainer:
         self.val_stream.load_state_dict(state["val_stream"])
         torch.set_rng_state(state["rng"])
         self.method.load_state_dict(state.get("method", {}))
+        kept = state.get("hypergrad_batches")
+        self._hypergrad_batches = None if kept is None else (kept[0], kept[1])
+        self._hypergrad_batches_drawn_at = int(state.get("hypergrad_batches_drawn_at", 0))
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write the state and :meth:`signature` to ``path`` atomically (a kill mid-write
