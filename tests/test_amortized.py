@@ -317,3 +317,18 @@ def test_gauss_newton_nystrom_and_kept_batches_resume_bit_for_bit(tmp_path):
         assert torch.equal(whole.hparams[k], resumed.hparams[k])
     assert [r["solve_hvps"] for r in whole.history] == [r["solve_hvps"] for r in resumed.history]
     assert [r["solve_hvps"] for r in whole.history][:4] == [6, 3, 3, 7]  # sketches at 0 and 3
+
+
+def test_other_methods_are_judged_at_the_same_points_against_the_same_reference():
+    prob = ridge_problem()
+    measured = MeasuredMethod(
+        hg.Implicit(solver="exact"),
+        at=lambda k: True,
+        compare_with={"identity": hg.Implicit(solver="identity"), "exact": hg.Implicit("exact")},
+    )
+    _, info = _call(measured, prob)
+    assert info["ref_rel_error.exact"] < 1e-8
+    alone = MeasuredMethod(hg.Implicit(solver="identity"), at=lambda k: True)
+    _, info_alone = _call(alone, prob)
+    assert info["ref_rel_error.identity"] == pytest.approx(info_alone["ref_rel_error"], rel=1e-12)
+    assert info["ref_cosine.identity"] == pytest.approx(info_alone["ref_cosine"], rel=1e-12)

@@ -440,6 +440,10 @@ class MeasuredMethod(AbstractHypergradientMethod):
     Gauss-Newton), so a method is judged on the system it approximates.
     It costs up to ``reference_steps`` Hessian-vector products per measured step and changes
     nothing in the run: the wrapped method's hypergradient is what is returned.
+
+    ``compare_with`` (name -> stateless method, e.g. ``{"neumann10": hg.Implicit()}``) also
+    judges other methods at the same measured points (same weights, hyperparameters and
+    batches) against the same reference: ``ref_rel_error.<name>`` and ``ref_cosine.<name>``.
     """
 
     method: AbstractHypergradientMethod
@@ -447,6 +451,7 @@ class MeasuredMethod(AbstractHypergradientMethod):
     reference_tol: float = 1e-8
     reference_steps: int = 2000
     reference_damping: float | None = None
+    compare_with: Mapping[str, AbstractHypergradientMethod] = field(default_factory=dict)
     _calls: int = field(default=0, init=False, repr=False)
 
     name: ClassVar[str] = "measured"
@@ -477,12 +482,22 @@ class MeasuredMethod(AbstractHypergradientMethod):
             inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum
         )
         if self.at(self._calls):
-            info = {**info, **self.compare(inner_loss, outer_loss, params, hparams, grads)}
+            others = {
+                name: other.hypergrad(
+                    inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum
+                )
+                for name, other in self.compare_with.items()
+            }
+            info = {
+                **info,
+                **self.compare(inner_loss, outer_loss, params, hparams, grads, others=others),
+            }
         self._calls += 1
         return grads, info
 
-    def compare(self, inner_loss, outer_loss, params, hparams, grads) -> dict:
-        """The reference at ``params`` and the accuracy of ``grads`` against it."""
+    def compare(self, inner_loss, outer_loss, params, hparams, grads, others=None) -> dict:
+        """The reference at ``params`` and the accuracy of ``grads`` (and of each of
+        ``others``: name -> hypergradient at the same point) against it."""
         from .._errors import ConvergenceError
 
         damping = self.reference_damping
@@ -510,15 +525,25 @@ class MeasuredMethod(AbstractHypergradientMethod):
             ref, stats, solver = *reference("cg"), "cg"
         except ConvergenceError:  # CG met negative curvature: the Hessian is indefinite here
             ref, stats, solver = *reference("minres"), "minres"
-        dot = sum(float(torch.sum(grads[k].double() * ref[k].double())) for k in ref)
-        sq_ref = sum(float(torch.sum(ref[k].double() ** 2)) for k in ref)
-        sq_g = sum(float(torch.sum(grads[k].double() ** 2)) for k in ref)
-        sq_diff = sum(float(torch.sum((grads[k].double() - ref[k].double()) ** 2)) for k in ref)
-        tiny = 1e-300
-        return {
-            "ref_rel_error": math.sqrt(sq_diff) / max(math.sqrt(sq_ref), tiny),
-            "ref_cosine": dot / max(math.sqrt(sq_ref * sq_g), tiny),
+        def accuracy(g) -> tuple[float, float]:
+            dot = sum(float(torch.sum(g[k].double() * ref[k].double())) for k in ref)
+            sq_ref = sum(float(torch.sum(ref[k].double() ** 2)) for k in ref)
+            sq_g = sum(float(torch.sum(g[k].double() ** 2)) for k in ref)
+            sq_diff = sum(float(torch.sum((g[k].double() - ref[k].double()) ** 2)) for k in ref)
+            tiny = 1e-300
+            return (
+                math.sqrt(sq_diff) / max(math.sqrt(sq_ref), tiny),
+                dot / max(math.sqrt(sq_ref * sq_g), tiny),
+            )
+
+        rel_error, cosine = accuracy(grads)
+        record = {
+            "ref_rel_error": rel_error,
+            "ref_cosine": cosine,
             "ref_hvps": stats.num_matvecs,
             "ref_solver": solver,
             "ref_converged": stats.converged,
         }
+        for name, other in (others or {}).items():
+            record[f"ref_rel_error.{name}"], record[f"ref_cosine.{name}"] = accuracy(other)
+        return record

@@ -54,7 +54,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from .._errors import HypergradientError
 from ..data import Split, load_digits_split, load_fashion_mnist, load_mnist, to_float_split
 from ..hparams import WeightDecay, max_stable_decay
-from ..hypergrad.methods import AbstractHypergradientMethod, Implicit, Unrolled
+from ..hypergrad.methods import (
+    AbstractHypergradientMethod,
+    AmortizedImplicit,
+    Implicit,
+    Unrolled,
+)
 from ..train import BatchStream, BilevelTrainer
 from ._base import (
     ThreadedRecipe,
@@ -145,8 +150,9 @@ class WeightDecayConfig:
     method: str = field(
         default="implicit",
         metadata=help_text(
-            "hypergradient: implicit (at the current weights) or unrolled (reverse-mode "
-            "through unroll_steps look-ahead SGD steps)"
+            "hypergradient: implicit (at the current weights), amortized (implicit, the "
+            "linear solve warm-started from the previous hyper-step's; solver cg, minres or "
+            "neumann) or unrolled (reverse-mode through unroll_steps look-ahead SGD steps)"
         ),
     )
     solver: str = field(
@@ -160,6 +166,24 @@ class WeightDecayConfig:
         default=10,
         metadata=help_text(
             "Neumann terms / CG iterations (Hessian-vector products) per hyper-step"
+        ),
+    )
+    damping: float = field(
+        default=0.0,
+        metadata=help_text("implicit/amortized: solve (H + damping I) q = dE/dw (>= 0)"),
+    )
+    hessian: str = field(
+        default="exact",
+        metadata=help_text(
+            "implicit/amortized curvature: exact (the mini-batch Hessian, indefinite away "
+            "from a minimum) or gauss_newton (positive semi-definite)"
+        ),
+    )
+    hypergrad_resample_every: int = field(
+        default=1,
+        metadata=help_text(
+            "hyper-steps between fresh draws of the hypergradient's training and validation "
+            "batch (1: fresh every hyper-step)"
         ),
     )
     unroll_steps: int = field(default=5, metadata=help_text("look-ahead steps of method=unrolled"))
@@ -232,8 +256,23 @@ class WeightDecayConfig:
                     f"{k!r} in {self.val_sizes!r}."
                 )
         check_choice("granularity", self.granularity, ("global", "per_tensor", "per_weight"))
-        check_choice("method", self.method, ("implicit", "unrolled"))
+        check_choice("method", self.method, ("implicit", "amortized", "unrolled"))
         check_choice("solver", self.solver, _SOLVERS)
+        if self.method == "amortized":
+            check_choice("solver", self.solver, ("cg", "minres", "neumann"))
+            check_positive_int("solver_steps", self.solver_steps)
+        check_choice("hessian", self.hessian, ("exact", "gauss_newton"))
+        check_positive_int("hypergrad_resample_every", self.hypergrad_resample_every)
+        if not (
+            isinstance(self.damping, (int, float))
+            and not isinstance(self.damping, bool)
+            and math.isfinite(self.damping)
+            and self.damping >= 0
+        ):
+            raise HypergradientError(
+                f"option 'damping': expected a number >= 0 (e.g. damping=0.1), got "
+                f"{self.damping!r}."
+            )
         for name in ("init_weight_decay", "inner_lr", "hyper_lr"):
             check_positive(name, getattr(self, name))
         check_positive("decay_safety", self.decay_safety)
@@ -326,7 +365,19 @@ def val_loader(config: WeightDecayConfig, data: Split, n_val: int) -> DataLoader
 def build_method(config: WeightDecayConfig) -> AbstractHypergradientMethod:
     if config.method == "unrolled":
         return Unrolled(steps=config.unroll_steps, mode="reverse")
-    return Implicit(solver=config.solver, max_steps=config.solver_steps)
+    if config.method == "amortized":
+        return AmortizedImplicit(
+            solver=config.solver,
+            max_steps=config.solver_steps,
+            damping=config.damping,
+            hessian=config.hessian,
+        )
+    return Implicit(
+        solver=config.solver,
+        max_steps=config.solver_steps,
+        damping=config.damping,
+        hessian=config.hessian,
+    )
 
 
 def build_trainer(
@@ -351,6 +402,7 @@ def build_trainer(
         hyper_optimizer=lambda hp: torch.optim.Adam(hp, lr=hyper_lr),
         method=build_method(config),
         hyper_every=config.hyper_every,
+        hypergrad_resample_every=config.hypergrad_resample_every,
         callbacks=callbacks,
         log_dir=log_dir,
         seed=config.seed,
