@@ -300,9 +300,10 @@ def test_the_reference_solves_the_methods_own_damped_gauss_newton_system():
     assert all(r["ref_converged"] and r["ref_solver"] == "cg" for r in trainer.history)
 
 
-def test_gauss_newton_nystrom_and_kept_batches_resume_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("source", ["random", "krylov"])
+def test_gauss_newton_nystrom_and_kept_batches_resume_bit_for_bit(tmp_path, source):
     def method():
-        pre = hg.linalg.NystromPreconditioner(rank=4, refresh_every=3)
+        pre = hg.linalg.NystromPreconditioner(rank=4, refresh_every=3, source=source)
         return hg.AmortizedImplicit(
             max_steps=2, hessian="gauss_newton", damping=0.1, preconditioner=pre
         )
@@ -316,7 +317,9 @@ def test_gauss_newton_nystrom_and_kept_batches_resume_bit_for_bit(tmp_path):
     for k in whole.hparams:
         assert torch.equal(whole.hparams[k], resumed.hparams[k])
     assert [r["solve_hvps"] for r in whole.history] == [r["solve_hvps"] for r in resumed.history]
-    assert [r["solve_hvps"] for r in whole.history][:4] == [6, 3, 3, 7]  # sketches at 0 and 3
+    sketch = 4 if source == "random" else 0  # recycled directions cost no matvec
+    hvps = [r["solve_hvps"] for r in whole.history][:4]
+    assert hvps == [2 + sketch, 3, 3, 3 + sketch]  # sketches at hyper-steps 0 and 3
 
 
 def test_other_methods_are_judged_at_the_same_points_against_the_same_reference():
@@ -332,3 +335,30 @@ def test_other_methods_are_judged_at_the_same_points_against_the_same_reference(
     _, info_alone = _call(alone, prob)
     assert info["ref_rel_error.identity"] == pytest.approx(info_alone["ref_rel_error"], rel=1e-12)
     assert info["ref_cosine.identity"] == pytest.approx(info_alone["ref_cosine"], rel=1e-12)
+
+
+def test_krylov_recycling_costs_no_matvec_and_speeds_up_later_solves():
+    # as along a training run: many short solves (4 CG steps each, new right-hand sides)
+    # leave their directions behind; a later solve preconditioned with them needs fewer
+    # steps, and its answer is still torch.linalg.solve's
+    n = 200
+    eig = torch.cat([torch.logspace(3, 0, 20, dtype=torch.float64),
+                     1.0 + torch.linspace(0, 1, n - 20, dtype=torch.float64)])  # fmt: skip
+    a = _spd(n, eig, seed=4)
+    gen = torch.Generator().manual_seed(5)
+    pre = hg.linalg.NystromPreconditioner(rank=40, refresh_every=1, source="krylov")
+    like = torch.zeros(n, dtype=torch.float64)
+    for _ in range(10):
+        assert pre.prepare(lambda v: a @ v, like) == 0
+        b = torch.randn(n, dtype=torch.float64, generator=gen)
+        hg.linalg.CG(max_steps=4, tol=0.0, preconditioner=pre).solve(lambda v: a @ v, b)
+    pre.prepare(lambda v: a @ v, like)
+    b = torch.randn(n, dtype=torch.float64, generator=gen)
+    exact = torch.linalg.solve(a, b)
+    plain = hg.linalg.CG(max_steps=500, tol=1e-10).solve(lambda v: a @ v, b)
+    fast = hg.linalg.CG(max_steps=500, tol=1e-10, preconditioner=pre).solve(lambda v: a @ v, b)
+    for solution in (plain, fast):
+        assert torch.linalg.norm(solution.value - exact) <= 1e-8 * torch.linalg.norm(exact)
+    assert fast.stats.num_steps < 0.6 * plain.stats.num_steps
+    with pytest.raises(hg.HypergradientError, match="source"):
+        hg.linalg.NystromPreconditioner(source="lanczos")

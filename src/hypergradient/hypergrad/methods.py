@@ -525,6 +525,7 @@ class MeasuredMethod(AbstractHypergradientMethod):
             ref, stats, solver = *reference("cg"), "cg"
         except ConvergenceError:  # CG met negative curvature: the Hessian is indefinite here
             ref, stats, solver = *reference("minres"), "minres"
+
         def accuracy(g) -> tuple[float, float]:
             dot = sum(float(torch.sum(g[k].double() * ref[k].double())) for k in ref)
             sq_ref = sum(float(torch.sum(ref[k].double() ** 2)) for k in ref)

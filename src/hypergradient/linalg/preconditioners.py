@@ -43,8 +43,18 @@ class NystromPreconditioner:
     eigenvalues; :func:`~hypergradient.implicit_hypergrad` sketches the undamped operator and
     adds its ``damping`` to :math:`\mu` (through :meth:`prepare`'s ``shift``).
 
+    With ``source="krylov"`` the test matrix costs no matvec at all: it is made of the last
+    ``rank`` search directions :math:`p` of the conjugate-gradient solves that used this
+    preconditioner, whose products :math:`Ap` CG computed anyway (:meth:`observe`).  Those
+    directions are where the right-hand sides put their weight, so along a run of related
+    solves they sketch the part of the spectrum that matters; they come from earlier (slightly
+    different) operators, which only makes the preconditioner less exact, never indefinite
+    (directions of non-positive curvature are dropped).
+
     Args:
         rank: :math:`\ell`, matvecs per sketch (and columns kept).
+        source: ``"random"`` (Gaussian test matrix, ``rank`` matvecs per sketch) or
+            ``"krylov"`` (recycled CG directions, no matvecs).
         refresh_every: calls of :meth:`prepare` between two sketches (1: every solve).  The
             sketch of an earlier operator is still a symmetric positive definite
             preconditioner for a later one, just a less exact one.
@@ -58,8 +68,22 @@ class NystromPreconditioner:
     products with :math:`U` (:math:`4 n\ell` flops).
     """
 
-    def __init__(self, rank: int = 20, refresh_every: int = 10, mu: float = 0.0, seed: int = 0):
+    def __init__(
+        self,
+        rank: int = 20,
+        refresh_every: int = 10,
+        mu: float = 0.0,
+        seed: int = 0,
+        source: str = "random",
+    ):
         where = "NystromPreconditioner"
+        if source not in ("random", "krylov"):
+            raise HypergradientError(
+                f"{where}(source={source!r}): expected 'random' (a Gaussian sketch) or "
+                f"'krylov' (recycled conjugate-gradient directions)."
+            )
+        self.source = source
+        self._pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (p, A p), flat
         for name, value in (("rank", rank), ("refresh_every", refresh_every)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise HypergradientError(f"{where}({name}={value!r}): expected an int >= 1.")
@@ -76,7 +100,7 @@ class NystromPreconditioner:
     def __repr__(self) -> str:
         return (
             f"NystromPreconditioner(rank={self.rank}, refresh_every={self.refresh_every}, "
-            f"mu={self.mu:g}, seed={self.seed})"
+            f"mu={self.mu:g}, seed={self.seed}, source={self.source!r})"
         )
 
     # ------------------------------------------------------------------ building
@@ -84,6 +108,7 @@ class NystromPreconditioner:
         """Drop the sketch: the next :meth:`prepare` builds a new one."""
         self._basis = self._scale = self._like = None
         self._calls = 0
+        self._pairs = []
 
     def _fits(self, like: Tree) -> bool:
         old = self._like
@@ -105,8 +130,45 @@ class NystromPreconditioner:
         self._calls += 1
         if not due:
             return 0
+        if self.source == "krylov":
+            if not self._fits(like):
+                self._pairs = []
+                self._basis = self._scale = None
+                self._like = (
+                    {k: v.detach() for k, v in like.items()}
+                    if isinstance(like, Mapping)
+                    else like.detach()
+                )
+            self._recycle()
+            return 0
         self.sketch(matvec, like)
         return self.rank
+
+    def observe(self, direction: Tree, product: Tree) -> None:
+        """Record a conjugate-gradient direction ``p`` and ``A p`` (``source="krylov"``;
+        :class:`~hypergradient.linalg.CG` calls this for every step it takes)."""
+        if self.source != "krylov":
+            return
+        p = tree_flatten_vector(direction).detach()
+        ap = tree_flatten_vector(product).detach()
+        if self._shift:
+            ap = ap - self._shift * p  # the sketch is of the undamped operator
+        self._pairs = [*self._pairs[-(self.rank - 1) :], (p.clone(), ap.clone())]
+
+    def _recycle(self) -> None:
+        if not self._pairs or self._like is None:
+            return
+        flat = tree_flatten_vector(self._like)
+        p = torch.stack([a for a, _ in self._pairs], dim=1).double()
+        ap = torch.stack([b for _, b in self._pairs], dim=1).double()
+        q, r = torch.linalg.qr(p)
+        good = r.diagonal().abs() > r.diagonal().abs().max() * 1e-10
+        if not bool(good.all()):  # (nearly) repeated directions: keep an independent subset
+            p, ap = p[:, good], ap[:, good]
+            q, r = torch.linalg.qr(p)
+        y = torch.linalg.solve_triangular(r, ap, upper=True, left=False)  # A Q = (A P) R^-1
+        self._build(q, y, flat)
+        self._sketches += 1
 
     def sketch(self, matvec: Callable[[Tree], Tree], like: Tree) -> None:
         """Build the rank-``rank`` approximation of the operator ``matvec`` now."""
@@ -125,28 +187,38 @@ class NystromPreconditioner:
             for j in range(rank)
         ]
         y = torch.stack(columns, dim=1).detach().double()
-        omega64 = omega.double()
+        self._build(omega.double(), y, flat)
+        self._like = template
+        self._sketches += 1
+
+    def _build(self, omega: torch.Tensor, y: torch.Tensor, flat: torch.Tensor) -> None:
+        """The Nystrom factors from an orthonormal ``omega`` (n x l) and ``y = A omega``."""
+        n = flat.numel()
         shift = math.sqrt(n) * torch.finfo(flat.dtype).eps * float(torch.linalg.norm(y))
-        y_shifted = y + shift * omega64
-        core = omega64.T @ y_shifted
+        y_shifted = y + shift * omega
+        core = omega.T @ y_shifted
         core = 0.5 * (core + core.T)
-        chol, info = torch.linalg.cholesky_ex(core)
-        if int(info) != 0:  # not positive definite: the operator is not (damping needed)
+        # eigh rather than Cholesky: drops the directions a stale or indefinite operator
+        # gives no positive curvature along, instead of failing
+        values, vectors = torch.linalg.eigh(core)
+        keep = values > values.abs().max() * 1e-12
+        if not bool(keep.any()):
             raise HypergradientError(
-                "NystromPreconditioner.sketch: Omega^T A Omega is not positive definite, so "
-                "the operator is not; sketch a positive definite one (add damping, or use "
-                "hessian='gauss_newton')."
+                "NystromPreconditioner: Omega^T A Omega has no positive eigenvalue, so the "
+                "operator is not positive definite; sketch a positive definite one (add "
+                "damping, or use hessian='gauss_newton')."
             )
-        b = torch.linalg.solve_triangular(chol, y_shifted.T, upper=False).T  # Y C^{-T}
+        b = y_shifted @ (vectors[:, keep] / values[keep].sqrt())
         u, sigma, _ = torch.linalg.svd(b, full_matrices=False)
         eig = torch.clamp(sigma**2 - shift, min=0.0)
         mu = self.mu + self._shift
         floor = max(mu, torch.finfo(flat.dtype).tiny)
-        last = max(float(eig[-1]) + mu, floor)  # a rank-deficient sketch: no rescaling below
+        # the l-th eigenvalue of the approximation: 0 when the sketch found fewer than l
+        # directions (an operator of lower rank), so those found are scaled down to mu
+        last = float(eig[-1]) if bool(keep.all()) else 0.0
+        last = max(last + mu, floor)
         self._scale = (last / torch.clamp(eig + mu, min=floor) - 1.0).to(flat.dtype)
         self._basis = u.to(flat.dtype)
-        self._like = template
-        self._sketches += 1
 
     # ------------------------------------------------------------------ applying
     def __call__(self, r: Tree) -> Tree:
@@ -170,9 +242,11 @@ class NystromPreconditioner:
             "basis": self._basis,
             "scale": self._scale,
             "like": self._like,
+            "pairs": [list(pair) for pair in self._pairs],
         }
 
     def load_state_dict(self, state: Mapping) -> None:
         self._calls = int(state["calls"])
         self._sketches = int(state["sketches"])
         self._basis, self._scale, self._like = state["basis"], state["scale"], state["like"]
+        self._pairs = [(a, b) for a, b in state.get("pairs", [])]

@@ -364,9 +364,12 @@ class CG(AbstractLinearSolver):
                 ),
             )
         p = z
+        observe = getattr(M, "observe", None)  # e.g. a preconditioner recycling directions
         for step in range(self.max_steps):
             Ap = A(p)
             matvecs += 1
+            if observe is not None:
+                observe(p, Ap)
             pAp = tree_dot(p, Ap)
             alpha = rz / pAp
             x_new = tree_axpy(alpha, p, x)
