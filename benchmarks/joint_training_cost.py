@@ -10,7 +10,11 @@ measured part.  Setups:
 * ``digits``: the recipe's defaults (MLP 64-128-10, batch 64, 300 validation examples);
 * ``mnist``: MLP 784-256-10, mini-batches of 128 at both levels (training and validation;
   1000 validation examples), only where the MNIST files are found (``--data-dir`` or
-  ``$HYPERGRADIENT_DATA``).
+  ``$HYPERGRADIENT_DATA``);
+* ``mnist-per-tensor``: the same with one decay per parameter tensor;
+* ``<setup>-amortized``: each of the three with the amortized implicit hypergradient
+  (``method=amortized``: CG warm-started from the previous hyper-step's solution, 2 steps
+  plus one product for its residual, damped Gauss-Newton system) on the same schedule.
 
 Time: one process, repeats of the two runs interleaved (the order alternates), medians; the
 ratio is reported both as a ratio of medians and as the median of per-repeat ratios.  A
@@ -81,6 +85,14 @@ SETUPS = {
                          "n_train": 10_000, "n_val": 1_000, "val_batch_size": 128,
                          "granularity": "per_tensor"},
 }  # fmt: skip
+# The same three setups with the amortized implicit hypergradient (hg.AmortizedImplicit: CG
+# warm-started from the previous hyper-step's solution, 2 steps + 1 for the residual, on the
+# damped Gauss-Newton system; options chosen on validation seeds in benchmarks/amortized.py),
+# on the same schedule (a hyper-step every 10 SGD steps): what the hypergradient itself costs.
+AMORTIZED = {"method": "amortized", "solver": "cg", "solver_steps": 2,
+             "hessian": "gauss_newton", "damping": 0.01, "hypergrad_resample_every": 1}  # fmt: skip
+SETUPS.update({f"{name}-amortized": {**options, **AMORTIZED}
+               for name, options in list(SETUPS.items())})  # fmt: skip
 
 
 def make_config(setup: str, hyper_steps: int, data_dir: str | None) -> WeightDecayConfig:
@@ -493,7 +505,9 @@ def main(argv=None) -> int:
     repeats = args.repeats or (3 if args.quick else 5)
     warmup = 1
     console = Console(width=max(Console().width, 130))  # wide tables even in a pipe
-    setups = args.setups or [s for s in SETUPS if s == "digits" or mnist_available(args.data_dir)]
+    setups = args.setups or [
+        s for s in SETUPS if s.startswith("digits") or mnist_available(args.data_dir)
+    ]
     started = time.perf_counter()
     result = {"machine": machine_info(repeats=repeats), "hyper_steps": hyper_steps, "setups": {}}
     result["command"] = rerun_command("joint_training_cost.py", sys.argv[1:])
@@ -505,7 +519,8 @@ def main(argv=None) -> int:
         val_batch = config.val_batch_size or config.n_val
         description = (
             f"{setup} MLP {'-'.join(map(str, sizes))}, batch {config.batch_size}, "
-            f"validation batch {val_batch}, {config.granularity.replace('_', '-')} decay"
+            f"validation batch {val_batch}, {config.granularity.replace('_', '-')} decay, "
+            f"{config.method} hypergradient"
         )
         console.print(f"[bold]{description}[/bold]: {repeats} interleaved repeats ...")
         timing = time_setup(config, data, repeats, warmup)

@@ -305,7 +305,7 @@ def test_gauss_newton_nystrom_and_kept_batches_resume_bit_for_bit(tmp_path, sour
     def method():
         pre = hg.linalg.NystromPreconditioner(rank=4, refresh_every=3, source=source)
         return hg.AmortizedImplicit(
-            max_steps=2, hessian="gauss_newton", damping=0.1, preconditioner=pre
+            max_steps=2, tol=0.0, hessian="gauss_newton", damping=0.1, preconditioner=pre
         )
 
     whole = _mlp_trainer(method(), resample=3)
@@ -362,3 +362,30 @@ def test_krylov_recycling_costs_no_matvec_and_speeds_up_later_solves():
     assert fast.stats.num_steps < 0.6 * plain.stats.num_steps
     with pytest.raises(hg.HypergradientError, match="source"):
         hg.linalg.NystromPreconditioner(source="lanczos")
+
+
+def test_the_weight_decay_recipe_offers_the_amortized_method():
+    from hypergradient.recipes import weight_decay as recipe
+
+    config = recipe.WeightDecayConfig(
+        method="amortized", solver="cg", solver_steps=2, hessian="gauss_newton", damping=0.1,
+        hypergrad_resample_every=3, hyper_steps=4, n_train=120, n_val=60, val_sizes=[],
+    )  # fmt: skip
+    config.validate()
+    data = recipe.load_data(config)
+    trainer = recipe.build_trainer(config, data, config.n_val)
+    assert isinstance(trainer.method, hg.AmortizedImplicit)
+    assert trainer.method.hessian == "gauss_newton" and trainer.method.damping == 0.1
+    assert trainer.hypergrad_resample_every == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(4)
+    assert [r["solve_hvps"] for r in trainer.history] == [2, 3, 3, 3]
+    for bad, match in (
+        ({"solver": "exact"}, "solver"),
+        ({"hessian": "fisher"}, "hessian"),
+        ({"damping": -1.0}, "damping"),
+        ({"hypergrad_resample_every": 0}, "hypergrad_resample_every"),
+    ):
+        with pytest.raises(hg.HypergradientError, match=match):
+            recipe.WeightDecayConfig(method="amortized", **bad).validate()

@@ -194,6 +194,9 @@ BAD_VALUES = {
     "grid": "0.1,-1",
     "seed": "-1",
     "threads": "-2",
+    "damping": "-0.5",
+    "hessian": "fisher",
+    "hypergrad_resample_every": "0",
 }
 
 

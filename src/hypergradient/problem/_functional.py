@@ -31,18 +31,37 @@ def params_of(module: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
     return out
 
 
-def as_function(module: nn.Module) -> Callable[..., torch.Tensor]:
+_MODES = (None, "train", "eval")
+
+
+def as_function(module: nn.Module, mode: str | None = None) -> Callable[..., torch.Tensor]:
     """Return ``f(params, *inputs) = module(*inputs)`` evaluated with the weights ``params``.
 
     ``params`` must hold every trainable parameter of ``module`` (the keys of
     :func:`params_of`); a missing one raises :class:`~hypergradient.HypergradientError`
     naming it (and any key that names neither a parameter nor a buffer: a misspelt name),
     instead of silently using the module's own tensor, which no gradient would reach.
-    Buffers (e.g. BatchNorm statistics) and frozen parameters (``requires_grad=False``) are
-    taken from the module unless given.  The result is a pure
-    function of ``params`` that ``torch.autograd`` and ``torch.func`` transforms accept, so
-    ``inner_loss = lambda p, h: F.cross_entropy(f(p, x), y) + penalty(p, h)`` plugs a user's
-    model into :func:`hypergradient.implicit_hypergrad`.
+    Frozen parameters (``requires_grad=False``) are taken from the module unless given.
+    The result is a pure function of ``params`` that ``torch.autograd`` and ``torch.func``
+    transforms accept, so ``inner_loss = lambda p, h: F.cross_entropy(f(p, x), y) +
+    penalty(p, h)`` plugs a user's model into :func:`hypergradient.implicit_hypergrad`.
+
+    Buffers (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``) are
+    read from the module (or from ``params`` where given) but never written: every call
+    works on copies, so a hypergradient computation -- however many forward passes it makes
+    -- leaves the module exactly as it found it, and no validation example enters its
+    statistics.  Running statistics advance only where the user's own training step calls
+    the module itself.
+
+    Args:
+        module: the model.
+        mode: ``None`` (the module's current ``training`` flags), ``"train"`` (BatchNorm
+            normalises with the batch's statistics, dropout is active) or ``"eval"``
+            (BatchNorm uses the running statistics, no dropout), set for the duration of
+            each call and restored after it, submodule by submodule.
+
+    Cost: one forward of the module plus a copy of its buffers (small next to the
+    activations).
 
     Example::
 
@@ -58,6 +77,11 @@ def as_function(module: nn.Module) -> Callable[..., torch.Tensor]:
             f"hypergradient.as_function(module): expected an nn.Module, got "
             f"{type(module).__name__}."
         )
+    if mode not in _MODES:
+        raise HypergradientError(
+            f"hypergradient.as_function(mode={mode!r}): expected None (the module's own "
+            f"mode), 'train' or 'eval'."
+        )
 
     def call(params, *inputs, **kwargs):
         params = dict(params)
@@ -66,7 +90,20 @@ def as_function(module: nn.Module) -> Callable[..., torch.Tensor]:
         required = [k for k, v in module.named_parameters() if v.requires_grad]
         if any(k not in params for k in required):
             _raise_bad_keys(module, params, required)
-        return functional_call(module, params, inputs, kwargs)
+        # copies of every buffer: BatchNorm updates running statistics in place, on
+        # whatever tensor it is given
+        for name, buffer in module.named_buffers():
+            source = params.get(name, buffer)
+            params[name] = source.clone() if isinstance(source, torch.Tensor) else source
+        if mode is None:
+            return functional_call(module, params, inputs, kwargs)
+        flags = [(m, m.training) for m in module.modules()]
+        module.train(mode == "train")
+        try:
+            return functional_call(module, params, inputs, kwargs)
+        finally:
+            for m, training in flags:
+                m.training = training
 
     return call
 

@@ -22,6 +22,7 @@ to the same result as an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -159,6 +160,18 @@ class BilevelTrainer:
             :class:`~hypergradient.AmortizedImplicit`'s warm-started solve stay accurate on
             a few Hessian-vector products (a fresh batch moves the solution as much as a
             restart).  The inner training steps always see fresh batches.
+        val_mode: how the validation loss sees the model: ``"eval"`` (default: BatchNorm
+            with its running statistics, no dropout -- the model as it will be used) or
+            ``"train"`` (batch statistics, dropout on).  The training loss inside a
+            hypergradient always sees the model as a training step does (``"train"``).
+
+    Buffers and randomness: a hypergradient never writes to the model.  Its forward passes
+    work on copies of the buffers (:func:`~hypergradient.as_function`), so running statistics
+    advance only on the real training steps, exactly as in plain training, and no validation
+    example enters them; its dropout masks come from a generator seeded by ``seed`` and the
+    hyper-step, drawn once per forward pass (every Hessian-vector product of one solve reuses
+    that pass, hence its mask), and the global random state is restored afterwards, so the
+    training steps draw the same masks as plain training would.
 
     Cost per hyper-step: ``hyper_every`` ordinary training steps plus one hypergradient (see
     the method); memory: the model, one hyperparameter tensor per hyperparameter and the
@@ -186,6 +199,7 @@ class BilevelTrainer:
         divergence_factor: float | None = 1e3,
         threads: int | None = None,
         hypergrad_resample_every: int = 1,
+        val_mode: str = "eval",
     ):
         if not isinstance(model, nn.Module):
             raise HypergradientError(
@@ -250,7 +264,16 @@ class BilevelTrainer:
         threads_for(0, threads)  # validates it
         self.threads = threads
         self._hypergrad_info: dict[str, float] = {}
+        if val_mode not in ("eval", "train"):
+            raise HypergradientError(
+                f"{_WHERE}(val_mode={val_mode!r}): expected 'eval' (running statistics, no "
+                f"dropout) or 'train' (batch statistics, dropout on)."
+            )
+        self.val_mode = val_mode
+        self.seed = seed
         self.forward = as_function(model)
+        self._forward_train = as_function(model, mode="train")
+        self._forward_val = as_function(model, mode=val_mode)
         params = {k: v.detach() for k, v in model.named_parameters()}
         self.hparams = {
             k: v.detach().clone().requires_grad_(True) for k, v in hyper.init(params).items()
@@ -258,6 +281,11 @@ class BilevelTrainer:
         factory = hyper_optimizer or _default_hyper_optimizer
         self.hyper_optimizer = factory(list(self.hparams.values()))
         self.train_stream = BatchStream(train_loader, seed) if train_loader is not None else None
+        # the hypergradient's training batches come from a stream of their own, so the
+        # training steps see exactly the batches plain training would
+        self.hypergrad_train_stream = (
+            BatchStream(train_loader, seed + 2) if train_loader is not None else None
+        )
         self.val_stream = BatchStream(val_loader, seed + 1)
         # cold start resets to these; warm start never does, so it keeps no extra model copy
         self._initial_model = None if warm_start else copy.deepcopy(model.state_dict())
@@ -410,7 +438,7 @@ class BilevelTrainer:
         return lr, float(group.get("momentum", 0.0) or 0.0)
 
     def _gauss_newton_loss(self, train_batch) -> GaussNewtonLoss:
-        split = self.hyper.gauss_newton_loss(self.forward, train_batch, self.criterion)
+        split = self.hyper.gauss_newton_loss(self._forward_train, train_batch, self.criterion)
         if split is None:
             raise HypergradientError(
                 f"{_WHERE}(method=...(hessian='gauss_newton')): {type(self.hyper).__name__} "
@@ -425,6 +453,15 @@ class BilevelTrainer:
             )
         return split
 
+    @contextlib.contextmanager
+    def _hypergradient_rng(self):
+        """The hypergradient's own random stream (dropout masks), seeded by ``seed`` and the
+        hyper-step; the global state the training steps draw from is restored after."""
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed((self.seed * 1_000_003 + self.hyper_step) % 2**63)
+            yield
+
     def _hypergrad_data(self) -> tuple[Any, Any]:
         """The training and validation batch of this hyper-step's hypergradient: fresh ones,
         or the kept ones while they are younger than ``hypergrad_resample_every``."""
@@ -432,7 +469,8 @@ class BilevelTrainer:
         if kept is None or (
             self.hyper_step - self._hypergrad_batches_drawn_at >= self.hypergrad_resample_every
         ):
-            kept = (self._train_batch(), self.val_stream.next())
+            train = self.hypergrad_train_stream
+            kept = (train.next() if train is not None else None, self.val_stream.next())
             self._hypergrad_batches_drawn_at = self.hyper_step
             if self.hypergrad_resample_every > 1:  # kept only when reused
                 self._hypergrad_batches = kept
@@ -443,7 +481,8 @@ class BilevelTrainer:
         ones: see ``hypergrad_resample_every``); and the validation loss."""
         train_batch, val_batch = self._hypergrad_data()
         xv, yv = val_batch[0], val_batch[1]
-        forward, criterion, hyper = self.forward, self.criterion, self.hyper
+        forward, criterion, hyper = self._forward_train, self.criterion, self.hyper
+        forward_val = self._forward_val
 
         def inner_loss(p, h):
             return hyper.training_loss(forward, p, h, train_batch, criterion)
@@ -454,7 +493,7 @@ class BilevelTrainer:
         outer_values: list[float] = []
 
         val_mean = self._wrap(
-            lambda p, h: criterion(forward(p, xv), yv, reduction="none").mean(), val_batch
+            lambda p, h: criterion(forward_val(p, xv), yv, reduction="none").mean(), val_batch
         )
 
         def outer_loss(p, h):
@@ -484,7 +523,8 @@ class BilevelTrainer:
         else:
             self.reset_inner()
             train_loss = self.inner_steps(self.cold_start_steps)
-        grads, val_loss = self.hypergradient()
+        with self._hypergradient_rng():
+            grads, val_loss = self.hypergradient()
         self.hyper_optimizer.zero_grad(set_to_none=True)
         for k, v in self.hparams.items():
             v.grad = grads[k].to(v.dtype)
@@ -622,6 +662,7 @@ class BilevelTrainer:
             "hyper_every": self.hyper_every,
             "cold_start_steps": self.cold_start_steps,
             "hypergrad_resample_every": self.hypergrad_resample_every,
+            "val_mode": self.val_mode,
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -636,6 +677,9 @@ class BilevelTrainer:
             "history": json.dumps(self.history),
             "train_stream": self.train_stream.state_dict() if self.train_stream else None,
             "val_stream": self.val_stream.state_dict(),
+            "hypergrad_train_stream": (
+                self.hypergrad_train_stream.state_dict() if self.hypergrad_train_stream else None
+            ),
             "rng": torch.get_rng_state(),
             "method": self.method.state_dict(),
             "hypergrad_batches": None
@@ -671,6 +715,8 @@ class BilevelTrainer:
         if self.train_stream is not None and state["train_stream"] is not None:
             self.train_stream.load_state_dict(state["train_stream"])
         self.val_stream.load_state_dict(state["val_stream"])
+        if self.hypergrad_train_stream is not None and state.get("hypergrad_train_stream"):
+            self.hypergrad_train_stream.load_state_dict(state["hypergrad_train_stream"])
         torch.set_rng_state(state["rng"])
         self.method.load_state_dict(state.get("method", {}))
         kept = state.get("hypergrad_batches")
