@@ -97,3 +97,23 @@ def check_same_structure(where: str, name: str, got: Mapping, like: Mapping, lik
                 f"`{like_name}[{k!r}]` has dtype {like[k].dtype}; use one dtype for both "
                 f"(e.g. call `.double()` on both)."
             )
+
+
+# What torch says when a torch.compile'd graph is differentiated twice (AOTAutograd's
+# backward is compiled for first derivatives only).
+_COMPILED_DOUBLE_BACKWARD = ("donated buffer", "double backward", "create_graph=False")
+
+
+def reraise_compiled_double_backward(where: str, err: RuntimeError) -> None:
+    """Raise one :class:`HypergradientError` if ``err`` is torch refusing to differentiate a
+    compiled graph twice; return (the caller re-raises ``err``) otherwise."""
+    text = str(err)
+    if not any(marker in text for marker in _COMPILED_DOUBLE_BACKWARD):
+        return
+    raise HypergradientError(
+        f"{where}: the loss runs through a torch.compile'd graph, whose backward cannot be "
+        f"differentiated again (Hessian-vector products and unrolled derivatives need that). "
+        f"Pass the uncompiled function, or for a compiled nn.Module use "
+        f"hg.as_function(compiled_model), which calls the original module eagerly "
+        f"(BilevelTrainer does this itself: its training steps still run compiled)."
+    ) from None

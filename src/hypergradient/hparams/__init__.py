@@ -4,6 +4,7 @@ from ._base import AbstractHyperparameter as AbstractHyperparameter
 from ._base import SplitTrainingLoss as SplitTrainingLoss
 from ._base import per_example_loss as per_example_loss
 from .augment import AugmentationNet as AugmentationNet
+from .combined import Combined as Combined
 from .distill import DistilledData as DistilledData
 from .distill import evaluate_distilled as evaluate_distilled
 from .distill import fresh_params as fresh_params
@@ -20,6 +21,7 @@ from .weight_decay import max_stable_decay as max_stable_decay
 __all__ = [
     "AbstractHyperparameter",
     "AugmentationNet",
+    "Combined",
     "DistilledData",
     "ExampleWeights",
     "IndexedBatches",

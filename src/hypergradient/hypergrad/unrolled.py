@@ -36,7 +36,12 @@ import torch
 from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
-from .._errors import HypergradientError, check_scalar_loss, check_tree
+from .._errors import (
+    HypergradientError,
+    check_scalar_loss,
+    check_tree,
+    reraise_compiled_double_backward,
+)
 from .._tree import tree_detach, tree_size, tree_unflatten_vector
 from ._checks import (
     check_callable,
@@ -309,10 +314,19 @@ def _reverse(run: _Unroll, w, buf):
             loss = run.inner_loss(w, hp)
             if t == run.start:
                 run.check_inner(loss)
-            g = dict(zip(keys, torch.autograd.grad(loss, list(w.values()), create_graph=True)))
+            try:
+                grads = torch.autograd.grad(loss, list(w.values()), create_graph=True)
+            except RuntimeError as err:
+                reraise_compiled_double_backward(_WHERE, err)
+                raise
+            g = dict(zip(keys, grads))
             w, buf = run.step(w, buf, g, hp, t)
         value = run.check_outer(run.outer_loss(w, hp))
-        grads = torch.autograd.grad(value, list(hp.values()), allow_unused=True)
+        try:
+            grads = torch.autograd.grad(value, list(hp.values()), allow_unused=True)
+        except RuntimeError as err:
+            reraise_compiled_double_backward(_WHERE, err)
+            raise
     unused = [k for k, g in zip(hp, grads) if g is None]
     if unused:
         raise ignored_hparam_error(_WHERE, unused, implicit=False)

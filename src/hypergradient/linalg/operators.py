@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .._errors import HypergradientError, check_scalar_loss
+from .._errors import HypergradientError, check_scalar_loss, reraise_compiled_double_backward
 from .._tree import Tree
 
 Params = Mapping[str, torch.Tensor]
@@ -109,7 +109,11 @@ class HessianOperator(_GraphOperator):
         with torch.enable_grad():
             value = check_scalar_loss(where, "inner_loss", loss(self.w, self.hp))
             self.loss_value = value.detach()
-            self.grads = torch.autograd.grad(value, self._w_list, create_graph=True)
+            try:
+                self.grads = torch.autograd.grad(value, self._w_list, create_graph=True)
+            except RuntimeError as err:
+                reraise_compiled_double_backward(where, err)
+                raise
 
     def gradient(self) -> dict[str, torch.Tensor]:
         """``\\nabla_w L`` at the operator's point (detached)."""

@@ -12,8 +12,19 @@ from torch.func import functional_call
 from .._errors import HypergradientError
 
 
+def uncompiled(module: nn.Module) -> nn.Module:
+    """The original module of a ``torch.compile``'d one (the module itself otherwise).
+
+    Its parameters are the compiled module's own tensors, named without the
+    ``_orig_mod.`` prefix.  Functional calls go to it: a compiled graph's backward cannot be
+    differentiated again, and hypergradients need second derivatives."""
+    inner = getattr(module, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else module
+
+
 def params_of(module: nn.Module, *, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Detached copies of ``module``'s trainable parameters, keyed by their names.
+    """Detached copies of ``module``'s trainable parameters, keyed by their names (those of
+    the original module for a ``torch.compile``'d one).
 
     Example::
 
@@ -25,6 +36,7 @@ def params_of(module: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
         raise HypergradientError(
             f"hypergradient.params_of(module): expected an nn.Module, got {type(module).__name__}."
         )
+    module = uncompiled(module)
     out = {k: v.detach().clone() for k, v in module.named_parameters() if v.requires_grad}
     if dtype is not None:
         out = {k: v.to(dtype) for k, v in out.items()}
@@ -60,6 +72,10 @@ def as_function(module: nn.Module, mode: str | None = None) -> Callable[..., tor
             (BatchNorm uses the running statistics, no dropout), set for the duration of
             each call and restored after it, submodule by submodule.
 
+    A ``torch.compile``'d module is called through its original module, eagerly (its
+    parameters named without ``_orig_mod.``): the backward of a compiled graph cannot be
+    differentiated again, and hypergradients need second derivatives.
+
     Cost: one forward of the module plus a copy of its buffers (small next to the
     activations).
 
@@ -82,6 +98,7 @@ def as_function(module: nn.Module, mode: str | None = None) -> Callable[..., tor
             f"hypergradient.as_function(mode={mode!r}): expected None (the module's own "
             f"mode), 'train' or 'eval'."
         )
+    module = uncompiled(module)
 
     def call(params, *inputs, **kwargs):
         params = dict(params)

@@ -43,6 +43,7 @@ from ..hparams._base import AbstractHyperparameter
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit
 from ..linalg.operators import GaussNewtonLoss
 from ..problem import as_function
+from ..problem._functional import uncompiled
 
 _WHERE = "hypergradient.BilevelTrainer"
 
@@ -165,6 +166,13 @@ class BilevelTrainer:
             ``"train"`` (batch statistics, dropout on).  The training loss inside a
             hypergradient always sees the model as a training step does (``"train"``).
 
+    Mixed precision: ``autocast=torch.bfloat16`` (CPU or GPU) or ``torch.float16`` runs the
+    training steps' forward passes under :func:`torch.autocast` on the model's device (float16
+    with a :class:`torch.amp.GradScaler`, unscaled before the penalty's closed-form gradient is
+    added).  Hypergradients are computed in the model's own dtype, outside autocast: their
+    Hessian-vector products and linear solves need more than bfloat16's 8 bits of mantissa.
+    Their accuracy against a float32 run is measured in ``tests/test_autocast.py``.
+
     Buffers and randomness: a hypergradient never writes to the model.  Its forward passes
     work on copies of the buffers (:func:`~hypergradient.as_function`), so running statistics
     advance only on the real training steps, exactly as in plain training, and no validation
@@ -200,6 +208,7 @@ class BilevelTrainer:
         threads: int | None = None,
         hypergrad_resample_every: int = 1,
         val_mode: str = "eval",
+        autocast: torch.dtype | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise HypergradientError(
@@ -236,6 +245,9 @@ class BilevelTrainer:
                 f"{type(method).__name__}."
             )
         self.model = model
+        # a torch.compile'd model trains compiled; names, state and every functional call
+        # (hypergradients differentiate twice, which compiled graphs cannot) use the original
+        self._module = uncompiled(model)
         self.hyper = hyper
         self.optimizer = optimizer
         self.method = method
@@ -271,10 +283,20 @@ class BilevelTrainer:
             )
         self.val_mode = val_mode
         self.seed = seed
+        if autocast not in (None, torch.bfloat16, torch.float16):
+            raise HypergradientError(
+                f"{_WHERE}(autocast={autocast!r}): expected None, torch.bfloat16 or torch.float16."
+            )
+        self.autocast = autocast
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        self._device_type = device.type
+        self._scaler = (
+            torch.amp.GradScaler(self._device_type) if autocast is torch.float16 else None
+        )
         self.forward = as_function(model)
         self._forward_train = as_function(model, mode="train")
         self._forward_val = as_function(model, mode=val_mode)
-        params = {k: v.detach() for k, v in model.named_parameters()}
+        params = {k: v.detach() for k, v in self._module.named_parameters()}
         self.hparams = {
             k: v.detach().clone().requires_grad_(True) for k, v in hyper.init(params).items()
         }
@@ -326,7 +348,7 @@ class BilevelTrainer:
         """
         hp = self._detached_hparams()
         split = self.hyper.split_training_loss(hp)
-        params = dict(self.model.named_parameters())
+        params = dict(self._module.named_parameters())
 
         def forward(p, x):
             # the model's own parameters: call it directly (functional_call would swap them in)
@@ -336,26 +358,35 @@ class BilevelTrainer:
         limit = self._divergence_limit()
         recent: list[float] = []
         self.model.train()
+        scaler = self._scaler
         for i in range(steps):
             batch = self._train_batch()
             self.optimizer.zero_grad(set_to_none=True)
-            if split is None:
-                loss = self._wrap(
-                    lambda p, h, b=batch: self.hyper.training_loss(
-                        forward, p, h, b, self.criterion
-                    ),
-                    batch,
-                )(params, hp)
-                loss.backward()
-            else:
-                loss = self._wrap(
-                    lambda p, h, b=batch: split.data_loss(forward, p, b, self.criterion), batch
-                )(params, {})
-                loss.backward()
+            with self._autocast():
+                if split is None:
+                    loss = self._wrap(
+                        lambda p, h, b=batch: self.hyper.training_loss(
+                            forward, p, h, b, self.criterion
+                        ),
+                        batch,
+                    )(params, hp)
+                else:
+                    loss = self._wrap(
+                        lambda p, h, b=batch: split.data_loss(forward, p, b, self.criterion),
+                        batch,
+                    )(params, {})
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if split is not None:
+                if scaler is not None:
+                    scaler.unscale_(self.optimizer)  # the penalty's gradient is unscaled
                 split.add_penalty_gradient(params)
                 if i == steps - 1:  # log the same training loss as the unsplit path
                     loss = loss + split.penalty(params)
-            self.optimizer.step()
+            if scaler is None:
+                self.optimizer.step()
+            else:
+                scaler.step(self.optimizer)
+                scaler.update()
             self.inner_step += 1
             loss_value = float(loss.detach())
             recent = [*recent[-4:], loss_value]
@@ -453,6 +484,11 @@ class BilevelTrainer:
             )
         return split
 
+    def _autocast(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self._device_type, dtype=self.autocast)
+
     @contextlib.contextmanager
     def _hypergradient_rng(self):
         """The hypergradient's own random stream (dropout masks), seeded by ``seed`` and the
@@ -503,7 +539,7 @@ class BilevelTrainer:
 
         if not isinstance(inner_loss, GaussNewtonLoss):
             inner_loss = self._wrap(inner_loss, train_batch)
-        params = {k: v.detach() for k, v in self.model.named_parameters()}
+        params = {k: v.detach() for k, v in self._module.named_parameters()}
         lr, momentum = self._optimizer_lr_momentum()
         grads, self._hypergrad_info = self.method.hypergrad_and_info(
             inner_loss, outer_loss, params, self._detached_hparams(), lr=lr, momentum=momentum
@@ -652,7 +688,7 @@ class BilevelTrainer:
 
         return {
             "trainer": "BilevelTrainer",
-            "model": shapes(self.model.state_dict().items()),
+            "model": shapes(self._module.state_dict().items()),
             "hparams": shapes(self.hparams.items()),
             "hyper": type(self.hyper).__name__,
             "optimizer": type(self.optimizer).__name__,
@@ -663,11 +699,12 @@ class BilevelTrainer:
             "cold_start_steps": self.cold_start_steps,
             "hypergrad_resample_every": self.hypergrad_resample_every,
             "val_mode": self.val_mode,
+            "autocast": None if self.autocast is None else str(self.autocast),
         }
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.model.state_dict(),
+            "model": self._module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "hparams": self._detached_hparams(),
             "hyper_optimizer": self.hyper_optimizer.state_dict(),
@@ -686,6 +723,7 @@ class BilevelTrainer:
             if self._hypergrad_batches is None
             else [list(b) if isinstance(b, (tuple, list)) else b for b in self._hypergrad_batches],
             "hypergrad_batches_drawn_at": self._hypergrad_batches_drawn_at,
+            "grad_scaler": None if self._scaler is None else self._scaler.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -697,7 +735,7 @@ class BilevelTrainer:
                     f"{sorted(self.hparams)} (different recipe or config?)."
                 )
         try:
-            self.model.load_state_dict(state["model"])
+            self._module.load_state_dict(state["model"])
         except RuntimeError as err:  # shapes or names: say so in one line
             raise HypergradientError(
                 f"{_WHERE}.load_state_dict: the checkpoint's model does not fit this model "
@@ -722,6 +760,8 @@ class BilevelTrainer:
         kept = state.get("hypergrad_batches")
         self._hypergrad_batches = None if kept is None else (kept[0], kept[1])
         self._hypergrad_batches_drawn_at = int(state.get("hypergrad_batches_drawn_at", 0))
+        if self._scaler is not None and state.get("grad_scaler"):
+            self._scaler.load_state_dict(state["grad_scaler"])
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         """Write the state and :meth:`signature` to ``path`` atomically (a kill mid-write
