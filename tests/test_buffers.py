@@ -104,7 +104,7 @@ def test_hyper_training_with_a_frozen_hyperparameter_is_plain_training_bit_for_b
     trainer = hg.BilevelTrainer(
         net, decay, train, val, torch.optim.SGD(net.parameters(), lr=0.1),
         hyper_optimizer=lambda hp: torch.optim.Adam(hp, lr=0.0), method=method,
-        hyper_every=2, seed=5,
+        hyper_every=2, seed=5, threads=torch.get_num_threads(),  # plain's count, for bitwise
     )  # fmt: skip
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
