@@ -334,7 +334,8 @@ def main(argv=None) -> int:
         "machine": machine_info(device=str(device)),
         "command": rerun_command("resnet_fashion.py", sys.argv[1:] if argv is None else argv),
         "data": data_source(args.data_dir),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # the output folder is left out: a result names no folder of the machine it ran on
+        "args": {k: v for k, v in vars(args).items() if k != "out"},
         "num_weights": sum(p.numel() for p in resnet(args.blocks, args.width).parameters()),
         "runs": [],
     }
