@@ -258,8 +258,12 @@ class WeightDecayConfig:
         check_choice("granularity", self.granularity, ("global", "per_tensor", "per_weight"))
         check_choice("method", self.method, ("implicit", "amortized", "unrolled"))
         check_choice("solver", self.solver, _SOLVERS)
+        if self.method == "amortized" and self.solver not in ("cg", "minres", "neumann"):
+            raise HypergradientError(
+                f"option 'solver': method=amortized warm-starts an iterative solve, so it "
+                f"needs cg, minres or neumann, got {self.solver!r}; e.g. --set solver=cg."
+            )
         if self.method == "amortized":
-            check_choice("solver", self.solver, ("cg", "minres", "neumann"))
             check_positive_int("solver_steps", self.solver_steps)
         check_choice("hessian", self.hessian, ("exact", "gauss_newton"))
         check_positive_int("hypergrad_resample_every", self.hypergrad_resample_every)
