@@ -30,6 +30,16 @@ def test_the_resnet_has_the_depth_and_size_of_its_name():
     assert sum(p.numel() for p in net.parameters()) == 272_186
 
 
+def test_both_arms_share_a_cosine_staircase_that_ends_at_zero():
+    args = resnet_fashion.parse_args(["--steps", "400", "--hyper-every", "20", "--lr", "0.05"])
+    blocks = 400 // 20
+    rates = [resnet_fashion.lr_at(args, b) for b in range(blocks + 1)]
+    assert rates[0] == pytest.approx(0.05)
+    assert rates[blocks // 2] == pytest.approx(0.025)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-15)
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
 @pytest.mark.skipif(FASHION is None, reason=skip_reason("fashion-mnist"))
 def test_the_quick_run_writes_its_table_json_and_plot(tmp_path):
     env = {**os.environ, "HYPERGRADIENT_DATA": str(FASHION)}
@@ -43,5 +53,9 @@ def test_the_quick_run_writes_its_table_json_and_plot(tmp_path):
     (run,) = result["runs"]
     assert 0 < run["tuned_test_acc"] <= 1 and 0 < run["grid_test_acc"] <= 1
     assert run["grid_best"] in run["grid"]
+    # the hypergradient arm's settings come from the selection seeds, not the report seeds
+    selection = result["selection"]
+    assert selection["chosen"] in selection["candidates"]
+    assert not set(result["args"]["selection_seeds"]) & set(result["args"]["seeds"])
     assert (tmp_path / "resnet_fashion_quick.png").stat().st_size > 0
     assert "per-layer decay + augmentation" in (tmp_path / "resnet_fashion_quick.md").read_text()
