@@ -7,7 +7,7 @@ error below 1e-4 of the hypergradient against the exact one (dense Hessian solve
 
 * plain CG;
 * Jacobi-PCG: the exact Hessian diagonal (closed form) as ``diagonal_preconditioner``;
-* K-FAC-PCG: ``hg.kfac.KFACPreconditioner`` with the factors of the model at the inner
+* K-FAC-PCG: ``hg.optimizers.kfac.KFACPreconditioner`` with the factors of the model at the inner
   optimum (``curvature_factors``, exact Fisher), Tikhonov damping = the mean penalty
   coefficient (the isotropic part of the penalty; no tuning), ``damping_mode="tikhonov"``
   and, for comparison, the paper's ``"factored"`` damping with the same value.
@@ -23,7 +23,7 @@ Three instances:
 
 Then the Lorraine et al. (2020) comparison of inverse-Hessian approximations at equal
 numbers of Hessian-vector products: identity, Neumann, CG, the K-FAC inverse alone
-(``hg.kfac.KFACSolver``: zero products) and K-FAC-PCG.
+(``hg.optimizers.kfac.KFACSolver``: zero products) and K-FAC-PCG.
 
 Timings: median of interleaved repeats in one process, 1 thread.  Run from the repository
 root::
@@ -224,16 +224,16 @@ def digits_twin(standardize: bool = False) -> Twin:
 # ======================================================================================
 
 
-def kfac_preconditioner(twin: Twin, mode: str) -> hg.kfac.KFACPreconditioner:
+def kfac_preconditioner(twin: Twin, mode: str) -> hg.optimizers.kfac.KFACPreconditioner:
     """Factors of ``softmax(X W + b)`` at the inner optimum, by hooks on an nn.Linear."""
     W, b = twin.params["W"], twin.params["b"]
     net = torch.nn.Linear(*W.shape, dtype=W.dtype, device=W.device)
     with torch.no_grad():
         net.weight.copy_(W.T)
         net.bias.copy_(b)
-    block = hg.kfac.curvature_factors(net, twin.X, fisher="exact")[""]
-    return hg.kfac.KFACPreconditioner(
-        [hg.kfac.KroneckerBlock(block.A, block.G, "W", "b", weight_layout="in_out")],
+    block = hg.optimizers.kfac.curvature_factors(net, twin.X, fisher="exact")[""]
+    return hg.optimizers.kfac.KFACPreconditioner(
+        [hg.optimizers.kfac.KroneckerBlock(block.A, block.G, "W", "b", weight_layout="in_out")],
         damping=float(twin.hparams["log_l2"].exp().mean()),
         damping_mode=mode,
     )
@@ -360,7 +360,7 @@ def run_twin(twin: Twin, repeats: int, limit: int) -> dict:
         )
 
     record("identity (T1-T2)", 0, solver="identity")
-    record("K-FAC inverse (KFACSolver)", 0, solver=hg.kfac.KFACSolver(kfac))
+    record("K-FAC inverse (KFACSolver)", 0, solver=hg.optimizers.kfac.KFACSolver(kfac))
     for k in BUDGETS[1:]:
         # alpha = 1/lambda_max from 20 power iterations (counted in the HVPs column)
         record("Neumann", k, solver="neumann", max_steps=k)

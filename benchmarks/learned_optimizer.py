@@ -57,7 +57,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from hypergradient import learned
 from _common import machine_info
-from hypergradient.learned.meta_train import smoothed
+from hypergradient.learned.meta_training import smoothed
 from hypergradient.recipes.learned_opt import weighted_cycle as recipe_cycle
 
 HERE = Path(__file__).resolve()

@@ -151,7 +151,7 @@ def kfac_factors(dp: hgd.DataParallel) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         net.weight.copy_(params["W"])
         net.bias.copy_(params["b"])
-    block = hg.kfac.curvature_factors(net, x)[""]
+    block = hg.optimizers.kfac.curvature_factors(net, x)[""]
     return dp.average({"A": block.A, "G": block.G}, count=len(x))
 
 

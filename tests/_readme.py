@@ -1,5 +1,5 @@
-"""The README's ```python blocks, each run as a reader runs one: pasted alone into a fresh
-interpreter.
+"""The ```python blocks of README.md and of the documentation site's pages (``docs/**/*.md``),
+each run as a reader runs one: pasted alone into a fresh interpreter.
 
 ``example(marker, **readouts)`` names the one block that contains ``marker`` and the values a
 test wants from it: Python expressions, evaluated in the block's namespace after it ran and
@@ -50,6 +50,14 @@ else:  # pragma: no cover - Python 3.10
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+
+def pages() -> list[Path]:
+    """README.md, then every page of the site, in a fixed order."""
+    return [README, *sorted(DOCS.rglob("*.md"))]
+
+
 TIMEOUT_S = 600
 
 # What a block reads from the data folder, by the calls that read it.
@@ -59,13 +67,13 @@ _DATA_CALLS = {
     "omniglot": re.compile(r"omniglot_tasks\(|omniglot_one_shot_runs\(|load_omniglot"),
 }
 
-# Runs the block (line numbers as in README.md), then the test's extra code, and writes the
+# Runs the block (line numbers as in its page), then the test's extra code, and writes the
 # readouts as JSON.  Only ``json`` and ``sys`` are imported before the block.
 _DRIVER = r"""
 import json, sys
-source, first_line, out, readouts, epilogue = sys.argv[1:]
+source, page, first_line, out, readouts, epilogue = sys.argv[1:]
 namespace = {"__name__": "__main__"}
-exec(compile("\n" * (int(first_line) - 1) + open(source).read(), "README.md", "exec"), namespace)
+exec(compile("\n" * (int(first_line) - 1) + open(source).read(), page, "exec"), namespace)
 if epilogue:
     exec(compile(epilogue, "<test's epilogue>", "exec"), namespace)
 
@@ -90,25 +98,37 @@ with open(out, "w") as f:
 
 @dataclass(frozen=True)
 class Block:
-    """One ```python block of README.md: its first code line's number and its code."""
+    """One ```python block: its page (relative to the repository), first code line's number
+    and code."""
 
     line: int
     code: str
+    page: str = "README.md"
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
 
 
-def blocks() -> list[Block]:
-    """Every ```python block of README.md, in order."""
-    text = README.read_text()
-    return [
-        Block(text.count("\n", 0, m.start(1)) + 1, m.group(1))
-        for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
-    ]
+def blocks(page: str | None = None) -> list[Block]:
+    """Every ```python block of README.md and the site's pages (or of ``page`` alone)."""
+    found = []
+    for path in pages():
+        name = path.relative_to(ROOT).as_posix()
+        if page is not None and name != page:
+            continue
+        text = path.read_text()
+        found += [
+            Block(text.count("\n", 0, m.start(1)) + 1, m.group(1), name)
+            for m in re.finditer(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+        ]
+    return found
 
 
 def find_block(marker: str) -> Block:
-    """The one block that contains ``marker``."""
+    """The one block (README.md or the site) that contains ``marker``."""
     found = [b for b in blocks() if marker in b.code]
-    assert len(found) == 1, f"{len(found)} README.md python blocks contain {marker!r}"
+    assert len(found) == 1, f"{len(found)} python blocks of the README and docs contain {marker!r}"
     return found[0]
 
 
@@ -132,7 +152,7 @@ class Run:
     def check(self) -> Run:
         """This run, asserted to have exited with 0 (else the block's stderr tail)."""
         assert self.returncode == 0, (
-            f"README.md block at line {self.block.line} exited with {self.returncode} in a "
+            f"{self.block.page} block at line {self.block.line} exited with {self.returncode} in a "
             f"fresh interpreter:\n{self.stderr[-4000:]}"
         )
         return self
@@ -163,11 +183,13 @@ class _Job:
             self.done.set()
 
     def execute(self) -> Run:
-        cwd = Path(tempfile.mkdtemp(prefix=f"line{self.block.line}-", dir=_session_dir()))
+        prefix = f"{self.block.page.replace('/', '_')}-{self.block.line}-"
+        cwd = Path(tempfile.mkdtemp(prefix=prefix, dir=_session_dir()))
         source, out = cwd.parent / f"{cwd.name}.py", cwd.parent / f"{cwd.name}.json"
         source.write_text(self.block.code)
         warnings = [f"-W{w}" for w in _warning_filters()]
-        argv = [sys.executable, *warnings, "-c", _DRIVER, str(source), str(self.block.line),
+        argv = [sys.executable, *warnings, "-c", _DRIVER, str(source), self.block.page,
+                str(self.block.line),
                 str(out), json.dumps(self.readouts), "\n".join(self.epilogues)]  # fmt: skip
         start = time.perf_counter()
         proc = subprocess.Popen(
@@ -189,14 +211,14 @@ class _Job:
 
 
 class Example:
-    """A test's handle on one README block (see the module docstring)."""
+    """A test's handle on one block (see the module docstring)."""
 
     def __init__(self, block: Block, readouts: dict[str, str], epilogue: str | None):
         self.block = block
         self.readouts = readouts
-        job = _JOBS.get(block.line)
+        job = _JOBS.get(block.where)
         if job is None or job.block != block:
-            job = _JOBS[block.line] = _Job(block)
+            job = _JOBS[block.where] = _Job(block)
         for name, expr in readouts.items():
             assert job.readouts.setdefault(name, expr) == expr, f"readout {name!r} asked twice"
         if epilogue and epilogue not in job.epilogues:
@@ -231,8 +253,9 @@ class Example:
 
 
 def example(marker: str, *, epilogue: str | None = None, **readouts: str) -> Example:
-    """The README block containing ``marker``; ``readouts`` are ``name=expression`` pairs
-    evaluated after the block (and after ``epilogue``, test-only code run in its namespace)."""
+    """The block (README.md or the site) containing ``marker``; ``readouts`` are
+    ``name=expression`` pairs evaluated after the block (and after ``epilogue``, test-only
+    code run in its namespace)."""
     return Example(find_block(marker), readouts, epilogue)
 
 
@@ -260,7 +283,7 @@ def select(items) -> None:
 
 _LOCK = threading.Lock()
 _WAKE = threading.Condition(_LOCK)
-_JOBS: dict[int, _Job] = {}
+_JOBS: dict[str, _Job] = {}
 _QUEUE: list[_Job] = []
 _RUNNING: set[subprocess.Popen] = set()
 _STATE: dict[str, object] = {}

@@ -110,7 +110,7 @@ def test_trainer_hypergradient_on_device(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", ["sgd", "adam", "rmsprop", "adagrad"])
 def test_functional_optimizer_step_on_device(device, name):
-    info = hg.optim.OPTIMIZERS[name]
+    info = hg.diffopt.OPTIMIZERS[name]
     config = info.configs[-1]
     updated = []
     for where in ("cpu", device):
@@ -121,7 +121,7 @@ def test_functional_optimizer_step_on_device(device, name):
         state = tx.init(params)
         for _ in range(3):
             updates, state = tx.update(grads, state, params)
-            params = hg.optim.apply_updates(params, updates)
+            params = hg.diffopt.apply_updates(params, updates)
         updated.append(params)
     _assert_on(updated[1], device)
     _close_to_cpu(updated[1], updated[0])

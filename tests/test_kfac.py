@@ -27,7 +27,7 @@ from torch.func import functional_call, jacrev
 
 import hypergradient as hg
 from hypergradient import HypergradientError
-from hypergradient.kfac import (
+from hypergradient.optimizers.kfac import (
     KFAC,
     KFACPreconditioner,
     KFACSolver,
@@ -584,7 +584,7 @@ def test_preconditioner_errors():
         KFACPreconditioner([blk], 0.1, passthrough=0)
     with pytest.raises(HypergradientError, match="`blocks` is empty"):
         KFACPreconditioner([], 0.1)
-    with pytest.raises(HypergradientError, match="must be a hypergradient.kfac.KroneckerBlock"):
+    with pytest.raises(HypergradientError, match="must be a hypergradient.optimizers.kfac.Kron"):
         KFACPreconditioner([torch.eye(2)], 0.1)
     with pytest.raises(HypergradientError, match=r"`A` must be a non-empty square matrix"):
         KroneckerBlock(torch.ones(2, 3), torch.eye(2), "w")

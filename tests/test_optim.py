@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hypergradient._errors import HypergradientError
-from hypergradient.optim import (
+from hypergradient.diffopt import (
     OPTIMIZERS,
     AdamState,
     GradientTransformation,

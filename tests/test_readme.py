@@ -20,7 +20,8 @@ LOOP = _readme.example(
 
 
 def test_readme_python_example_runs():
-    assert _readme.blocks()[0] == CORE.block, "README.md should start with the core example"
+    first = _readme.blocks("README.md")[0]
+    assert first == CORE.block, "README.md should start with the core example"
     run = CORE.run()
     assert run.values["shape"] == [10, 64]
     assert run.values["finite"]

@@ -1,4 +1,5 @@
-"""Every ```python block of README.md runs when pasted alone into a fresh interpreter.
+"""Every ```python block of README.md and of the site (``docs/``) runs when pasted alone into
+a fresh interpreter.
 
 Each block runs in its own ``python`` subprocess (``tests/_readme.py``): an empty working
 directory, ``HYPERGRADIENT_DATA`` passed through, warnings as errors, a timeout.  Nothing
@@ -12,7 +13,7 @@ import pytest
 import _readme
 
 BLOCKS = _readme.blocks()
-EXAMPLES = {block.line: _readme.Example(block, {}, None) for block in BLOCKS}
+EXAMPLES = {block.where: _readme.Example(block, {}, None) for block in BLOCKS}
 
 
 def test_the_readme_has_its_python_examples():
@@ -20,9 +21,9 @@ def test_the_readme_has_its_python_examples():
     assert all(block.code.strip() for block in BLOCKS)
 
 
-@pytest.mark.parametrize("line", sorted(EXAMPLES), ids=lambda line: f"README.md:{line}")
-def test_readme_block_runs_alone_in_a_fresh_interpreter(line):
-    EXAMPLES[line].run()  # asserts exit code 0, showing the block's stderr otherwise
+@pytest.mark.parametrize("where", sorted(EXAMPLES))
+def test_readme_block_runs_alone_in_a_fresh_interpreter(where):
+    EXAMPLES[where].run()  # asserts exit code 0, showing the block's stderr otherwise
 
 
 def test_blocks_that_read_dataset_files_are_recognised():

@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import _readme
-from hypergradient import HypergradientError, towers
-from hypergradient.optim import alias
+from hypergradient import HypergradientError
+from hypergradient.diffopt import alias
+from hypergradient.optimizers import towers
 
 
 def regression(seed: int = 0, dead_feature: bool = True):
@@ -474,7 +475,7 @@ def test_a_param_group_added_later_is_tuned_too():
 
 
 README_EXAMPLE = _readme.example(
-    "from hypergradient import towers",
+    "from hypergradient.optimizers import towers",
     levels="[type(level).__name__ for level in opt.levels]",
     lr="opt.param_groups[0]['lr']",
 )

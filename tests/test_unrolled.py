@@ -206,3 +206,22 @@ def test_error_forward_mode_with_many_hyperparameters():
         hg.unrolled_hypergrad(
             never, never, {"w": torch.zeros(20_000)}, hp, steps=5, lr=0.1, mode="forward"
         )
+
+
+def test_every_mode_returns_the_hypergradient_in_the_problem_dtype():
+    # vmap over jvp returned float64 tangents for a float32 problem (found by a docstring
+    # example): each mode must hand back the dtype it was given, with the same values
+    inner = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()  # noqa: E731
+    outer = lambda p, h: 0.5 * (p["w"] ** 2).sum()  # noqa: E731
+    params = {"w": torch.zeros(2, dtype=torch.float32)}
+    hparams = {"lam": torch.tensor([1.0, 2.0], dtype=torch.float32)}
+    grads = {
+        mode: hg.unrolled_hypergrad(inner, outer, params, hparams, steps=3, lr=0.5, mode=mode)
+        for mode in ("reverse", "forward")
+    }
+    for g in grads.values():
+        assert g["lam"].dtype == torch.float32
+    # w_3 = (1 - 0.5^3) lam = 0.875 lam, so dE/dlam = 0.875^2 lam
+    expected = 0.875**2 * hparams["lam"]
+    for g in grads.values():
+        torch.testing.assert_close(g["lam"], expected, rtol=1e-6, atol=1e-7)

@@ -10,28 +10,26 @@ respect to ``hparams`` through the solution ``params`` of a training problem
   truncated, and exact reversal: :func:`reversible_hypergrad`).
 
 Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
-:mod:`hypergradient.optim` (differentiable optimizers), :mod:`hypergradient.testing`
+:mod:`hypergradient.diffopt` (differentiable optimizers), :mod:`hypergradient.testing`
 (problems with exact hypergradients).
 """
 
 from . import data as data
 from . import deq as deq
+from . import diffopt as diffopt
 from . import distributed as distributed
 from . import estimators as estimators
 from . import hparams as hparams
-from . import kfac as kfac
 from . import label_noise as label_noise
 from . import learned as learned
 from . import linalg as linalg
 from . import meta as meta
-from . import optim as optim
 from . import optimizers as optimizers
 from . import pretrain as pretrain
 from . import search as search
 from . import sigmoid_units as sigmoid_units
 from . import stochastic as stochastic
 from . import testing as testing
-from . import towers as towers
 from ._errors import ConvergenceError as ConvergenceError
 from ._errors import HypergradientError as HypergradientError
 from ._results import Result as Result
@@ -57,6 +55,19 @@ from .train import BilevelTrainer as BilevelTrainer
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """``hg.optim``, ``hg.kfac``, ``hg.towers``: the old paths of moved packages, imported on
+    first use with a :class:`DeprecationWarning` naming the new one (``_deprecation.py``)."""
+    from ._deprecation import MOVED
+
+    if name in MOVED:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "AmortizationResetWarning",
     "AmortizedImplicit",
@@ -77,17 +88,16 @@ __all__ = [
     "as_function",
     "data",
     "deq",
+    "diffopt",
     "distributed",
     "estimators",
     "evograd_hypergrad",
     "hparams",
     "implicit_hypergrad",
-    "kfac",
     "label_noise",
     "learned",
     "linalg",
     "meta",
-    "optim",
     "optimizers",
     "params_of",
     "pretrain",
@@ -96,6 +106,5 @@ __all__ = [
     "sigmoid_units",
     "stochastic",
     "testing",
-    "towers",
     "unrolled_hypergrad",
 ]

@@ -12,11 +12,43 @@ import torch
 
 
 class HypergradientError(ValueError):
-    """Bad input to a hypergradient routine (a ``ValueError``, so callers may catch either)."""
+    """Bad input to a hypergradient routine (a ``ValueError``, so callers may catch either).
+
+    The message names the call, what was expected, what was received and how to fix it.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> hg.linalg.get_solver("lu")
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: get_solver(solver='lu'): unknown linear ...
+        >>> try:
+        ...     hg.linalg.get_solver("lu")
+        ... except ValueError as err:  # caught as a ValueError too
+        ...     print(type(err).__name__)
+        HypergradientError
+    """
 
 
 class ConvergenceError(RuntimeError):
-    """An iterative solve failed and the caller asked for ``throw=True``."""
+    """An iterative solve failed and the caller asked for ``throw=True``.
+
+    Without ``throw=True`` the failure is only reported, in the returned
+    :class:`~hypergradient.SolveStats`.
+
+    Examples:
+        One CG step cannot solve a 2 x 2 system:
+
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]])
+        >>> hg.linalg.solve(lambda v: A @ v, torch.ones(2), "cg", max_steps=1).stats.converged
+        False
+        >>> hg.linalg.solve(lambda v: A @ v, torch.ones(2), "cg", max_steps=1, throw=True)
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.ConvergenceError: ...: did not converge within max_steps: ...
+    """
 
 
 def check_tree(where: str, name: str, tree: object, *, allow_tensor: bool = False) -> None:

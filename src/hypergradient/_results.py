@@ -8,7 +8,17 @@ from typing import Any
 
 
 class Result(enum.Enum):
-    """Why an iterative routine stopped. ``message`` is written for a person."""
+    """Why an iterative routine stopped. ``message`` is written for a person.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> x, stats = hg.linalg.solve(lambda v: 2 * v, torch.ones(2), "cg")
+        >>> stats.result.name, stats.result.ok
+        ('SUCCESSFUL', True)
+        >>> hg.Result.MAX_STEPS_REACHED.ok, hg.Result.BREAKDOWN.message.split(":")[0]
+        (False, 'broke down')
+    """
 
     SUCCESSFUL = "converged: the residual is below the requested tolerance"
     MAX_STEPS_REACHED = (
@@ -37,7 +47,21 @@ class Result(enum.Enum):
 
 @dataclass
 class SolveStats:
-    """What a linear solve did: steps taken, final residual norm, matvec count."""
+    """What a linear solve did: steps taken, final residual norm, matvec count.
+
+    ``converged`` is ``result.ok``; ``extra`` holds solver-specific details.
+
+    Examples:
+        CG solves a 2 x 2 system in 2 steps:
+
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
+        >>> b = torch.ones(2, dtype=torch.float64)
+        >>> stats = hg.linalg.solve(lambda v: A @ v, b, "cg", tol=1e-10).stats
+        >>> stats.converged, stats.num_steps, stats.num_matvecs, stats.residual_norm < 1e-10
+        (True, 2, 2, True)
+    """
 
     result: Result
     num_steps: int
@@ -52,7 +76,16 @@ class SolveStats:
 
 @dataclass
 class Solution:
-    """``value`` solves the system (as far as ``stats`` says); unpacks as ``(value, stats)``."""
+    """``value`` solves the system (as far as ``stats`` says); unpacks as ``(value, stats)``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> sol = hg.linalg.solve(lambda v: 2 * v, torch.ones(2), "cg")  # A = 2 I
+        >>> x, stats = sol
+        >>> x is sol.value, x.tolist(), stats.converged
+        (True, [0.5, 0.5], True)
+    """
 
     value: Any
     stats: SolveStats

@@ -88,6 +88,20 @@ Launch::
 
 :func:`init_from_env` reads the variables ``torchrun`` sets; without them the same script
 runs as one process (``world_size == 1``, every collective a no-op).
+
+Examples:
+    Without ``torchrun`` there is one process, whose local loss is already the global one:
+
+    >>> import torch
+    >>> import hypergradient as hg
+    >>> dp = hg.distributed.DataParallel()  # no process group initialised
+    >>> dp, dp.is_main
+    (DataParallel(rank=0, world_size=1, backend=None), True)
+    >>> loss = lambda p, h: ((p["w"] - h["t"]) ** 2).mean()
+    >>> dp.wrap(loss, count=8) is loss
+    True
+    >>> [hg.distributed.shard_bounds(10, rank, 3) for rank in range(3)]  # 10 examples, 3 ranks
+    [(0, 4), (4, 7), (7, 10)]
 """
 
 from __future__ import annotations
@@ -168,6 +182,21 @@ class DataParallel:
         outer = dp.wrap(lambda p, h: val_loss(p, h, xv_r, yv_r), count=len(xv_r))
         g = hg.implicit_hypergrad(inner, outer, params, hparams, solver="cg")
         # g is the hypergradient of the global problem, the same on every rank
+
+    Examples:
+        Without a process group (a plain ``python`` run) the context is one process, whose
+        share of every batch is all of it:
+
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> dp = hg.distributed.DataParallel()
+        >>> dp.rank, dp.world_size, dp.is_main
+        (0, 1, True)
+        >>> dp.weight(count=8)  # c_r = n_r / N
+        1.0
+        >>> dp.average({"kfac_factor": torch.eye(2)}, count=8)["kfac_factor"].shape
+        torch.Size([2, 2])
+        >>> dp.check_replicated({"w": torch.zeros(3)})  # passes silently: one replica
     """
 
     def __init__(self, group: Any = None):
@@ -480,7 +509,17 @@ class DataParallel:
 def shard_bounds(n: int, rank: int, world_size: int) -> tuple[int, int]:
     """``(start, stop)`` of rank ``rank``'s contiguous part of ``n`` items split over
     ``world_size`` ranks; the parts differ in size by at most one (the first ``n %
-    world_size`` ranks get one more)."""
+    world_size`` ranks get one more).
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> [hg.distributed.shard_bounds(10, rank, 4) for rank in range(4)]
+        [(0, 3), (3, 6), (6, 8), (8, 10)]
+        >>> hg.distributed.shard_bounds(3, 2, 4)  # fewer items than ranks: an empty part
+        (2, 3)
+        >>> hg.distributed.shard_bounds(3, 3, 4)
+        (3, 3)
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise HypergradientError(
             f"{_WHERE}.shard_bounds(n={n}, rank={rank}, world_size={world_size}): expected "
@@ -501,6 +540,17 @@ class ShardedBatchSampler:
     seeds identically on every rank) and loads only its contiguous part of each, of
     ``B // world_size`` or one more examples.  The global loss of the wrapped losses is then
     the single-process loss on the same global batch.
+
+    Examples:
+        Two ranks share each global batch of 5 examples, 3 for rank 0 and 2 for rank 1:
+
+        >>> from torch.utils.data import BatchSampler, SequentialSampler
+        >>> import hypergradient as hg
+        >>> batches = BatchSampler(SequentialSampler(range(10)), batch_size=5, drop_last=True)
+        >>> [list(hg.distributed.ShardedBatchSampler(batches, r, 2)) for r in range(2)]
+        [[[0, 1, 2], [5, 6, 7]], [[3, 4], [8, 9]]]
+        >>> len(hg.distributed.ShardedBatchSampler(batches, rank=1, world_size=2))
+        2
     """
 
     def __init__(self, batch_sampler: Iterable[list[int]], rank: int, world_size: int):
@@ -536,6 +586,22 @@ def init_from_env(
     ``LOCAL_RANK``) and ``"gloo"`` otherwise.  Without ``WORLD_SIZE`` (a plain ``python``
     run) or with ``WORLD_SIZE=1`` no process group is created and the returned context is a
     single process.  Calling it again when a process group exists just returns the context.
+
+    Examples:
+        A plain ``python`` run gets a one-process context; ``WORLD_SIZE`` without the other
+        ``torchrun`` variables is refused:
+
+        >>> import os
+        >>> from unittest import mock
+        >>> import hypergradient as hg
+        >>> hg.distributed.init_from_env()
+        DataParallel(rank=0, world_size=1, backend=None)
+        >>> with mock.patch.dict(os.environ, {"WORLD_SIZE": "2"}, clear=True):
+        ...     hg.distributed.init_from_env()
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: ...WORLD_SIZE=2 but ['RANK', 'MASTER_ADDR', ...
+        >>> hg.distributed.destroy()
     """
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
@@ -572,7 +638,16 @@ def init_from_env(
 
 
 def destroy() -> None:
-    """Tear down the process group (if any); call at the end of a ``torchrun`` script."""
+    """Tear down the process group (if any); call at the end of a ``torchrun`` script.
+
+    Examples:
+        >>> import torch.distributed as dist
+        >>> import hypergradient as hg
+        >>> dp = hg.distributed.init_from_env()  # no torchrun: no process group
+        >>> hg.distributed.destroy()  # a no-op here; under torchrun it ends the group
+        >>> dist.is_initialized()
+        False
+    """
     dist = _dist()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

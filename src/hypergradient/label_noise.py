@@ -46,6 +46,20 @@ over-fit the extremes; low and high quantiles over held-out points are more stab
 exact when a fraction ``quantile`` of the points lie in each certain region.  The clean prior
 follows from :math:`\pi = (\tilde\pi - \rho_-)/(1 - \rho_+ - \rho_-)`.
 
+Examples:
+    Read the rates off a noisy posterior, then classify as the clean Bayes rule does:
+
+    >>> import torch
+    >>> from hypergradient import label_noise
+    >>> eta = torch.linspace(0, 1, 100)  # clean P(y = 1 | x) over 100 points, reaching 0 and 1
+    >>> eta_noisy = label_noise.noisy_posterior(eta, rho_pos=0.2, rho_neg=0.1)
+    >>> rates = label_noise.estimate_noise_rates(eta_noisy)  # from the noisy posterior alone
+    >>> round(rates.rho_pos, 4), round(rates.rho_neg, 4)
+    (0.2, 0.1)
+    >>> t = label_noise.clean_threshold(rates.rho_pos, rates.rho_neg)  # 0.45, not 0.5
+    >>> bool(torch.equal(eta_noisy > t, eta > 0.5))  # the clean 0-1 Bayes classifier
+    True
+
 References:
     Natarajan, Dhillon, Ravikumar & Tewari, "Learning with Noisy Labels", NeurIPS 2013.
     Menon, van Rooyen, Ong & Williamson, "Learning from Corrupted Binary Labels via
@@ -102,8 +116,9 @@ def noisy_posterior(eta: torch.Tensor, rho_pos: float, rho_neg: float) -> torch.
     r""":math:`\tilde\eta = \rho_- + (1 - \rho_+ - \rho_-)\,\eta`: the posterior of the noisy
     label given the clean posterior ``eta`` (any shape).
 
-    >>> noisy_posterior(torch.tensor([0.0, 0.5, 1.0]), rho_pos=0.3, rho_neg=0.1)
-    tensor([0.1000, 0.4000, 0.7000])
+    Examples:
+        >>> noisy_posterior(torch.tensor([0.0, 0.5, 1.0]), rho_pos=0.3, rho_neg=0.1)
+        tensor([0.1000, 0.4000, 0.7000])
     """
     _check_rates("label_noise.noisy_posterior(...)", rho_pos, rho_neg)
     return rho_neg + (1.0 - rho_pos - rho_neg) * eta
@@ -113,8 +128,9 @@ def clean_posterior(eta_noisy: torch.Tensor, rho_pos: float, rho_neg: float) -> 
     r""":math:`\eta = (\tilde\eta - \rho_-)/(1 - \rho_+ - \rho_-)`, clipped to ``[0, 1]`` (an
     estimated :math:`\tilde\eta` can leave ``[rho_neg, 1 - rho_pos]``).
 
-    >>> clean_posterior(torch.tensor([0.1, 0.4, 0.7]), rho_pos=0.3, rho_neg=0.1)
-    tensor([0.0000, 0.5000, 1.0000])
+    Examples:
+        >>> clean_posterior(torch.tensor([0.1, 0.4, 0.7]), rho_pos=0.3, rho_neg=0.1)
+        tensor([0.0000, 0.5000, 1.0000])
     """
     _check_rates("label_noise.clean_posterior(...)", rho_pos, rho_neg)
     return ((eta_noisy - rho_neg) / (1.0 - rho_pos - rho_neg)).clamp(0.0, 1.0)
@@ -123,8 +139,9 @@ def clean_posterior(eta_noisy: torch.Tensor, rho_pos: float, rho_neg: float) -> 
 def noisy_prior(prior: float, rho_pos: float, rho_neg: float) -> float:
     r""":math:`\tilde\pi = \rho_- + (1 - \rho_+ - \rho_-)\,\pi`: the fraction of noisy labels 1.
 
-    >>> round(noisy_prior(0.5, rho_pos=0.3, rho_neg=0.1), 12)
-    0.4
+    Examples:
+        >>> round(noisy_prior(0.5, rho_pos=0.3, rho_neg=0.1), 12)
+        0.4
     """
     where = "label_noise.noisy_prior(...)"
     _check_rates(where, rho_pos, rho_neg)
@@ -135,8 +152,9 @@ def noisy_prior(prior: float, rho_pos: float, rho_neg: float) -> float:
 def clean_prior(noisy_prior: float, rho_pos: float, rho_neg: float) -> float:
     r""":math:`\pi = (\tilde\pi - \rho_-)/(1 - \rho_+ - \rho_-)`, clipped to ``[0, 1]``.
 
-    >>> round(clean_prior(0.4, rho_pos=0.3, rho_neg=0.1), 12)
-    0.5
+    Examples:
+        >>> round(clean_prior(0.4, rho_pos=0.3, rho_neg=0.1), 12)
+        0.5
     """
     where = "label_noise.clean_prior(...)"
     _check_rates(where, rho_pos, rho_neg)
@@ -156,10 +174,11 @@ def clean_threshold(
       \rho_-)\,\pi`, the image of :math:`\eta = \pi`; needs the clean ``prior`` :math:`\pi`
       (equivalently: threshold at the fraction of noisy labels 1, no rates needed).
 
-    >>> round(clean_threshold(0.3, 0.1), 12)  # (1 - 0.3 + 0.1) / 2
-    0.4
-    >>> round(clean_threshold(0.3, 0.1, measure="balanced", prior=0.2), 12)  # 0.1 + 0.6 * 0.2
-    0.22
+    Examples:
+        >>> round(clean_threshold(0.3, 0.1), 12)  # (1 - 0.3 + 0.1) / 2
+        0.4
+        >>> round(clean_threshold(0.3, 0.1, measure="balanced", prior=0.2), 12)  # 0.1 + 0.6 * 0.2
+        0.22
     """
     where = "label_noise.clean_threshold(...)"
     _check_rates(where, rho_pos, rho_neg)
@@ -184,7 +203,24 @@ def clean_threshold(
 class NoiseRates:
     """Estimated flip rates ``rho_pos`` = P(noisy 0 | clean 1), ``rho_neg`` = P(noisy 1 |
     clean 0) and the clean class prior ``prior`` = P(clean 1) (None when no noisy labels were
-    given to estimate it)."""
+    given to estimate it).
+
+    Examples:
+        What :func:`estimate_noise_rates` returns; a frozen record:
+
+        >>> import torch
+        >>> from hypergradient import label_noise
+        >>> eta_noisy = label_noise.noisy_posterior(torch.linspace(0, 1, 11), 0.3, 0.1)
+        >>> rates = label_noise.estimate_noise_rates(eta_noisy, torch.tensor([1, 0, 0, 0, 1]))
+        >>> round(rates.rho_pos, 4), round(rates.rho_neg, 4), round(rates.prior, 4)
+        (0.3, 0.1, 0.5)
+        >>> label_noise.NoiseRates(rho_pos=0.2, rho_neg=0.1)  # no labels: no prior
+        NoiseRates(rho_pos=0.2, rho_neg=0.1, prior=None)
+        >>> rates.rho_pos = 0.0
+        Traceback (most recent call last):
+        ...
+        dataclasses.FrozenInstanceError: cannot assign to field 'rho_pos'
+    """
 
     rho_pos: float
     rho_neg: float
@@ -218,10 +254,11 @@ def estimate_noise_rates(
     Returns:
         :class:`NoiseRates`.  Cost: one sort of ``n`` numbers.
 
-    >>> eta = noisy_posterior(torch.linspace(0, 1, 11), rho_pos=0.3, rho_neg=0.1)
-    >>> rates = estimate_noise_rates(eta, torch.tensor([1, 0, 0, 0, 1]))
-    >>> round(rates.rho_pos, 6), round(rates.rho_neg, 6), round(rates.prior, 6)
-    (0.3, 0.1, 0.5)
+    Examples:
+        >>> eta = noisy_posterior(torch.linspace(0, 1, 11), rho_pos=0.3, rho_neg=0.1)
+        >>> rates = estimate_noise_rates(eta, torch.tensor([1, 0, 0, 0, 1]))
+        >>> round(rates.rho_pos, 6), round(rates.rho_neg, 6), round(rates.prior, 6)
+        (0.3, 0.1, 0.5)
     """
     where = "label_noise.estimate_noise_rates(...)"
     if not isinstance(eta_noisy, torch.Tensor) or eta_noisy.dim() != 1 or eta_noisy.numel() < 2:
@@ -272,10 +309,11 @@ def flip_labels(
     """Class-conditional label noise: every 1 becomes 0 with probability ``rho_pos``, every 0
     becomes 1 with probability ``rho_neg``, independently (same shape and dtype as ``labels``).
 
-    >>> y = torch.tensor([0, 1] * 5000)
-    >>> noisy = flip_labels(y, 0.3, 0.1, generator=torch.Generator().manual_seed(0))
-    >>> abs(float((noisy[y == 1] == 0).float().mean()) - 0.3) < 0.03
-    True
+    Examples:
+        >>> y = torch.tensor([0, 1] * 5000)
+        >>> noisy = flip_labels(y, 0.3, 0.1, generator=torch.Generator().manual_seed(0))
+        >>> abs(float((noisy[y == 1] == 0).float().mean()) - 0.3) < 0.03
+        True
     """
     where = "label_noise.flip_labels(...)"
     _check_rates(where, rho_pos, rho_neg)

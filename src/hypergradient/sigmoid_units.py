@@ -38,6 +38,23 @@ queried values.
 Cost: ``n`` gradient estimates by central differences take :math:`2nd` queries; the SVD
 :math:`O(nd^2)`; each k-means or mean-shift iteration :math:`O(nkd)`.
 
+Examples:
+    Two steep units in 4-D, found from gradients queried at 200 random points:
+
+    >>> import torch
+    >>> from hypergradient import sigmoid_units as su
+    >>> _ = torch.manual_seed(0)
+    >>> f64 = {"dtype": torch.float64}
+    >>> w = 4.0 * torch.eye(2, 4, **f64)  # unit directions e_1 and e_2
+    >>> f = su.SumOfSigmoids(w, torch.zeros(2, **f64), torch.tensor([1.0, -1.0], **f64))
+    >>> x = torch.randn(200, 4, **f64)
+    >>> with torch.no_grad():
+    ...     grads, _, _ = su.finite_difference_gradients(f, x, 1e-4)
+    >>> k = su.count_units(grads)[0]
+    >>> clusters = su.cluster_directions(grads, k, generator=torch.Generator().manual_seed(0))
+    >>> k, bool((su.match_directions(clusters.centers, w) > 0.95).all())
+    (2, True)
+
 References:
     Ioannidis & Montanari, "Learning Combinations of Sigmoids Through Gradient Estimation",
     arXiv:1708.06678, 2017.
@@ -73,9 +90,10 @@ class SumOfSigmoids(nn.Module):
     ``(k,)``, ``amplitude`` ``(k,)``, ``offset`` (scalar :math:`c`); input ``(n, d)``, output
     ``(n,)``.
 
-    >>> net = SumOfSigmoids(torch.eye(2), torch.zeros(2), torch.tensor([1.0, -2.0]))
-    >>> net(torch.zeros(1, 2))  # 1 * 0.5 - 2 * 0.5
-    tensor([-0.5000], grad_fn=<AddBackward0>)
+    Examples:
+        >>> net = SumOfSigmoids(torch.eye(2), torch.zeros(2), torch.tensor([1.0, -2.0]))
+        >>> net(torch.zeros(1, 2))  # 1 * 0.5 - 2 * 0.5
+        tensor([-0.5000], grad_fn=<AddBackward0>)
     """
 
     def __init__(
@@ -112,9 +130,10 @@ def finite_difference_gradients(
     \lVert f'''\rVert)` plus :math:`\sigma/(\sqrt2 h)` per coordinate for query noise of
     standard deviation :math:`\sigma`.
 
-    >>> g, q, v = finite_difference_gradients(lambda z: (z**2).sum(1), torch.ones(1, 2), 0.1)
-    >>> torch.allclose(g, torch.full((1, 2), 2.0)), q.shape
-    (True, torch.Size([4, 2]))
+    Examples:
+        >>> g, q, v = finite_difference_gradients(lambda z: (z**2).sum(1), torch.ones(1, 2), 0.1)
+        >>> torch.allclose(g, torch.full((1, 2), 2.0)), q.shape
+        (True, torch.Size([4, 2]))
     """
     where = "sigmoid_units.finite_difference_gradients(...)"
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -150,9 +169,10 @@ def count_units(
     (noise singular values spread by about :math:`1 \pm \sqrt{d/n}`, well inside
     ``floor_ratio = 2`` for ``n >= 10 d``).  Returns ``(k, singular_values)``.
 
-    >>> g = torch.randn(50, 2) @ torch.randn(2, 6)  # rank 2
-    >>> count_units(g)[0]
-    2
+    Examples:
+        >>> g = torch.randn(50, 2) @ torch.randn(2, 6)  # rank 2
+        >>> count_units(g)[0]
+        2
     """
     where = "sigmoid_units.count_units(...)"
     if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or min(grads.shape) < 2:
@@ -174,7 +194,18 @@ def count_units(
 class Clusters:
     """Result of :func:`cluster_directions`: unit ``centers`` ``(k, d)`` (the peaks),
     ``kmeans_centers`` ``(k, d)`` (before the mean shift), ``assignment`` ``(n,)`` (nearest
-    centre of every gradient) and ``purity`` ``(n,)`` (cosine to it)."""
+    centre of every gradient) and ``purity`` ``(n,)`` (cosine to it).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient import sigmoid_units as su
+        >>> grads = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0], [0.0, 3.0], [1.0, 1.0]])
+        >>> c = su.cluster_directions(grads, 2, generator=torch.Generator().manual_seed(0))
+        >>> c.centers.shape, c.kmeans_centers.shape, c.assignment.shape, c.purity.shape
+        (torch.Size([2, 2]), torch.Size([2, 2]), torch.Size([5]), torch.Size([5]))
+        >>> [round(p, 2) for p in c.purity.tolist()]  # the last gradient mixes both units
+        [1.0, 1.0, 1.0, 1.0, 0.71]
+    """
 
     centers: torch.Tensor
     kmeans_centers: torch.Tensor
@@ -203,6 +234,21 @@ def cluster_directions(
        point in its cone stays).
 
     Returns :class:`Clusters`.  Cost: ``O(restarts * iterations * n k d)``.
+
+    Examples:
+        Pure gradients along two units' directions and one mixture of both: the mean shift
+        moves the centres from the k-means means to the pure directions.
+
+        >>> import torch
+        >>> from hypergradient import sigmoid_units as su
+        >>> e1, e2 = torch.eye(3)[:2]
+        >>> grads = torch.stack([e1, 2 * e1, 3 * e1, e2, 2 * e2, 0.5 * e2, e1 + 0.5 * e2])
+        >>> clusters = su.cluster_directions(grads, 2, generator=torch.Generator().manual_seed(0))
+        >>> true = torch.stack([e1, e2])
+        >>> bool((su.match_directions(clusters.centers, true) > 0.999).all())
+        True
+        >>> bool((su.match_directions(clusters.kmeans_centers, true) > 0.999).all())
+        False
     """
     where = "sigmoid_units.cluster_directions(...)"
     if not isinstance(grads, torch.Tensor) or grads.dim() != 2:
@@ -290,6 +336,22 @@ def initial_units(
     the fit.  The unit is :math:`\alpha\sigma(\beta c^\top x + \gamma)`; the offset is the
     mean residual left for :func:`fit` (0 here).  ``x`` ``(n, d)`` are the points of
     ``grads`` ``(n, d)``.
+
+    Examples:
+        One unit :math:`2\,\sigma(3 x_1 + 0.5)`, read off its gradients:
+
+        >>> import torch
+        >>> from hypergradient import sigmoid_units as su
+        >>> f64 = {"dtype": torch.float64}
+        >>> f = su.SumOfSigmoids(torch.tensor([[3.0, 0.0]], **f64), torch.tensor([0.5], **f64),
+        ...                      torch.tensor([2.0], **f64))
+        >>> x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), **f64)
+        >>> with torch.no_grad():
+        ...     grads, _, _ = su.finite_difference_gradients(f, x, 1e-4)
+        >>> model = su.initial_units(x, grads, su.cluster_directions(grads, 1))
+        >>> steepness, bias, amplitude = model.weight[0, 0], model.bias[0], model.amplitude[0]
+        >>> [round(v.item(), 2) for v in (steepness, bias, amplitude)]
+        [3.0, 0.5, 2.0]
     """
     where = "sigmoid_units.initial_units(...)"
     if x.shape != grads.shape or len(clusters.assignment) != len(x):
@@ -364,7 +426,22 @@ def fit(
     """Least squares :math:`\\frac1n\\sum_i (f(x_i) - y_i)^2` over all of ``model``'s
     parameters by full-batch L-BFGS (strong Wolfe), in place; ``x`` ``(n, d)``, ``y``
     ``(n,)``.  ``fit_offset_first``: start the offset at the mean residual.  Returns the loss
-    after every L-BFGS ``step`` of 20 iterations (the trace)."""
+    after every L-BFGS ``step`` of 20 iterations (the trace).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient import sigmoid_units as su
+        >>> f64 = {"dtype": torch.float64}
+        >>> x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0), **f64)
+        >>> y = 2.0 * torch.sigmoid(3.0 * x[:, 0] + 0.5) - 1.0  # one unit plus an offset
+        >>> model = su.SumOfSigmoids(torch.tensor([[2.0, 0.5]], **f64), torch.zeros(1, **f64),
+        ...                          torch.ones(1, **f64))  # a rough start
+        >>> trace = su.fit(model, x, y)  # the loss after every 20 L-BFGS iterations
+        >>> trace[-1] < 1e-10
+        True
+        >>> [round(v, 2) for v in [model.amplitude.item(), model.bias.item(), model.offset.item()]]
+        [2.0, 0.5, -1.0]
+    """
     if x.dim() != 2 or y.shape != (x.shape[0],):
         raise HypergradientError(
             f"sigmoid_units.fit(...): expected x (n, d) and y (n,), got {tuple(x.shape)} and "
@@ -404,8 +481,9 @@ def match_directions(estimated: torch.Tensor, true: torch.Tensor) -> torch.Tenso
     maximising the total ``|cos|`` (sign-invariant: :math:`w` and :math:`-w` are one unit).
     Unmatched true units (``k' < k``) get 0.  Returns ``(k,)``.
 
-    >>> match_directions(torch.tensor([[0.0, -2.0], [3.0, 0.0]]), torch.eye(2))
-    tensor([1., 1.])
+    Examples:
+        >>> match_directions(torch.tensor([[0.0, -2.0], [3.0, 0.0]]), torch.eye(2))
+        tensor([1., 1.])
     """
     from scipy.optimize import linear_sum_assignment
 

@@ -1,5 +1,15 @@
 """Datasets: small embedded ones that ship with scikit-learn (the default), and image
-datasets read from their original files (checked by md5, downloaded on request)."""
+datasets read from their original files (checked by md5, downloaded on request).
+
+Examples:
+    >>> import hypergradient as hg
+    >>> split = hg.data.load_digits_split(n_train=100, n_val=50, seed=0)
+    >>> split.x_train.shape, split.y_val.shape, split.num_classes
+    (torch.Size([100, 64]), torch.Size([50]), 10)
+    >>> noisy, flipped = hg.data.add_label_noise(split.y_train, 0.2, split.num_classes)
+    >>> int(flipped.sum())  # exactly 20% of the 100 training labels changed
+    20
+"""
 
 from .download import RemoteFile as RemoteFile
 from .download import default_data_dir as default_data_dir

@@ -37,7 +37,20 @@ _urlopen = urllib.request.urlopen
 
 @dataclass(frozen=True)
 class RemoteFile:
-    """One file of a dataset: its name in the data folder, where to get it, its md5."""
+    """One file of a dataset: its name in the data folder, where to get it, its md5.
+
+    Examples:
+        >>> import hashlib, tempfile
+        >>> from pathlib import Path
+        >>> import hypergradient as hg
+        >>> md5 = hashlib.md5(b"hi").hexdigest()
+        >>> f = hg.data.RemoteFile("a.txt", "https://example.com/a.txt", md5)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = (Path(d) / f.name).write_bytes(b"hi")  # a local copy, so nothing is downloaded
+        ...     paths = hg.data.fetch_files([f], d, download=False, where="demo")
+        >>> f.name, [p.name for p in paths]
+        ('a.txt', ['a.txt'])
+    """
 
     name: str
     url: str
@@ -45,7 +58,20 @@ class RemoteFile:
 
 
 def default_data_dir() -> Path:
-    """The folder datasets live in: ``$HYPERGRADIENT_DATA``, else ``~/.cache/hypergradient``."""
+    """The folder datasets live in: ``$HYPERGRADIENT_DATA``, else ``~/.cache/hypergradient``.
+
+    Examples:
+        >>> import os
+        >>> from pathlib import Path
+        >>> from unittest import mock
+        >>> import hypergradient as hg
+        >>> with mock.patch.dict(os.environ, {"HYPERGRADIENT_DATA": "/srv/datasets"}):
+        ...     print(hg.data.default_data_dir().as_posix())
+        /srv/datasets
+        >>> with mock.patch.dict(os.environ, {"HYPERGRADIENT_DATA": ""}):  # unset or empty
+        ...     print(hg.data.default_data_dir().relative_to(Path.home()).as_posix())
+        .cache/hypergradient
+    """
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         return Path(env).expanduser()
@@ -105,6 +131,22 @@ def fetch(
     interrupted download never leaves a partial file under the final name. ``timeout`` is
     the socket timeout in seconds for connecting and for each read. Every failure raises
     :class:`HypergradientError` saying which file, what went wrong, and how to fix it.
+
+    Examples:
+        >>> import hashlib, tempfile
+        >>> from pathlib import Path
+        >>> import hypergradient as hg
+        >>> url, md5 = "https://example.com/a.txt", hashlib.md5(b"hi").hexdigest()
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     dest = Path(d) / "a.txt"
+        ...     _ = dest.write_bytes(b"hi")
+        ...     print(hg.data.fetch(url, dest, md5, download=False) == dest)  # md5 checked
+        True
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     hg.data.fetch(url, Path(d) / "a.txt", md5, download=False)
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: fetch: .../a.txt does not exist. Pass ...
     """
     dest = Path(dest)
     if dest.is_file():
@@ -134,7 +176,21 @@ def fetch_files(
     progress: bool = True,
 ) -> list[Path]:
     """:func:`fetch` each file into ``folder``; with ``download=False`` one error names all
-    the missing files (and where to get them) instead of stopping at the first."""
+    the missing files (and where to get them) instead of stopping at the first.
+
+    Examples:
+        >>> import tempfile
+        >>> import hypergradient as hg
+        >>> files = [hg.data.RemoteFile(n, "https://example.com/" + n, "0" * 32) for n in "ab"]
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     hg.data.fetch_files(files, d, download=False, where="demo")
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: demo: the folder ... lacks 2 of the 2 file(s) ...
+          a  (md5 00000000000000000000000000000000, from https://example.com/a)
+          b  (md5 00000000000000000000000000000000, from https://example.com/b)
+        Pass download=True ...
+    """
     folder = Path(folder)
     if not download:
         missing = [f for f in files if not (folder / f.name).is_file()]

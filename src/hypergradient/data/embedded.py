@@ -11,7 +11,16 @@ from .._errors import HypergradientError
 
 @dataclass
 class Split:
-    """Tensors of one dataset split three ways; ``x`` is ``(n, features)``, ``y`` is ``(n,)``."""
+    """Tensors of one dataset split three ways; ``x`` is ``(n, features)``, ``y`` is ``(n,)``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> x, y = torch.rand(10, 3), torch.arange(10) % 2
+        >>> s = hg.data.Split(x[:6], y[:6], x[6:8], y[6:8], x[8:], y[8:], num_classes=2)
+        >>> s.num_features, len(s.x_train), len(s.x_val), len(s.x_test)
+        (3, 6, 2, 2)
+    """
 
     x_train: torch.Tensor
     y_train: torch.Tensor
@@ -37,6 +46,14 @@ def load_digits_split(
 
     The rows are shuffled with ``seed``; the first ``n_train`` train, the next ``n_val``
     validate, and the rest (at least 100) are the test set.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> s = hg.data.load_digits_split(n_train=100, n_val=50, seed=0)
+        >>> s.x_train.shape, s.y_train.dtype, len(s.x_test), s.num_classes
+        (torch.Size([100, 64]), torch.int64, 1647, 10)
+        >>> bool(s.x_train.min() >= 0) and bool(s.x_train.max() <= 1)
+        True
     """
     from sklearn.datasets import load_digits
 

@@ -119,6 +119,23 @@ def load_mnist(
     Returns ``(images, labels)``: ``uint8`` images of shape ``(N, 28, 28)`` (white digit on
     black, 0-255) and ``int64`` labels 0-9; ``N`` is 60000 for ``split="train"`` and 10000
     for ``split="test"``, or ``limit`` when given (the first ``limit`` examples).
+
+    Examples:
+        Without the files (and without ``download=True``) the error lists what to fetch:
+
+        >>> import tempfile
+        >>> import hypergradient as hg
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     images, labels = hg.data.load_mnist(d, split="test", limit=100)
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: load_mnist: the folder .../mnist lacks 2 of ...
+          t10k-images-idx3-ubyte.gz  (md5 9fb629c4189551a2d022fa330f9573f3, from https://...)
+          t10k-labels-idx1-ubyte.gz  (md5 ec29112dd5afa0611ce80d1b7f02629c, from https://...)
+        Pass download=True ...
+
+        With them, ``images.shape`` is ``(100, 28, 28)`` (``uint8``) and ``labels.shape``
+        ``(100,)``.
     """
     return _load_idx_dataset(
         "load_mnist", "mnist", MNIST_FILES, data_dir, split=split, download=download, limit=limit
@@ -136,6 +153,20 @@ def load_fashion_mnist(
 
     Same shapes and dtypes as :func:`load_mnist`; labels 0-9 are T-shirt/top, Trouser,
     Pullover, Dress, Coat, Sandal, Shirt, Sneaker, Bag, Ankle boot.
+
+    Examples:
+        Without the files (and without ``download=True``) the error lists what to fetch:
+
+        >>> import tempfile
+        >>> import hypergradient as hg
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     images, labels = hg.data.load_fashion_mnist(d, split="train")
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: load_fashion_mnist: ...fashion-mnist lacks 2 ...
+          train-images-idx3-ubyte.gz  (md5 8d4fb7e6c68d591d4c3dfef9ec88bf0d, from http://...)
+          train-labels-idx1-ubyte.gz  (md5 25c81989df183df01b3e8a0aad5dffbe, from http://...)
+        Pass download=True ...
     """
     return _load_idx_dataset(
         "load_fashion_mnist",
@@ -241,6 +272,21 @@ def load_cifar10(
     layout) and ``int64`` labels 0-9 (airplane, automobile, bird, cat, deer, dog, frog,
     horse, ship, truck). ``N`` is 50000 (``split="train"``, batches 1-5 in order), 10000
     (``"test"``), or ``limit``.
+
+    Examples:
+        Without the archive (and without ``download=True``) the error says what to fetch:
+
+        >>> import tempfile
+        >>> import hypergradient as hg
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     images, labels = hg.data.load_cifar10(d, channels_last=False)
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: load_cifar10: the folder .../cifar10 lacks 1 ...
+          cifar-10-python.tar.gz  (md5 c58f30108f718f92721af3b95e74349a, from https://...)
+        Pass download=True ...
+
+        With it, ``images.shape`` is ``(50000, 3, 32, 32)`` (``uint8``).
     """
     return _load_cifar10(
         data_dir,
@@ -369,6 +415,18 @@ class OmniglotImages(NamedTuple):
     ``images`` is ``uint8`` ``(N, S, S)`` with ink 255 on background 0 (like MNIST);
     ``alphabets``, ``characters`` (numbered across all alphabets of the subset) and
     ``drawers`` (0-19) are ``int64`` ``(N,)``; ``alphabet_names[i]`` names alphabet ``i``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> data = hg.data.OmniglotImages(
+        ...     images=torch.zeros(4, 28, 28, dtype=torch.uint8),
+        ...     alphabets=torch.tensor([0, 0, 1, 1]), characters=torch.tensor([0, 0, 1, 1]),
+        ...     drawers=torch.tensor([0, 1, 0, 1]), alphabet_names=("Greek", "Latin"))
+        >>> data.alphabet_names[int(data.alphabets[2])]
+        'Latin'
+        >>> data.images[data.characters == 1].shape  # every drawing of character 1
+        torch.Size([2, 28, 28])
     """
 
     images: torch.Tensor
@@ -380,7 +438,16 @@ class OmniglotImages(NamedTuple):
 
 class OneShotRun(NamedTuple):
     """One 20-way one-shot classification run: ``test_images[i]`` shows the same character
-    as ``train_images[targets[i]]``. Images as in :class:`OmniglotImages`."""
+    as ``train_images[targets[i]]``. Images as in :class:`OmniglotImages`.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> train = torch.arange(3, dtype=torch.uint8)[:, None, None].expand(3, 2, 2)
+        >>> run = hg.data.OneShotRun(train, train[[2, 0, 1]], targets=torch.tensor([2, 0, 1]))
+        >>> bool((run.train_images[run.targets] == run.test_images).all())
+        True
+    """
 
     train_images: torch.Tensor
     test_images: torch.Tensor
@@ -404,6 +471,21 @@ def load_omniglot(
     ``"background_small2"``: 5 alphabets, 156 characters, 3120 images. Images are
     105x105, or ``size`` x ``size`` when given (PIL's area-averaging resize, so ``size=28``
     gives grey edges). Examples are ordered by alphabet name, character, drawer.
+
+    Examples:
+        Without the zip (and without ``download=True``) the error says what to fetch:
+
+        >>> import tempfile
+        >>> import hypergradient as hg
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     data = hg.data.load_omniglot(d, subset="background_small1", size=28)
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: load_omniglot: the folder .../omniglot lacks 1 ...
+          images_background_small1.zip  (md5 e704a628b5459e08445c13499850abc4, from https://...)
+        Pass download=True ...
+
+        With it, ``data.images.shape`` is ``(2720, 28, 28)``.
     """
     where = "load_omniglot"
     if subset not in OMNIGLOT_FILES:
@@ -457,6 +539,21 @@ def load_omniglot_runs(
     order), 20 test images (``test/item01..20.png`` in order) and, from the run's
     ``class_labels.txt``, the index of the training image that shows each test character.
     Images as in :func:`load_omniglot`.
+
+    Examples:
+        Without the zip (and without ``download=True``) the error says what to fetch:
+
+        >>> import tempfile
+        >>> import hypergradient as hg
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     runs = hg.data.load_omniglot_runs(d, size=28)
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: load_omniglot_runs: the folder .../omniglot ...
+          all_runs.zip  (md5 e8996daecdf12afeeb4a53a179f06b19, from https://...)
+        Pass download=True ...
+
+        With it, ``len(runs)`` is 20 and ``runs[0].train_images.shape`` is ``(20, 28, 28)``.
     """
     where = "load_omniglot_runs"
     size = _check_size(where, size)
@@ -598,11 +695,12 @@ def to_float_split(
     ``None``) test. ``flatten=True`` gives ``x`` of shape ``(n, features)``; ``False`` keeps
     the image axes. ``num_classes`` defaults to ``labels.max() + 1``.
 
-    >>> import torch
-    >>> s = to_float_split(torch.full((10, 2, 2), 255, dtype=torch.uint8),
-    ...                    torch.arange(10) % 3, n_train=5, n_val=3)
-    >>> s.x_train.shape, len(s.x_val), len(s.x_test), s.num_classes, s.x_test.max().item()
-    (torch.Size([5, 4]), 3, 2, 3, 1.0)
+    Examples:
+        >>> import torch
+        >>> s = to_float_split(torch.full((10, 2, 2), 255, dtype=torch.uint8),
+        ...                    torch.arange(10) % 3, n_train=5, n_val=3)
+        >>> s.x_train.shape, len(s.x_val), len(s.x_test), s.num_classes, s.x_test.max().item()
+        (torch.Size([5, 4]), 3, 2, 3, 1.0)
     """
     where = "to_float_split"
     if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
@@ -677,10 +775,13 @@ def add_label_noise(
     ``(noisy_labels, flipped)`` where ``flipped`` is the ``bool`` mask of changed entries
     (``noisy_labels[flipped] != labels[flipped]`` everywhere, equal elsewhere).
 
-    >>> import torch
-    >>> noisy, flipped = add_label_noise(torch.zeros(10, dtype=torch.long), 0.3, 4, seed=1)
-    >>> int(flipped.sum()), bool((noisy[flipped] != 0).all()), bool((noisy[~flipped] == 0).all())
-    (3, True, True)
+    Examples:
+        >>> import torch
+        >>> noisy, flipped = add_label_noise(torch.zeros(10, dtype=torch.long), 0.3, 4, seed=1)
+        >>> int(flipped.sum()), bool((noisy[flipped] != 0).all())
+        (3, True)
+        >>> bool((noisy[~flipped] == 0).all())
+        True
     """
     where = "add_label_noise"
     if not isinstance(labels, torch.Tensor) or labels.ndim != 1:

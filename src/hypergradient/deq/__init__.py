@@ -10,8 +10,7 @@ arguments:
   theorem with the core's linear solvers), :class:`PhantomBackward` (UPG) and
   :class:`NeumannPhantomBackward` (NPG), the phantom gradients of Geng et al. (2021).
 
-Example::
-
+Examples:
     >>> import torch, hypergradient as hg
     >>> f = torch.nn.Linear(4, 4).double()  # f(z, x) = 0.3 tanh(W z + b) + x
     >>> class F(torch.nn.Module):

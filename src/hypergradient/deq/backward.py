@@ -72,6 +72,22 @@ class AbstractEquilibriumBackward(abc.ABC):
     ``x`` and yields this method's gradient.  ``record(stats)`` is called once with the
     :class:`~hypergradient._results.SolveStats` of the backward computation (at ``attach``
     time for an unrolled method, during the backward pass for a linear solve).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> class JacobianFree(hg.deq.AbstractEquilibriumBackward):  # one f, no solve
+        ...     name = "jacobian_free"
+        ...     def attach(self, f, z_star, x, record):
+        ...         record(hg.SolveStats(hg.Result.SUCCESSFUL, 1, float("nan"), 1))
+        ...         return f(z_star, x)  # its gradient is (df/dx)^T g, not (dz*/dx)^T g
+        >>> class Affine(torch.nn.Module):  # f(z, x) = 0.5 z + x: z* = 2 x, dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> x = torch.ones(1, 3, dtype=torch.float64, requires_grad=True)
+        >>> hg.deq.EquilibriumLayer(Affine(), backward=JacobianFree())(x).sum().backward()
+        >>> bool(torch.equal(x.grad, torch.ones_like(x)))  # df/dx = 1 (the exact value is 2)
+        True
     """
 
     name: ClassVar[str]
@@ -165,6 +181,21 @@ class ImplicitBackward(AbstractEquilibriumBackward):
     of ``f``, whatever the number of solver iterations); in the backward pass one
     vector-Jacobian product of ``f`` per solver matvec, then one backward through ``f``.
 
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> class F(torch.nn.Module):  # z* = 0.5 tanh(z*) + x: dz*/dx = 1 / (1 - 0.5 tanh'(z*))
+        ...     def forward(self, z, x):
+        ...         return 0.5 * torch.tanh(z) + x
+        >>> backward = hg.deq.ImplicitBackward(hg.linalg.GMRES(tol=1e-12))
+        >>> layer = hg.deq.EquilibriumLayer(F(), hg.deq.Anderson(tol=1e-12), backward)
+        >>> x = torch.linspace(-1, 1, 4, dtype=torch.float64).reshape(2, 2).requires_grad_()
+        >>> z = layer(x)
+        >>> z.sum().backward()
+        >>> exact = 1 / (1 - 0.5 / torch.cosh(z.detach()) ** 2)
+        >>> bool(torch.allclose(x.grad, exact)), layer.backward_stats.converged
+        (True, True)
+
     References:
         Bai, Kolter, Koltun (2019), Deep Equilibrium Models.
     """
@@ -246,6 +277,19 @@ class PhantomBackward(AbstractEquilibriumBackward):
     Cost: :math:`k` applications of ``f`` with graphs in the forward pass (memory grows
     with :math:`k`) and one backward through them; no linear solve.
 
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> class Affine(torch.nn.Module):  # f(z, x) = 0.5 z + x: z* = 2 x, dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> backward = hg.deq.PhantomBackward(steps=5, damping=0.5)
+        >>> x = torch.ones(1, 3, dtype=torch.float64, requires_grad=True)
+        >>> hg.deq.EquilibriumLayer(Affine(), backward=backward)(x).sum().backward()
+        >>> # lambda * sum_{t<k} (lambda J + 1 - lambda)^t with J = 0.5: 2 (1 - 0.75^5) -> 2
+        >>> bool(torch.allclose(x.grad, torch.full_like(x, 2 * (1 - 0.75**5))))
+        True
+
     References:
         Geng, Zhang, Bai, Wang, Lin (2021), On Training Implicit Models.
     """
@@ -305,6 +349,22 @@ class NeumannPhantomBackward(AbstractEquilibriumBackward):
     Cost: one application of ``f`` with its graph in the forward pass (memory independent
     of :math:`k`), :math:`k - 1` vector-Jacobian products and one backward through ``f``.
 
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> class Affine(torch.nn.Module):  # f(z, x) = 0.5 z + x: z* = 2 x, dz*/dx = 2
+        ...     def forward(self, z, x):
+        ...         return 0.5 * z + x
+        >>> backward = hg.deq.NeumannPhantomBackward(steps=5, damping=0.5)
+        >>> layer = hg.deq.EquilibriumLayer(Affine(), backward=backward)
+        >>> x = torch.ones(1, 3, dtype=torch.float64, requires_grad=True)
+        >>> layer(x).sum().backward()
+        >>> # lambda * sum_{t<k} (lambda J + 1 - lambda)^t with J = 0.5: 2 (1 - 0.75^5) -> 2
+        >>> bool(torch.allclose(x.grad, torch.full_like(x, 2 * (1 - 0.75**5))))
+        True
+        >>> layer.backward_stats.num_matvecs  # k - 1 vector-Jacobian products
+        4
+
     References:
         Geng, Zhang, Bai, Wang, Lin (2021), On Training Implicit Models.
     """
@@ -351,7 +411,20 @@ _BACKWARDS: dict[str, type[AbstractEquilibriumBackward]] = {
 def get_backward(
     backward: str | AbstractEquilibriumBackward, where: str = "hypergradient.deq"
 ) -> AbstractEquilibriumBackward:
-    """A backward method from its name (with default options) or an instance passed through."""
+    """A backward method from its name (with default options) or an instance passed through.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> hg.deq.get_backward("phantom")
+        PhantomBackward(steps=5, damping=0.5)
+        >>> method = hg.deq.NeumannPhantomBackward(steps=3)
+        >>> hg.deq.get_backward(method) is method
+        True
+        >>> hg.deq.get_backward("jfb")
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: hypergradient.deq: backward='jfb' is not known; ...
+    """
     if isinstance(backward, AbstractEquilibriumBackward):
         return backward
     if isinstance(backward, str) and backward in _BACKWARDS:

@@ -68,8 +68,7 @@ class EquilibriumLayer(nn.Module):
     (``torch.no_grad()``) the layer returns the detached :math:`z^\star` and attaches
     nothing.  Double backward (``create_graph=True`` through the layer) is not supported.
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> class Affine(torch.nn.Module):  # f(z, x) = 0.5 z + x,  z* = 2x,  dz*/dx = 2
         ...     def forward(self, z, x):

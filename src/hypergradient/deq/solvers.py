@@ -125,6 +125,22 @@ class AbstractFixedPointSolver(abc.ABC):
 
     Subclasses are final dataclasses with ``max_steps``, ``tol`` and ``atol`` fields that
     validate their options in ``__post_init__`` and set the class attribute ``name``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> class Picard(hg.deq.AbstractFixedPointSolver):  # z <- fn(z), max_steps times
+        ...     name, max_steps, tol, atol = "picard", 60, 1e-5, 0.0
+        ...     def solve(self, fn, z0):
+        ...         z, n = z0, self.max_steps
+        ...         for _ in range(n):
+        ...             z = fn(z)
+        ...         res = float((fn(z) - z).norm() / fn(z).norm())
+        ...         ok = hg.Result.SUCCESSFUL if res <= self.tol else hg.Result.MAX_STEPS_REACHED
+        ...         return hg.Solution(z, hg.SolveStats(ok, n, res, n + 1))
+        >>> z, stats = Picard().solve(lambda z: 0.5 * z + 1.0, torch.zeros(4, 3))  # z* = 2
+        >>> bool(torch.allclose(z, torch.full((4, 3), 2.0))), stats.converged
+        (True, True)
     """
 
     name: ClassVar[str]
@@ -262,8 +278,7 @@ class FixedPointIteration(AbstractFixedPointSolver):
     Cost: ``max_steps + 1`` evaluations of ``f`` at most; 3 batch-sized tensors of memory;
     one host synchronisation per step.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> fn = lambda z: 0.5 * z + 1.0  # z* = 2
         >>> z, stats = FixedPointIteration(tol=1e-12).solve(fn, torch.zeros(3, 1))
@@ -346,8 +361,7 @@ class Anderson(AbstractFixedPointSolver):
     batched :math:`m \times m` solve; memory :math:`3 m` batch-sized tensors; one host
     synchronisation.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> fn = lambda z: 0.9 * z + 1.0  # z* = 10; plain iteration needs ~290 steps for 1e-12
         >>> z, stats = Anderson(tol=1e-12).solve(fn, torch.zeros(2, 4, dtype=torch.float64))
@@ -481,8 +495,7 @@ class Broyden(AbstractFixedPointSolver):
     the two products with :math:`B`; memory :math:`2 m` batch-sized tensors; one host
     synchronisation.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> fn = lambda z: 0.9 * z + 1.0  # linear: Broyden finds z* = 10 in a few steps
         >>> z, stats = Broyden(tol=1e-12).solve(fn, torch.zeros(2, 3, dtype=torch.float64))
@@ -568,7 +581,20 @@ _SOLVERS: dict[str, type[AbstractFixedPointSolver]] = {
 def get_fixed_point_solver(
     solver: str | AbstractFixedPointSolver, where: str = "hypergradient.deq"
 ) -> AbstractFixedPointSolver:
-    """A solver from its name (with default options) or an instance passed through."""
+    """A solver from its name (with default options) or an instance passed through.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> hg.deq.get_fixed_point_solver("broyden")
+        Broyden(max_steps=50, tol=1e-05, atol=0.0, memory=30)
+        >>> solver = hg.deq.Anderson(tol=1e-8)
+        >>> hg.deq.get_fixed_point_solver(solver) is solver
+        True
+        >>> hg.deq.get_fixed_point_solver("newton")
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: hypergradient.deq: solver='newton' is not known; ...
+    """
     if isinstance(solver, AbstractFixedPointSolver):
         return solver
     if isinstance(solver, str) and solver in _SOLVERS:

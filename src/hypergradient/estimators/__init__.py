@@ -24,6 +24,19 @@ A meta-trainer calls::
         theta = outer_update(theta, estimate.grad)   # estimate.loss, .standard_error() ...
 
 :mod:`hypergradient.estimators.toys` holds systems with exact answers.
+
+Examples:
+    >>> import torch
+    >>> from hypergradient.estimators import AffineRecurrence, FullBackprop
+    >>> system = AffineRecurrence(horizon=4, a=0.5)  # x_{t+1} = x_t / 2 + theta, target 1
+    >>> est = FullBackprop(system)
+    >>> theta, gen = torch.zeros(1), torch.Generator().manual_seed(0)
+    >>> state = est.init(theta, gen)
+    >>> for _ in range(20):  # meta-training: one estimate, one SGD step on theta
+    ...     estimate, state = est.estimate(theta, state, gen)
+    ...     theta = theta - 0.3 * estimate.grad
+    >>> bool(system.gradient(theta).abs().max() < 1e-4), state.episodes
+    (True, 20)
 """
 
 from ._base import AbstractGradientEstimator as AbstractGradientEstimator

@@ -53,6 +53,19 @@ class EstimatorState:
             truncations, leaves of shape ``(3, *theta_leaf.shape)`` (float64), or ``None``
             before the first truncation (see
             :func:`~hypergradient.estimators.cross_fitted_combine`).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.estimators import PES, AffineRecurrence
+        >>> est = PES(AffineRecurrence(horizon=4), sigma=0.1, num_pairs=3, truncation_length=2)
+        >>> theta, gen = torch.zeros(1), torch.Generator().manual_seed(0)
+        >>> state = est.init(theta, gen)
+        >>> state.kind, state.t, state.episodes, len(state.particles), state.accumulators.shape
+        ('PES', 0, 1, 6, torch.Size([3, 1]))
+        >>> for _ in range(3):  # the third truncation starts a second episode
+        ...     _, state = est.estimate(theta, state, gen)
+        >>> state.t, state.episodes
+        (2, 2)
     """
 
     kind: str
@@ -78,6 +91,18 @@ class GradientEstimate:
         episodes_finished: episodes that reached ``horizon`` during the truncation (0 or 1).
         system_steps: calls of ``system.step`` the truncation cost (all particles).
         extras: estimator-specific diagnostics (the mixed estimator's components and weights).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.estimators import AffineRecurrence, FullBackprop
+        >>> system = AffineRecurrence(horizon=3, dim=2, noise_scale=0.5)  # noisy episodes
+        >>> est = FullBackprop(system, num_particles=4)
+        >>> theta, gen = torch.zeros(2), torch.Generator().manual_seed(0)
+        >>> out, _ = est.estimate(theta, est.init(theta, gen), gen)
+        >>> out.num_samples, tuple(out.samples.shape), tuple(out.standard_error().shape)
+        (4, (4, 2), (2,))
+        >>> bool(torch.allclose(out.grad, out.samples.mean(0))), out.system_steps
+        (True, 12)
     """
 
     grad: Tree
@@ -150,6 +175,19 @@ class AbstractGradientEstimator(abc.ABC):
 
     For a quadratic meta-objective (a linear system with a quadratic loss) every smoothed
     gradient above equals :math:`\nabla L(\theta)`.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.estimators import PES, AbstractGradientEstimator
+        >>> from hypergradient.estimators import AffineRecurrence, FullBackprop
+        >>> system = AffineRecurrence(horizon=4)
+        >>> theta, gen = torch.zeros(1), torch.Generator().manual_seed(0)
+        >>> for est in [FullBackprop(system), PES(system, 0.1, num_pairs=2, truncation_length=2)]:
+        ...     out, state = est.estimate(theta, est.init(theta, gen), gen)
+        ...     print(isinstance(est, AbstractGradientEstimator), tuple(out.grad.shape),
+        ...           out.t, out.system_steps)
+        True (1,) 4 4
+        True (1,) 2 8
     """
 
     system: AbstractUnrolledSystem

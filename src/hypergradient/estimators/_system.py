@@ -68,6 +68,21 @@ class AbstractUnrolledSystem(abc.ABC):
       ``.item()``, no data-dependent Python control flow, no in-place ops on captured
       tensors).  Pre-draw noise in ``init`` (e.g. a ``(horizon, d)`` table) rather than
       sampling inside ``step``.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.estimators import AbstractUnrolledSystem, FullBackprop
+        >>> class Drift(AbstractUnrolledSystem):  # x_t = t theta, L = mean(x_t^2 / 2)
+        ...     horizon = 3
+        ...     def init(self, generator):
+        ...         return torch.zeros(())
+        ...     def step(self, state, theta, t):
+        ...         x = state + theta
+        ...         return x, 0.5 * x**2
+        >>> est, theta, gen = FullBackprop(Drift()), torch.tensor(1.5), torch.Generator()
+        >>> out, _ = est.estimate(theta, est.init(theta, gen), gen)
+        >>> round(float(out.grad), 4)  # dL/dtheta = (1 + 4 + 9) theta / 3 = 7
+        7.0
     """
 
     #: Steps of one episode, :math:`T`.
@@ -87,8 +102,7 @@ class AbstractUnrolledSystem(abc.ABC):
 class UnrolledSystem(AbstractUnrolledSystem):
     """An :class:`AbstractUnrolledSystem` from two functions (see its contract).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.estimators import UnrolledSystem
         >>> # x_{t+1} = 0.5 x_t + theta, loss x_{t+1}: x = 1, 1.5 for theta = 1

@@ -1,4 +1,19 @@
-"""Hyperparameter kinds the bilevel training loop knows how to differentiate."""
+"""Hyperparameter kinds the bilevel training loop knows how to differentiate.
+
+Each kind (:class:`AbstractHyperparameter`) makes the hyperparameter tensors from the model's
+parameters and defines the training loss they enter; any hypergradient method then
+differentiates that loss.
+
+Examples:
+    >>> import torch
+    >>> import hypergradient as hg
+    >>> params = dict(torch.nn.Linear(3, 2).named_parameters())
+    >>> kind = hg.hparams.WeightDecay("per_tensor")  # one decay per parameter tensor
+    >>> sorted(kind.init(params))
+    ['log_wd.bias', 'log_wd.weight']
+    >>> isinstance(kind, hg.hparams.AbstractHyperparameter)
+    True
+"""
 
 from ._base import AbstractHyperparameter as AbstractHyperparameter
 from ._base import SplitTrainingLoss as SplitTrainingLoss

@@ -27,7 +27,18 @@ Criterion = Callable[..., torch.Tensor]
 
 
 def per_example_loss(criterion: Criterion, outputs: torch.Tensor, targets) -> torch.Tensor:
-    """``criterion(outputs, targets, reduction="none")``: one loss per example, shape ``(B,)``."""
+    """``criterion(outputs, targets, reduction="none")``: one loss per example, shape ``(B,)``.
+
+    Examples:
+        >>> import math
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> import hypergradient as hg
+        >>> outputs, targets = torch.zeros(4, 3), torch.tensor([0, 1, 2, 0])  # uniform logits
+        >>> losses = hg.hparams.per_example_loss(F.cross_entropy, outputs, targets)
+        >>> tuple(losses.shape), bool(torch.allclose(losses, torch.full((4,), math.log(3))))
+        ((4,), True)
+    """
     return criterion(outputs, targets, reduction="none")
 
 
@@ -40,6 +51,18 @@ class SplitTrainingLoss(NamedTuple):
     step is the same as back-propagating :meth:`AbstractHyperparameter.training_loss`, minus the
     autograd graph of the penalty (for per-weight decay that graph costs as much as the
     model's own backward pass).  ``penalty(params)`` gives its value (for logging).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> kind = hg.hparams.WeightDecay("global", initial=0.5)
+        >>> w = torch.ones(3, requires_grad=True)
+        >>> split = kind.split_training_loss(kind.init({"w": w}))
+        >>> split.add_penalty_gradient({"w": w})  # w.grad += 0.5 * w, no autograd graph
+        >>> bool(torch.allclose(w.grad, torch.full((3,), 0.5)))
+        True
+        >>> round(float(split.penalty({"w": w})), 4)  # 0.5 * 0.5 * (1 + 1 + 1)
+        0.75
     """
 
     data_loss: Callable[[Forward, Mapping[str, torch.Tensor], Any, Criterion], torch.Tensor]
@@ -55,6 +78,23 @@ class AbstractHyperparameter(abc.ABC):
     hypergradients can all differentiate it; it receives the hyperparameters as given
     (unconstrained coordinates) and returns a scalar.  ``batch`` is whatever the training data
     loader yields (``(x, y)``; kinds that need example indices say so).
+
+    Examples:
+        >>> import math
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> import hypergradient as hg
+        >>> class LogitScale(hg.hparams.AbstractHyperparameter):  # a learned temperature
+        ...     def init(self, params):
+        ...         return {"log_scale": torch.zeros(())}
+        ...     def training_loss(self, forward, params, hparams, batch, criterion=F.cross_entropy):
+        ...         outputs = hparams["log_scale"].exp() * forward(params, batch[0])
+        ...         return criterion(outputs, batch[1])
+        >>> kind, params = LogitScale(), {"w": torch.zeros(2, 3)}
+        >>> batch = (torch.ones(4, 2), torch.zeros(4, dtype=torch.long))
+        >>> loss = kind.training_loss(lambda p, x: x @ p["w"], params, kind.init(params), batch)
+        >>> bool(torch.isclose(loss, torch.tensor(math.log(3))))  # uniform over 3 classes
+        True
     """
 
     #: Does the training loss read the real training batch?  (Distilled data does not.)

@@ -150,8 +150,7 @@ class AugmentationNet(AbstractHyperparameter):
     Because the noise is drawn from the global torch RNG, fix ``torch.manual_seed`` before
     a call to get a deterministic loss (the trainer's checkpoints save that RNG).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.hparams.augment import AugmentationNet
         >>> kind = AugmentationNet(image_shape=(1, 28, 28), transform="affine")

@@ -32,6 +32,21 @@ class Combined(AbstractHyperparameter):
         penalty_kinds: kinds with ``penalty(params, hparams) -> scalar`` (``WeightDecay``).
 
     Cost: the data kind's, plus each penalty (one pass over the weights).
+
+    Examples:
+        >>> import math
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> kind = hg.hparams.Combined(hg.hparams.ExampleWeights(4),
+        ...                            hg.hparams.WeightDecay("per_tensor", initial=1.0))
+        >>> params = {"w": torch.ones(2, 3)}
+        >>> hparams = kind.init(params)
+        >>> sorted(hparams)
+        ['example_weights', 'log_wd.w']
+        >>> batch = (torch.zeros(4, 2), torch.tensor([0, 1, 2, 0]), torch.arange(4))
+        >>> loss = kind.training_loss(lambda p, x: x @ p["w"], params, hparams, batch)
+        >>> bool(torch.isclose(loss, torch.tensor(math.log(3) + 3.0)))  # data + 0.5 * 6 ones
+        True
     """
 
     def __init__(self, data_kind: AbstractHyperparameter, *penalty_kinds: AbstractHyperparameter):

@@ -82,8 +82,7 @@ class DistilledData(AbstractHyperparameter):
     passes plus one forward/backward pass over the real validation batch, and keeps ``T``
     copies of the weights and of the activations of the ``n`` examples in memory.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> kind = DistilledData(num_classes=3, shape=(4,), per_class=2, init_from="noise")
         >>> hp = kind.init({"weight": torch.zeros(3, 4, dtype=torch.float64)})
@@ -264,6 +263,19 @@ def fresh_params(
     RNG seeded by ``seed`` for the call (the caller's RNG state is left untouched);
     ``"zeros"``: all zeros; ``"current"``: a copy of the model's weights; or a dict of tensors
     (copied).  The model itself is never modified.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> model = torch.nn.Linear(3, 2)
+        >>> params = hg.hparams.fresh_params(model, seed=1)
+        >>> {k: (tuple(v.shape), v.requires_grad) for k, v in params.items()}
+        {'weight': ((2, 3), False), 'bias': ((2,), False)}
+        >>> again = hg.hparams.fresh_params(model, seed=1)  # same seed, same draw
+        >>> bool(torch.equal(params["weight"], again["weight"]))
+        True
+        >>> int(hg.hparams.fresh_params(model, "zeros")["weight"].count_nonzero())
+        0
     """
     if isinstance(init, Mapping):
         return {k: v.detach().clone() for k, v in init.items()}
@@ -312,6 +324,17 @@ def retrain_on_distilled(
     returned dict works with ``hg.as_function(model)``.  Use the procedure the data was
     distilled for (same ``steps``, ``lr``, ``init``); nothing here is differentiated.
     Cost: ``steps`` forward/backward passes over the ``n`` synthetic examples.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> model = torch.nn.Linear(2, 2)
+        >>> x, y = torch.tensor([[2.0, 0.0], [-2.0, 0.0]]), torch.tensor([0, 1])
+        >>> kind = hg.hparams.DistilledData(num_classes=2, shape=(2,), real_x=x, real_y=y)
+        >>> hparams = kind.init(dict(model.named_parameters()))  # one real example per class
+        >>> w = hg.hparams.retrain_on_distilled(model, kind, hparams, steps=20, lr=1.0)
+        >>> sorted(w), hg.as_function(model)(w, hparams["distill.images"]).argmax(-1).tolist()
+        (['bias', 'weight'], [0, 1])
     """
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
         raise HypergradientError(
@@ -362,6 +385,20 @@ def evaluate_distilled(
     Runs :func:`retrain_on_distilled` once per seed (different random initialisations when
     ``init="random"``) and returns ``{"accuracy": mean, "accuracy_std": std, "accuracies":
     [...]}`` on ``(x_test, y_test)`` (``x_test`` shaped as the model consumes it).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> model = torch.nn.Linear(2, 2)
+        >>> x, y = torch.tensor([[2.0, 0.0], [-2.0, 0.0]]), torch.tensor([0, 1])
+        >>> kind = hg.hparams.DistilledData(num_classes=2, shape=(2,), real_x=x, real_y=y)
+        >>> hparams = kind.init(dict(model.named_parameters()))  # one real example per class
+        >>> x_test = torch.tensor([[1.0, 0.0], [3.0, 0.0], [-1.0, 0.0], [-3.0, 0.0]])
+        >>> result = hg.hparams.evaluate_distilled(
+        ...     model, kind, hparams, x_test, torch.tensor([0, 0, 1, 1]),
+        ...     steps=20, lr=1.0, seeds=(0, 1, 2))  # three fresh initialisations
+        >>> sorted(result), result["accuracies"]
+        (['accuracies', 'accuracy', 'accuracy_std'], [1.0, 1.0, 1.0])
     """
     if not seeds:
         raise HypergradientError(

@@ -38,10 +38,11 @@ class IndexedDataset(Dataset):
     index: item ``i`` is ``(x[i], y[i], *[t[i] for t in extra], i)``.  A ``DataLoader`` over
     it yields ``(x, y, ..., idx)`` batches with ``idx`` an ``int64`` tensor.
 
-    >>> import torch
-    >>> ds = IndexedDataset(torch.zeros(5, 2), torch.arange(5))
-    >>> len(ds), ds[3][1].item(), ds[3][2]
-    (5, 3, 3)
+    Examples:
+        >>> import torch
+        >>> ds = IndexedDataset(torch.zeros(5, 2), torch.arange(5))
+        >>> len(ds), ds[3][1].item(), ds[3][2]
+        (5, 3, 3)
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, *extra: torch.Tensor):
@@ -76,10 +77,12 @@ class IndexedBatches:
     reproducible order.  Slicing whole batches avoids the per-example indexing and collation
     of a ``DataLoader`` (which dominates the cost of small models).
 
-    >>> import torch
-    >>> batches = IndexedBatches(torch.zeros(5, 2), torch.arange(5), batch_size=2, shuffle=False)
-    >>> [b[2].tolist() for b in batches], len(batches)
-    ([[0, 1], [2, 3], [4]], 3)
+    Examples:
+        >>> import torch
+        >>> x, y = torch.zeros(5, 2), torch.arange(5)
+        >>> batches = IndexedBatches(x, y, batch_size=2, shuffle=False)
+        >>> [b[2].tolist() for b in batches], len(batches)
+        ([[0, 1], [2, 3], [4]], 3)
     """
 
     def __init__(
@@ -132,6 +135,17 @@ def indexed_loader(
     ``idx`` (``int64``) holds the examples' positions in ``x``: what
     :class:`ExampleWeights` needs.  For data that does not fit in memory, wrap an
     :class:`IndexedDataset` in a ``torch.utils.data.DataLoader`` instead.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> x, y = torch.randn(10, 3), torch.arange(10)
+        >>> batches = hg.hparams.indexed_loader(x, y, batch_size=4, shuffle=False)
+        >>> [tuple(idx.tolist()) for *_, idx in batches]
+        [(0, 1, 2, 3), (4, 5, 6, 7), (8, 9)]
+        >>> xb, yb, idx = next(iter(batches))
+        >>> bool(torch.equal(xb, x[idx])), idx.dtype
+        (True, torch.int64)
     """
     return IndexedBatches(x, y, *extra, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last)
 
@@ -188,11 +202,12 @@ class ExampleWeights(AbstractHyperparameter):
     Cost: ``N`` hyperparameters (one float each) and a gather of ``B`` of them per loss
     evaluation; a hypergradient touches only the weights of the examples in its batches.
 
-    >>> import torch
-    >>> kind = ExampleWeights(4)
-    >>> h = kind.init({"w": torch.zeros(2, dtype=torch.float64)})
-    >>> kind.weights(h).tolist()
-    [1.0, 1.0, 1.0, 1.0]
+    Examples:
+        >>> import torch
+        >>> kind = ExampleWeights(4)
+        >>> h = kind.init({"w": torch.zeros(2, dtype=torch.float64)})
+        >>> kind.weights(h).tolist()
+        [1.0, 1.0, 1.0, 1.0]
     """
 
     num_examples: int

@@ -51,12 +51,13 @@ class LossReweightNet(AbstractHyperparameter):
     Cost: ``3 * hidden + 1`` hyperparameters; per loss evaluation one extra tiny MLP pass
     over ``B`` scalars (O(B * hidden)).
 
-    >>> import torch
-    >>> kind = LossReweightNet(hidden=8)
-    >>> h = kind.init({"w": torch.zeros(1, dtype=torch.float64)})
-    >>> v = kind.weight_fn(h, torch.tensor([0.1, 2.0, 5.0], dtype=torch.float64))
-    >>> v.shape, bool(((v > 0) & (v < 1)).all())
-    (torch.Size([3]), True)
+    Examples:
+        >>> import torch
+        >>> kind = LossReweightNet(hidden=8)
+        >>> h = kind.init({"w": torch.zeros(1, dtype=torch.float64)})
+        >>> v = kind.weight_fn(h, torch.tensor([0.1, 2.0, 5.0], dtype=torch.float64))
+        >>> v.shape, bool(((v > 0) & (v < 1)).all())
+        (torch.Size([3]), True)
     """
 
     hidden: int = 100

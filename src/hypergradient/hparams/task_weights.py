@@ -42,11 +42,12 @@ class TaskWeights(AbstractHyperparameter):
 
     Cost: ``T`` hyperparameters; a one-hot ``(B, T)`` matrix product per loss evaluation.
 
-    >>> import torch
-    >>> kind = TaskWeights(3)
-    >>> h = kind.init({"w": torch.zeros(1, dtype=torch.float64)})
-    >>> kind.weights(h).tolist()
-    [1.0, 1.0, 1.0]
+    Examples:
+        >>> import torch
+        >>> kind = TaskWeights(3)
+        >>> h = kind.init({"w": torch.zeros(1, dtype=torch.float64)})
+        >>> kind.weights(h).tolist()
+        [1.0, 1.0, 1.0]
     """
 
     num_tasks: int

@@ -31,8 +31,7 @@ def max_stable_decay(optimizer: torch.optim.Optimizer, safety: float = 0.9) -> f
     Returns ``None`` for other optimizers (Adam-type steps are normalised and have no such
     threshold).
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> w = torch.zeros(3, requires_grad=True)
         >>> round(hg.hparams.max_stable_decay(torch.optim.SGD([w], lr=0.1)), 6)
@@ -84,6 +83,17 @@ class WeightDecay(AbstractHyperparameter):
     Cost: the penalty is O(#weights) per loss evaluation; per-weight decay stores one extra
     tensor the size of the model.  Hyperparameter names are ``"log_wd"`` (global) or
     ``"log_wd.<param name>"``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> params = {"weight": torch.ones(2, 3), "bias": torch.zeros(2)}
+        >>> hparams = hg.hparams.WeightDecay(initial=0.5).init(params)  # per_weight
+        >>> {k: tuple(v.shape) for k, v in hparams.items()}
+        {'log_wd.weight': (2, 3), 'log_wd.bias': (2,)}
+        >>> kind = hg.hparams.WeightDecay("global", initial=0.5)
+        >>> round(float(kind.penalty(params, kind.init(params))), 4)  # 0.5 * 0.5 * 6 ones
+        1.5
     """
 
     granularity: str = "per_weight"

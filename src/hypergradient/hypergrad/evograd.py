@@ -221,8 +221,7 @@ def evograd_hypergrad(
     Cost: ``copies`` forward and backward passes of ``inner_loss`` (backward to ``hparams``
     only), one of ``outer_loss``; memory O(copies * (params + hparams)) plus one forward graph.
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> # L = (w - lam)^2 / 2 and E = w^2 / 2 at w = 1, lam = 0.  The one-step look-ahead
         >>> # w' = w - a (w - lam) has dE(w')/dlam = a w' = a (1 - a): on average EvoGrad
@@ -340,6 +339,20 @@ class EvoGrad(AbstractHypergradientMethod):
     Cost per hyper-step: ``copies + 1`` forward passes (the training batch ``copies`` times,
     the validation batch once), each with one backward pass; no second-order graph.  Memory:
     O(copies * (params + hparams)) plus one forward graph at a time.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> method = hg.EvoGrad(copies=2, sigma=1e-3, temperature=0.05,
+        ...                     generator=torch.Generator().manual_seed(0))
+        >>> f"{method.effective_step:.1e}"  # sigma^2 (K - 1) / (K tau): the step it mimics
+        '1.0e-05'
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()
+        >>> outer = lambda p, h: 0.5 * (p["w"] ** 2).sum()
+        >>> g = method.hypergrad(inner, outer, {"w": torch.ones(3)}, {"lam": torch.zeros(3)},
+        ...                      lr=0.1)  # lr is not used: no look-ahead step
+        >>> tuple(g["lam"].shape), hg.hypergrad.get_method("evograd").copies
+        ((3,), 2)
     """
 
     name: ClassVar[str] = "evograd"

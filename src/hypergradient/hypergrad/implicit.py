@@ -48,7 +48,19 @@ _SOLVER_NAMES = ("exact", "cg", "neumann", "identity", "minres", "gmres")
 
 
 class ConvergenceWarning(UserWarning):
-    """An iterative linear solve stopped at ``max_steps`` before reaching ``tol``."""
+    """An iterative linear solve stopped at ``max_steps`` before reaching ``tol``.
+
+    Examples:
+        >>> import warnings
+        >>> import hypergradient as hg
+        >>> p = hg.testing.ridge_problem(dim=3)  # a 3 x 3 Hessian: CG needs 3 steps
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams,
+        ...                               solver="cg", max_steps=1, tol=1e-10)
+        >>> [c.category.__name__ for c in caught]
+        ['ConvergenceWarning']
+    """
 
 
 class NonStationaryWarning(UserWarning):
@@ -60,6 +72,21 @@ class NonStationaryWarning(UserWarning):
     The warning names the measured gradient norm (or fixed-point residual) and the
     ``stationarity_tol`` it exceeded.  Silence it deliberately with ``stationarity_tol=None``
     (e.g. the warm-start approximation of :class:`~hypergradient.Implicit`).
+
+    Examples:
+        >>> import warnings
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()  # optimum: w = lam
+        >>> outer = lambda p, h: 0.5 * (p["w"] ** 2).sum()
+        >>> w, lam = {"w": torch.zeros(1)}, {"lam": torch.ones(1)}  # gradient norm 1 here
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = hg.implicit_hypergrad(inner, outer, w, lam, solver="cg", max_steps=1)
+        ...     _ = hg.implicit_hypergrad(inner, outer, w, lam, solver="cg", max_steps=1,
+        ...                               stationarity_tol=None)  # on purpose: no check
+        >>> [c.category.__name__ for c in caught]
+        ['NonStationaryWarning']
     """
 
 
@@ -74,8 +101,7 @@ class FixedPoint:
     the dicts ``(params, hparams)`` to a dict shaped like ``params`` (e.g. one step of an
     optimizer, a DEQ layer, a proximal map).
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> # w = 0.5 w + lam  has the fixed point w* = 2 lam, so d(w*)/d lam = 2
         >>> phi = lambda p, h: {"w": 0.5 * p["w"] + h["lam"]}
@@ -247,8 +273,7 @@ def implicit_hypergrad(
     term.  Memory: the retained graph plus a few vectors of the size of ``params``,
     independent of how the inner problem was solved.
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> # inner: min_w (w - lam)^2 / 2  ->  w* = lam;  outer: w^2 / 2  ->  dE/dlam = lam
         >>> lam = torch.tensor([3.0], dtype=torch.float64)

@@ -35,6 +35,17 @@ class AbstractHypergradientMethod(abc.ABC):
     not modified); ``lr`` and ``momentum`` describe the user's inner optimizer (used by methods
     that differentiate through optimizer steps, ignored by the others).  Returns a dict shaped
     like ``hparams``.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> p = hg.testing.ridge_problem(dim=3)  # exact hypergradient in p.hypergrad
+        >>> method = hg.hypergrad.get_method("implicit", solver="cg", max_steps=20, tol=1e-10)
+        >>> isinstance(method, hg.hypergrad.AbstractHypergradientMethod)
+        True
+        >>> g, info = method.hypergrad_and_info(
+        ...     p.inner_loss, p.outer_loss, p.params, p.hparams, lr=0.1)
+        >>> hg.testing.relative_error(g, p.hypergrad) < 1e-8, sorted(info)
+        (True, ['inner_grad_norm'])
     """
 
     name: ClassVar[str]
@@ -85,7 +96,17 @@ def register_method(cls):
 
 
 def get_method(method: str | AbstractHypergradientMethod, **options) -> AbstractHypergradientMethod:
-    """A method object from its name (``"implicit"``, ``"unrolled"``) and options."""
+    """A method object from its name (``"implicit"``, ``"unrolled"``) and options.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> hg.hypergrad.get_method("unrolled", steps=3)
+        Unrolled(steps=3, mode='reverse')
+        >>> hg.hypergrad.get_method("newton")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: get_method(method='newton'): unknown ...
+    """
     if isinstance(method, AbstractHypergradientMethod):
         return method
     if method not in _METHODS:
@@ -112,6 +133,18 @@ class Implicit(AbstractHypergradientMethod):
     approximation.  The measured gradient norm is still returned by
     :meth:`hypergrad_and_info` and logged by the training loop as ``inner_grad_norm``; pass a
     float to be warned as :func:`~hypergradient.implicit_hypergrad` would.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> p = hg.testing.ridge_problem(dim=3)  # params at the inner optimum, exact hypergrad
+        >>> method = hg.Implicit(solver="cg", max_steps=20, tol=1e-10)
+        >>> g = method.hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, lr=0.1)
+        >>> tuple(g["log_l2"].shape), hg.testing.relative_error(g, p.hypergrad) < 1e-8
+        ((3,), True)
+        >>> # the default: 10 Neumann terms with step alpha = lr, an approximation
+        >>> g = hg.Implicit().hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, lr=1.0)
+        >>> hg.testing.relative_error(g, p.hypergrad) < 0.1
+        True
     """
 
     name: ClassVar[str] = "implicit"
@@ -182,6 +215,21 @@ class Unrolled(AbstractHypergradientMethod):
     hyperparameters only).  The look-ahead steps use the inner optimizer's learning rate and
     momentum and the same training batch; they are discarded afterwards.
     Cost: ``steps`` double-backward passes; memory grows with ``steps`` (reverse mode).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> # L = (w - lam)^2 / 2, E = w^2 / 2 at w = 1, lam = 0; with lr 0.5 one look-ahead
+        >>> # step gives w1 = (w + lam) / 2, two give w2 = w / 4 + 3 lam / 4, so
+        >>> # dE(w1)/dlam = w1 / 2 = 1/4 and dE(w2)/dlam = w2 * 3/4 = 3/16
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()
+        >>> outer = lambda p, h: 0.5 * (p["w"] ** 2).sum()
+        >>> w, lam = {"w": torch.ones(1)}, {"lam": torch.zeros(1)}
+        >>> for steps, exact in ((1, 1 / 4), (2, 3 / 16)):
+        ...     g = hg.Unrolled(steps=steps).hypergrad(inner, outer, w, lam, lr=0.5)
+        ...     print(steps, bool(torch.allclose(g["lam"], torch.tensor([exact]))))
+        1 True
+        2 True
     """
 
     name: ClassVar[str] = "unrolled"
@@ -212,7 +260,21 @@ class Unrolled(AbstractHypergradientMethod):
 class AmortizationResetWarning(UserWarning):
     """:class:`AmortizedImplicit` dropped its kept solution because reusing it would be wrong
     (the hyperparameters or the model changed shape, the kept solution holds NaN/inf, or the
-    hyperparameters jumped); the solve started from zero instead."""
+    hyperparameters jumped); the solve started from zero instead.
+
+    Examples:
+        >>> import warnings
+        >>> import hypergradient as hg
+        >>> p = hg.testing.ridge_problem(dim=3)
+        >>> method = hg.AmortizedImplicit()
+        >>> _ = method.hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, lr=0.1)
+        >>> jumped = {"log_l2": 3 * p.hparams["log_l2"]}  # relative change 2 > reset_jump
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = method.hypergrad(p.inner_loss, p.outer_loss, p.params, jumped, lr=0.1)
+        >>> [c.category.__name__ for c in caught], "jumped" in str(caught[0].message)
+        (['AmortizationResetWarning'], True)
+    """
 
 
 def pedregosa_tolerance(tol: float = 0.1, power: float = 1.5) -> Callable[[int], float]:
@@ -221,8 +283,9 @@ def pedregosa_tolerance(tol: float = 0.1, power: float = 1.5) -> Callable[[int],
     \texttt{tol}\,(k+1)^{-\texttt{power}}`; with ``power > 1`` the tolerances are summable,
     the condition under which HOAG's outer iterates converge.
 
-    >>> [round(pedregosa_tolerance(0.1, 2.0)(k), 4) for k in range(3)]
-    [0.1, 0.025, 0.0111]
+    Examples:
+        >>> [round(pedregosa_tolerance(0.1, 2.0)(k), 4) for k in range(3)]
+        [0.1, 0.025, 0.0111]
     """
     if not (tol > 0 and power > 0):
         raise HypergradientError(
@@ -275,6 +338,18 @@ class AmortizedImplicit(AbstractHypergradientMethod):
     products; memory: one extra vector the size of the weights (the kept solution).
     :meth:`state_dict` / :meth:`load_state_dict` carry the kept solution through a
     checkpoint, so a resumed run continues bit for bit.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> p = hg.testing.ridge_problem(dim=3)  # exact hypergradient in p.hypergrad
+        >>> method = hg.AmortizedImplicit(max_steps=2, tol=1e-10)
+        >>> hvps = []
+        >>> for _ in range(5):  # each hyper-step continues the previous solve
+        ...     g, info = method.hypergrad_and_info(
+        ...         p.inner_loss, p.outer_loss, p.params, p.hparams, lr=0.1)
+        ...     hvps.append(info["solve_hvps"])
+        >>> hvps, info["warm_started"], hg.testing.relative_error(g, p.hypergrad) < 1e-6
+        ([2, 3, 3, 3, 3], True, True)
 
     References:
         Pedregosa (2016), Hyperparameter optimization with approximate gradient (HOAG);

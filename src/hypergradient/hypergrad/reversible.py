@@ -88,7 +88,7 @@ from ._checks import (
     check_params_hparams,
     ignored_hparam_error,
 )
-from .unrolled import StepHParam, _resolve_step_hparam
+from ._step import StepHParam, resolve_step_hparam
 
 _WHERE = "hypergradient.reversible_hypergrad(...)"
 
@@ -744,7 +744,24 @@ class ReversibleStats:
 
 @dataclass(frozen=True)
 class ReversibleResult:
-    """``hypergrad`` (shaped like ``hparams``), ``params`` (``w_T``, detached), ``stats``."""
+    """``hypergrad`` (shaped like ``hparams``), ``params`` (``w_T``, detached), ``stats``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()
+        >>> outer = lambda p, h: p["w"].sum()
+        >>> w0 = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> lam = {"lam": torch.ones(2, dtype=torch.float64)}
+        >>> res = hg.reversible_hypergrad(inner, outer, w0, lam, steps=10, lr=0.5, momentum=0.9)
+        >>> ref = hg.unrolled_hypergrad(inner, outer, w0, lam, steps=10, lr=0.5, momentum=0.9)
+        >>> bool(torch.allclose(res.hypergrad["lam"], ref["lam"], rtol=1e-10, atol=0))
+        True
+        >>> tuple(res.params["w"].shape), res.stats.steps, res.stats.num_weights
+        ((2,), 10, 2)
+        >>> res.stats.trajectory_bytes  # what reverse mode stores: 2 * P * T float64 values
+        320
+    """
 
     hypergrad: dict[str, torch.Tensor]
     params: dict[str, torch.Tensor]
@@ -785,6 +802,20 @@ class ReversibleMemoryWarning(UserWarning):
     weights' dtype (64 for float64: every step at momentum 0; 32 for float32), the buffer is
     no smaller than the weights of every step, and reverse mode (or truncated
     back-propagation) is the cheaper choice.
+
+    Examples:
+        >>> import warnings
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> inner = lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum()
+        >>> w0 = {"w": torch.zeros(2, dtype=torch.float64)}
+        >>> lam = {"lam": torch.ones(2, dtype=torch.float64)}
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = hg.reversible_hypergrad(inner, lambda p, h: p["w"].sum(), w0, lam,
+        ...                                 steps=3, lr=0.5, momentum=0.0)  # forgets all
+        >>> [c.category.__name__ for c in caught]
+        ['ReversibleMemoryWarning']
     """
 
 
@@ -925,8 +956,7 @@ def reversible_hypergrad(
     Memory: ``O(P)`` plus one step's graph plus the buffer, about ``T log2(1/mu)`` bits per
     weight (``T * 0.152`` for ``mu = 0.9``), instead of ``O(T)`` step graphs for reverse mode.
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> # L = (w - lam)^2/2 from w0 = 0 with lr 0.5, momentum 0.5: after 2 steps
         >>> # w1 = lam/2, b2 = 0.5 * (-lam) + (-lam/2) = -lam, w2 = w1 + lam/2 = lam; E = w2
@@ -976,8 +1006,8 @@ def _reversible(
     dtype = check_params_hparams(where, params0, hparams, params_name="params0")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise HypergradientError(f"{where}: steps must be an int >= 1, got {steps!r}.")
-    lr_fn = _resolve_step_hparam("lr", lr, hparams, steps, dtype, where=where)
-    mom_fn = _resolve_step_hparam("momentum", momentum, hparams, steps, dtype, where=where)
+    lr_fn = resolve_step_hparam("lr", lr, hparams, steps, dtype, where=where)
+    mom_fn = resolve_step_hparam("momentum", momentum, hparams, steps, dtype, where=where)
     hp = {k: v.detach() for k, v in hparams.items()}
     sgd = ExactMomentumSGD(
         _scalar_schedule(where, "lr", lr_fn, hp, steps),

@@ -49,54 +49,12 @@ from ._checks import (
     check_params_hparams,
     ignored_hparam_error,
 )
+from ._step import StepHParam, resolve_step_hparam
+from .reversible import _reversible, initial_params
 
 _WHERE = "hypergradient.unrolled_hypergrad(...)"
 # Forward mode refuses an identity basis (hyperparameters x hyperparameters) above this.
 FORWARD_BASIS_LIMIT_BYTES = 2**30
-
-StepHParam = float | torch.Tensor | str | Callable[[Mapping[str, torch.Tensor], int], torch.Tensor]
-
-
-def _resolve_step_hparam(
-    name: str, spec: StepHParam, hparams, steps: int, dtype, where: str = _WHERE
-):
-    """Return ``value(hparams, t)`` for the learning rate or the momentum, after validation."""
-    if isinstance(spec, bool):
-        raise HypergradientError(f"{where}: {name}={spec!r}; expected a number, not a bool.")
-    if isinstance(spec, str):
-        if spec not in hparams:
-            raise HypergradientError(
-                f"{where}: {name}={spec!r} names a hyperparameter, but hparams has only the "
-                f"keys {sorted(hparams)}. Add hparams[{spec!r}] (a scalar or a schedule of "
-                f"length steps={steps})."
-            )
-        value = hparams[spec]
-        if value.numel() == 1:
-            return lambda h, t: h[spec].reshape(())
-        if value.dim() == 1 and value.shape[0] == steps:
-            return lambda h, t: h[spec][t]
-        raise HypergradientError(
-            f"{where}: hparams[{spec!r}] (used as {name}) has shape {tuple(value.shape)}; "
-            f"expected a scalar or a per-step schedule of shape ({steps},)."
-        )
-    if callable(spec):
-        return spec
-    if isinstance(spec, torch.Tensor):
-        if spec.dim() == 0:
-            return lambda h, t: spec.to(dtype)
-        if spec.dim() == 1 and spec.shape[0] == steps:
-            return lambda h, t: spec[t].to(dtype)
-        raise HypergradientError(
-            f"{where}: {name} tensor has shape {tuple(spec.shape)}; expected a scalar or a "
-            f"schedule of shape ({steps},)."
-        )
-    if isinstance(spec, (int, float)):
-        value = float(spec)
-        return lambda h, t: value
-    raise HypergradientError(
-        f"{where}: {name} must be a float, a tensor (scalar or schedule), the name of a key "
-        f"of hparams, or a callable (hparams, step) -> tensor; got {type(spec).__name__}."
-    )
 
 
 def _sgd_step(w, buf, g, lr, mom):
@@ -180,8 +138,7 @@ def unrolled_hypergrad(
     mode costs about ``m`` times a reverse pass for ``m`` scalar hyperparameters but keeps
     no trajectory.
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> # L = (w - lam)^2/2, one step of lr 0.5 from w0 = 0: w1 = 0.5 lam; E = w1 -> 0.5
         >>> g = hg.unrolled_hypergrad(lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum(),
@@ -198,8 +155,6 @@ def unrolled_hypergrad(
     check_callable(_WHERE, "outer_loss", outer_loss)
     init = None
     if callable(params0) and not isinstance(params0, Mapping):
-        from .reversible import initial_params
-
         check_tree(_WHERE, "hparams", hparams)
         init, params0 = params0, initial_params(_WHERE, params0, hparams)
     dtype = check_params_hparams(_WHERE, params0, hparams, params_name="params0")
@@ -218,8 +173,6 @@ def unrolled_hypergrad(
                 f"{_WHERE}: truncate={truncate!r} with mode='reversible'; exact reversal "
                 f"differentiates through every step. Use mode='reverse' to truncate."
             )
-        from .reversible import _reversible
-
         start = params0 if init is None else init
         out = _reversible(inner_loss, outer_loss, start, hparams, steps, lr, momentum, where=_WHERE)
         return (out.hypergrad, out.params) if return_params else out.hypergrad
@@ -229,9 +182,9 @@ def unrolled_hypergrad(
         raise HypergradientError(
             f"{_WHERE}: truncate must be None or an int in [1, steps={steps}], got {truncate!r}."
         )
-    lr_fn = _resolve_step_hparam("lr", lr, hparams, steps, dtype)
+    lr_fn = resolve_step_hparam("lr", lr, hparams, steps, dtype, _WHERE)
     use_momentum = not (isinstance(momentum, (int, float)) and float(momentum) == 0.0)
-    mom_fn = _resolve_step_hparam("momentum", momentum, hparams, steps, dtype)
+    mom_fn = resolve_step_hparam("momentum", momentum, hparams, steps, dtype, _WHERE)
     keep = steps if truncate is None else truncate
     first_tracked = steps - keep
 
@@ -372,7 +325,9 @@ def _forward(run: _Unroll, w0, buf0, chunk_size):
 
     total = tree_size(primal)
     basis = torch.eye(total, dtype=run.dtype, device=next(iter(primal.values())).device)
-    flat = vmap(directional, chunk_size=chunk_size)(basis).reshape(total)
+    # vmap over jvp can hand back the tangent of a 0-dim loss scaled by a Python float in
+    # float64 (torch 2.13, float32 inputs): the hypergradient keeps the problem's dtype
+    flat = vmap(directional, chunk_size=chunk_size)(basis).reshape(total).to(run.dtype)
     result = tree_detach(tree_unflatten_vector(flat, primal))
     # An all-zero tangent is how forward mode shows an unused hyperparameter; tell it apart
     # from a true zero gradient with one structural reverse pass, only in that rare case.

@@ -16,26 +16,27 @@ Vocabulary of ``learned_optimization`` (Metz et al.):
 
 Example (a few seconds)::
 
-    >>> import torch
-    >>> from hypergradient import learned
-    >>> lopt = learned.MLPLearnedOptimizer(hidden=8)
-    >>> family = learned.NoisyQuadraticFamily(dim=4, noise=0.0)
-    >>> result = learned.meta_train(
-    ...     lopt, [family], num_steps=30, estimator="tbptt", num_pairs=2, meta_lr=3e-2,
-    ...     schedule=learned.TruncationSchedule(horizon=10, truncation_length=5))
-    >>> losses = [r["loss"] for r in result.history]
-    >>> sum(losses[-5:]) < sum(losses[:5])
-    True
+    Examples:
+        >>> import torch
+        >>> from hypergradient import learned
+        >>> lopt = learned.MLPLearnedOptimizer(hidden=8)
+        >>> family = learned.NoisyQuadraticFamily(dim=4, noise=0.0)
+        >>> result = learned.meta_train(
+        ...     lopt, [family], num_steps=30, estimator="tbptt", num_pairs=2, meta_lr=3e-2,
+        ...     schedule=learned.TruncationSchedule(horizon=10, truncation_length=5))
+        >>> losses = [r["loss"] for r in result.history]
+        >>> sum(losses[-5:]) < sum(losses[:5])
+        True
 
-Reverse engineering (:mod:`hypergradient.learned.analysis`, Maheswaranathan et al. 2021):
-fixed points, linearised dynamics (effective momentum), update-vs-gradient saturation and
-effective learning-rate schedules of any component-wise optimizer, e.g. the component-wise
-:class:`GRULearnedOptimizer`.
+    Reverse engineering (:mod:`hypergradient.learned.analysis`, Maheswaranathan et al. 2021):
+    fixed points, linearised dynamics (effective momentum), update-vs-gradient saturation and
+    effective learning-rate schedules of any component-wise optimizer, e.g. the component-wise
+    :class:`GRULearnedOptimizer`.
 
-Self-training (:mod:`hypergradient.learned.self_training`, Metz et al. 2021):
-:func:`self_train` outer-trains a random population of :class:`LinearLearnedOptimizer`
-with the learned optimizer of its own best member, ES meta-gradients and population-based
-training.
+    Self-training (:mod:`hypergradient.learned.self_training`, Metz et al. 2021):
+    :func:`self_train` outer-trains a random population of :class:`LinearLearnedOptimizer`
+    with the learned optimizer of its own best member, ES meta-gradients and population-based
+    training.
 """
 
 from . import analysis as analysis
@@ -50,17 +51,17 @@ from .architectures import loss_features as loss_features
 from .architectures import num_meta_parameters as num_meta_parameters
 from .architectures import second_moment_normalize as second_moment_normalize
 from .architectures import step_inputs as step_inputs
-from .meta_train import ESTIMATORS as ESTIMATORS
-from .meta_train import Evaluation as Evaluation
-from .meta_train import MetaTrainResult as MetaTrainResult
-from .meta_train import TruncationSchedule as TruncationSchedule
-from .meta_train import evaluate_adam as evaluate_adam
-from .meta_train import evaluate_learned as evaluate_learned
-from .meta_train import make_estimator as make_estimator
-from .meta_train import meta_train as meta_train
-from .meta_train import plot_history as plot_history
-from .meta_train import sample_tasks as sample_tasks
-from .meta_train import tune_adam as tune_adam
+from .meta_training import ESTIMATORS as ESTIMATORS
+from .meta_training import Evaluation as Evaluation
+from .meta_training import MetaTrainResult as MetaTrainResult
+from .meta_training import TruncationSchedule as TruncationSchedule
+from .meta_training import evaluate_adam as evaluate_adam
+from .meta_training import evaluate_learned as evaluate_learned
+from .meta_training import make_estimator as make_estimator
+from .meta_training import meta_train as meta_train
+from .meta_training import plot_history as plot_history
+from .meta_training import sample_tasks as sample_tasks
+from .meta_training import tune_adam as tune_adam
 from .recurrent import GRULearnedOptimizer as GRULearnedOptimizer
 from .self_training import OUTER_RULES as OUTER_RULES
 from .self_training import LinearLearnedOptimizer as LinearLearnedOptimizer

@@ -37,13 +37,14 @@ normalisation frozen at an operating point: one component's share of a tensor's 
 square is :math:`O(1/N)`).  :func:`state_space` builds the right one for a learned
 optimizer and its ``theta``; :func:`report` writes every analysis as JSON and a PNG.
 
-Example (heavy ball's momentum and learning rate, recovered)::
+Examples:
+    Heavy ball's momentum and learning rate, recovered:
 
-    >>> from hypergradient.learned.analysis import HeavyBallSystem, fixed_point, linearize
-    >>> system = HeavyBallSystem(lr=0.1, momentum=0.9)
-    >>> lin = linearize(system, fixed_point(system, 0.0).state, 0.0)
-    >>> round(lin.effective_momentum, 6), round(lin.effective_lr, 6)
-    (0.9, 0.1)
+        >>> from hypergradient.learned.analysis import HeavyBallSystem, fixed_point, linearize
+        >>> system = HeavyBallSystem(lr=0.1, momentum=0.9)
+        >>> lin = linearize(system, fixed_point(system, 0.0).state, 0.0)
+        >>> round(lin.effective_momentum, 6), round(lin.effective_lr, 6)
+        (0.9, 0.1)
 
 References:
     Maheswaranathan, Sussillo, Metz, Sun, Sohl-Dickstein (NeurIPS 2021), Reverse engineering
@@ -67,7 +68,7 @@ import torch
 from torch.func import jacrev, jvp
 
 from .._errors import ConvergenceError, HypergradientError
-from ..optim import safe_sqrt
+from ..diffopt import safe_sqrt
 from .architectures import (
     _EPS_NORM,
     _EPS_RATIO,

@@ -70,7 +70,7 @@ from typing import Any, ClassVar, NamedTuple, final
 import torch
 
 from .._errors import HypergradientError
-from ..optim import safe_sqrt
+from ..diffopt import safe_sqrt
 
 Theta = dict[str, torch.Tensor]
 Params = dict[str, torch.Tensor]
@@ -78,6 +78,16 @@ OptState = dict[str, Any]
 
 #: Timescales :math:`\tau` of the step embedding :math:`\tanh(s/\tau - 1)`.
 TIMESCALES = (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+r"""Timescales :math:`\tau` of the step embedding :math:`\tanh(s/\tau - 1)` (:math:`s`: updates
+already taken), global features of every update of the MLP and hierarchical optimizers.
+
+Examples:
+    >>> from hypergradient.learned import TIMESCALES, MLPLearnedOptimizer
+    >>> TIMESCALES
+    (1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+    >>> MLPLearnedOptimizer().num_global_features  # the progress s/T, then one per timescale
+    8
+"""
 #: Added to the mean squares of the feature normalisation: features of tensors whose
 #: gradient rms is well above 1e-6 are invariant to the gradient's scale; below, the
 #: normalisation (and its derivative, which truncated backprop follows) stays bounded.
@@ -98,6 +108,15 @@ class StepInputs(NamedTuple):
         train_loss: the training (mini-batch) loss at the current weights, or NaN when
             unknown.  Read only by architectures with ``uses_losses = True``.
         valid_loss: a validation loss at the current weights, or NaN when unknown.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import StepInputs
+        >>> inputs = StepInputs(torch.tensor(0.5), torch.tensor(2.0), torch.tensor(float("nan")))
+        >>> StepInputs._fields
+        ('progress', 'train_loss', 'valid_loss')
+        >>> inputs.progress.item(), bool(inputs.valid_loss.isnan())  # NaN: no validation loss
+        (0.5, True)
     """
 
     progress: torch.Tensor
@@ -116,6 +135,16 @@ def step_inputs(
 
     The losses are detached: they are observations for the optimizer, gradients do not flow
     through them.  ``like`` gives the dtype and device (default: the default dtype, CPU).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import step_inputs
+        >>> loss = torch.tensor(1.5, requires_grad=True)
+        >>> inputs = step_inputs(0.25, train_loss=loss)
+        >>> inputs.progress.item(), inputs.train_loss.requires_grad, bool(inputs.valid_loss.isnan())
+        (0.25, False, True)
+        >>> step_inputs(like=torch.zeros(2, dtype=torch.float64)).progress.dtype
+        torch.float64
     """
 
     def as_tensor(x):
@@ -140,6 +169,16 @@ def second_moment_normalize(x: torch.Tensor) -> torch.Tensor:
     :math:`x_{:,f} / \sqrt{\mathrm{mean}(x_{:,f}^2) + 10^{-12}}`.
 
     Invariant (up to the :math:`10^{-12}`) to a positive rescaling of any column.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import second_moment_normalize
+        >>> x = torch.tensor([[1.0, 10.0], [-3.0, 20.0], [2.0, -5.0]])
+        >>> y = second_moment_normalize(x)
+        >>> torch.allclose(y.square().mean(dim=0), torch.ones(2))  # unit rms per column
+        True
+        >>> torch.allclose(second_moment_normalize(x * torch.tensor([100.0, 0.1])), y)
+        True
     """
     return x * torch.rsqrt(x.square().mean(dim=0, keepdim=True) + _EPS_NORM)
 
@@ -299,6 +338,19 @@ class AbstractLearnedOptimizer(abc.ABC):
         uses_losses: whether :meth:`update` reads ``inputs.train_loss`` and
             ``inputs.valid_loss`` (an inner-training loop only computes a validation loss
             for optimizers that read it).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import AbstractLearnedOptimizer, MLPLearnedOptimizer
+        >>> lopt = MLPLearnedOptimizer(hidden=4)
+        >>> isinstance(lopt, AbstractLearnedOptimizer)
+        True
+        >>> theta = lopt.init(torch.Generator().manual_seed(0))
+        >>> sorted(theta) == sorted(lopt.theta_shapes())
+        True
+        >>> state = lopt.init_state({"w": torch.zeros(2, 3)})
+        >>> sorted(state), sorted(state["tensors"]["w"]), tuple(state["tensors"]["w"]["m"].shape)
+        (['global', 'tensors'], ['m', 'v'], (4, 2, 3))
     """
 
     uses_losses: ClassVar[bool] = False
@@ -469,8 +521,7 @@ class MLPLearnedOptimizer(AbstractLearnedOptimizer):
     State per tensor: ``m``, ``v`` (each ``(k, *shape)``); global: ``step``.
     Cost: :math:`4k + O(F h + h^2)` flops per parameter and update.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.learned import MLPLearnedOptimizer, step_inputs
         >>> lopt = MLPLearnedOptimizer()
@@ -579,6 +630,19 @@ def loss_features(loss: torch.Tensor, stats: torch.Tensor) -> tuple[torch.Tensor
     ``[l - first, l - min, l - ema, known]``, the differences clipped to
     :math:`\pm 5`.  An unknown (NaN) loss gives zero features and leaves the statistics
     unchanged.  Returns ``(features (4,), new_stats (4,))``.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import loss_features
+        >>> feats, stats = loss_features(torch.tensor(1.0), torch.zeros(4))  # first loss: log 1 = 0
+        >>> feats.tolist()
+        [0.0, 0.0, 0.0, 1.0]
+        >>> feats, stats = loss_features(torch.tensor(-1.0).exp(), stats)  # log loss -1
+        >>> torch.allclose(feats, torch.tensor([-1.0, 0.0, -1.0, 1.0]))  # vs first, min, ema
+        True
+        >>> feats, new = loss_features(torch.tensor(float("nan")), stats)  # unknown loss
+        >>> feats.abs().sum().item(), torch.equal(new, stats)
+        (0.0, True)
     """
     known = torch.isfinite(loss)
     log_loss = torch.log(torch.clamp(torch.where(known, loss, 1.0), min=1e-8))
@@ -661,6 +725,20 @@ class HierarchicalLearnedOptimizer(AbstractLearnedOptimizer):
     ``message``; global: ``step``, ``train_stats``, ``valid_stats``
     (:func:`loss_features`).  Cost: the MLP's, plus one cell step per tensor
     (:math:`O(\text{rnn\_hidden} \cdot (\text{inputs} + \text{rnn\_hidden}))`).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import HierarchicalLearnedOptimizer, step_inputs
+        >>> lopt = HierarchicalLearnedOptimizer(hidden=4, rnn_hidden=4, cond=2)
+        >>> theta = lopt.init(torch.Generator().manual_seed(0))
+        >>> params = {"w": torch.ones(2, 3), "b": torch.zeros(3)}
+        >>> state = lopt.init_state(params)
+        >>> grads = {"w": torch.ones(2, 3), "b": torch.ones(3)}
+        >>> updates, state = lopt.update(theta, grads, params, state, step_inputs(0.0, 2.3))
+        >>> updates["w"].shape, updates["w"].abs().max().item()  # starts as the zero update
+        (torch.Size([2, 3]), 0.0)
+        >>> sorted(state["tensors"]["w"])  # momenta, the LSTM's (h, c), the MLP's message
+        ['c', 'h', 'm', 'message', 'v']
     """
 
     uses_losses: ClassVar[bool] = True
@@ -847,6 +925,21 @@ class LearnedOptim(torch.optim.Optimizer):
     closure's result or ``loss``; architectures with ``uses_losses`` read it and
     ``valid_loss``.  The state (``state_dict``) holds per-parameter tensors and, under the
     key ``"global"``, the step counter and loss statistics.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import LearnedOptim, LinearLearnedOptimizer
+        >>> lopt = LinearLearnedOptimizer()
+        >>> theta = {"w": torch.zeros(4, 2), "b": torch.zeros(2)}
+        >>> theta["w"][0, 0] = -1.0  # update -0.01 * g / rms(g): sign-like descent
+        >>> x = torch.tensor([1.0, -1.0], requires_grad=True)
+        >>> opt = lopt.opt_fn(theta)([x])  # the same as LearnedOptim([x], lopt, theta)
+        >>> for _ in range(3):
+        ...     opt.zero_grad()
+        ...     x.square().sum().backward()
+        ...     _ = opt.step()
+        >>> isinstance(opt, LearnedOptim), torch.allclose(x.detach(), torch.tensor([0.97, -0.97]))
+        (True, True)
     """
 
     def __init__(
@@ -942,8 +1035,32 @@ ARCHITECTURES: dict[str, type[AbstractLearnedOptimizer]] = {
     "mlp": MLPLearnedOptimizer,
     "hierarchical": HierarchicalLearnedOptimizer,
 }
+"""The architectures by name (what a learned-optimizer recipe's ``architecture`` names):
+``"mlp"`` (:class:`MLPLearnedOptimizer`), ``"hierarchical"``
+(:class:`HierarchicalLearnedOptimizer`).
+
+Examples:
+    >>> from hypergradient.learned import ARCHITECTURES
+    >>> sorted(ARCHITECTURES)
+    ['hierarchical', 'mlp']
+    >>> lopt = ARCHITECTURES["hierarchical"](hidden=8, cell="gru")
+    >>> type(lopt).__name__, lopt.cell
+    ('HierarchicalLearnedOptimizer', 'gru')
+"""
 
 
 def num_meta_parameters(lopt: AbstractLearnedOptimizer) -> int:
-    """Entries of ``theta``."""
+    """Entries of ``theta``.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import LinearLearnedOptimizer, MLPLearnedOptimizer
+        >>> from hypergradient.learned import num_meta_parameters
+        >>> num_meta_parameters(LinearLearnedOptimizer())
+        10
+        >>> lopt = MLPLearnedOptimizer(hidden=4)
+        >>> theta = lopt.init(torch.Generator().manual_seed(0))
+        >>> num_meta_parameters(lopt), sum(v.numel() for v in theta.values())
+        (122, 122)
+    """
     return sum(math.prod(s) for s in lopt.theta_shapes().values())

@@ -63,8 +63,7 @@ class GRULearnedOptimizer(AbstractLearnedOptimizer):
 
     State per tensor: ``h`` of shape ``(*param.shape, hidden)``; global: ``step``.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.learned import GRULearnedOptimizer, step_inputs
         >>> lopt = GRULearnedOptimizer(hidden=4)

@@ -84,11 +84,20 @@ from .architectures import (
     describe,
     step_inputs,
 )
-from .meta_train import _jsonable, _progress
+from .meta_training import _jsonable, _progress
 from .tasks import AbstractTaskFamily, ClassifierFamily, InnerTrainingSystem
 
 #: Outer update rules of :func:`self_train`.
 OUTER_RULES = ("self", "sgd", "none")
+"""Outer update rules of :func:`self_train`: the best member's learned optimizer
+(``"self"``), plain SGD (``"sgd"``, the control) or none (``"none"``, population-based
+training alone).
+
+Examples:
+    >>> from hypergradient.learned import OUTER_RULES
+    >>> OUTER_RULES
+    ('self', 'sgd', 'none')
+"""
 
 # columns of ``_flat_features`` for decays (0.9, 0.99): g, w, m_0.9, m_0.99, rms_0.9,
 # rms_0.99, then the two ratios; the linear optimizer reads g, m_0.9, m_0.99, rms_0.99
@@ -129,8 +138,7 @@ class LinearLearnedOptimizer(AbstractLearnedOptimizer):
     ``step``.  Cost per element and update: about 30 flops.  It reads no progress or loss
     inputs, so ``lopt.opt_fn(theta)(params)`` needs no ``num_steps``.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.learned import LinearLearnedOptimizer, step_inputs
         >>> lopt = LinearLearnedOptimizer()
@@ -210,6 +218,18 @@ def outer_update(
     :class:`~hypergradient.learned.StepInputs` of optimizers that read them.  Pure: returns
     ``(new_theta, new_state)``.  A zero ``updater`` of :class:`LinearLearnedOptimizer`
     (or of the MLP optimizers' output layer) gives ``new_theta == theta``.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import LinearLearnedOptimizer, outer_update
+        >>> lopt = LinearLearnedOptimizer()
+        >>> updater = {"w": torch.zeros(4, 2), "b": torch.zeros(2)}
+        >>> updater["w"][0, 0] = -1.0  # the update -0.01 * g / rms(g)
+        >>> theta = lopt.init(torch.Generator().manual_seed(0))  # a member of the population
+        >>> grad = {k: torch.ones_like(v) for k, v in theta.items()}  # its ES estimate
+        >>> new, state = outer_update(lopt, updater, theta, grad, lopt.init_state(theta))
+        >>> all(torch.allclose(new[k], theta[k] - 0.01) for k in theta)
+        True
     """
     where = "outer_update(...)"
     _check_theta(f"{where} (updater)", updater, optimizer)
@@ -227,14 +247,30 @@ def outer_update(
 
 @dataclass(frozen=True)
 class PBTEvent:
-    """One exploit-and-explore step: ``copies`` lists ``(destination, source)`` members."""
+    """One exploit-and-explore step: ``copies`` lists ``(destination, source)`` members.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import PBTEvent, pbt_exploit_explore
+        >>> thetas = [{"x": torch.zeros(2)} for _ in range(4)]
+        >>> _, _, event = pbt_exploit_explore(
+        ...     thetas, [{}] * 4, [0.3, 0.1, 0.9, 0.5], generator=torch.Generator())
+        >>> event  # the worst member (2) became a copy of the best (1)
+        PBTEvent(copies=((2, 1),))
+    """
 
     copies: tuple[tuple[int, int], ...]
 
 
 def rank_members(fitness: Sequence[float]) -> list[int]:
     """Member indices from the best (lowest fitness) to the worst; ties keep index order,
-    NaN counts as the worst."""
+    NaN counts as the worst.
+
+    Examples:
+        >>> from hypergradient.learned import rank_members
+        >>> rank_members([0.5, float("nan"), -1.0, 0.5])  # lowest first; tie: index order
+        [2, 0, 3, 1]
+    """
     key = [math.inf if not math.isfinite(f) else f for f in fitness]
     return sorted(range(len(fitness)), key=lambda i: (key[i], i))
 
@@ -260,6 +296,19 @@ def pbt_exploit_explore(
     objects).
 
     Returns ``(thetas, states, event)`` (new lists).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import pbt_exploit_explore
+        >>> thetas = [{"x": torch.full((3,), float(i))} for i in range(8)]
+        >>> states = [{"step": torch.tensor(i)} for i in range(8)]
+        >>> fitness = [float(i) for i in range(8)]  # member 0 is the best, 7 the worst
+        >>> new_thetas, new_states, event = pbt_exploit_explore(
+        ...     thetas, states, fitness, perturb_scale=0.0, generator=torch.Generator())
+        >>> event.copies  # the 2 worst (25%) become copies of the 2 best
+        ((7, 0), (6, 1))
+        >>> new_thetas[6]["x"].tolist(), new_states[6]["step"].item(), new_thetas[3] is thetas[3]
+        ([1.0, 1.0, 1.0], 1, True)
     """
     where = "pbt_exploit_explore(...)"
     n_members = len(thetas)
@@ -335,6 +384,18 @@ def evaluate_population(
     training loss after each update).  Members with non-finite :math:`\theta` get ``inf``.
     All members and tasks of a family run as one vmapped batch: cost
     :math:`N \cdot \text{num\_tasks} \cdot T` inner steps per family.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import LinearLearnedOptimizer, NoisyQuadraticFamily
+        >>> from hypergradient.learned import evaluate_population, rank_members
+        >>> zero = {"w": torch.zeros(4, 2), "b": torch.zeros(2)}  # the zero update
+        >>> descent = {"w": torch.tensor([[-1.0, 0], [0, 0], [0, 0], [0, 0]]), "b": torch.zeros(2)}
+        >>> broken = {"w": torch.full((4, 2), float("nan")), "b": torch.zeros(2)}
+        >>> losses = evaluate_population(LinearLearnedOptimizer(), [zero, descent, broken],
+        ...                              [NoisyQuadraticFamily(dim=3)], horizon=5, num_tasks=2)
+        >>> rank_members(losses), losses[2]
+        ([1, 0, 2], inf)
     """
     where = "evaluate_population(...)"
     _check_int(where, "horizon", horizon)
@@ -410,6 +471,18 @@ class SelfTrainingResult:
             initial population: the *fixed random-init* baseline.
         initial_thetas: the random initial population.
         outer: the outer update rule.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import SelfTrainingResult
+        >>> thetas = [{"x": torch.zeros(2)}, {"x": torch.ones(2)}]
+        >>> evaluations = [{"step": 0, "best": -1.0, "mean": 0.5, "best_member": 0},
+        ...                {"step": 10, "best": -2.0, "mean": -1.5, "best_member": 1}]
+        >>> result = SelfTrainingResult(thetas, best=1, history=[], evaluations=evaluations)
+        >>> result.curve("best"), result.curve("mean")
+        (([0, 10], [-1.0, -2.0]), ([0, 10], [0.5, -1.5]))
+        >>> result.best_theta["x"].tolist()
+        [1.0, 1.0]
     """
 
     thetas: list[Theta]
@@ -446,7 +519,13 @@ class SelfTrainingResult:
 
 def self_training_families() -> list[ClassifierFamily]:
     """The default inner tasks: one-hidden-layer MLPs (64-8-10 batch 32, 64-16-10 batch
-    16, tanh) on random 128-example subsets of digits."""
+    16, tanh) on random 128-example subsets of digits.
+
+    Examples:
+        >>> from hypergradient.learned import self_training_families
+        >>> [family.name for family in self_training_families()]
+        ['digits-mlp-w8-b32', 'digits-mlp-w16-tanh-b16']
+    """
     return [
         ClassifierFamily("digits", "mlp", width=8, batch_size=32, num_examples=128),
         ClassifierFamily(
@@ -542,6 +621,19 @@ def self_train(
 
     Returns:
         a :class:`SelfTrainingResult`.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import NoisyQuadraticFamily, self_train
+        >>> result = self_train(families=NoisyQuadraticFamily(dim=2), population_size=4,
+        ...                     num_steps=2, horizon=3, num_pairs=1, pbt_every=2, eval_every=1,
+        ...                     eval_tasks=1, generator=torch.Generator().manual_seed(0))
+        >>> len(result.thetas), [e["step"] for e in result.evaluations]
+        (4, [0, 1, 2])
+        >>> [len(r["copies"]) for r in result.history]  # one PBT copy after step 2
+        [0, 1]
+        >>> result.history[0]["updater"] in range(4)  # the best member updated everyone
+        True
     """
     where = "self_train(...)"
     optimizer = LinearLearnedOptimizer() if optimizer is None else optimizer
@@ -861,7 +953,19 @@ def plot_self_training(
 ) -> None:
     """PNG of the held-out meta-loss against outer steps: the best member of every run
     (left) and the population mean (right), with the fixed random initial population's
-    best and mean (grey, from the first run's step-0 evaluation) on both."""
+    best and mean (grey, from the first run's step-0 evaluation) on both.
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from hypergradient.learned import SelfTrainingResult, plot_self_training
+        >>> evaluations = [{"step": s, "best": -s / 10, "mean": 1 - s / 10} for s in (0, 5, 10)]
+        >>> run = SelfTrainingResult([], best=0, history=[], evaluations=evaluations)
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     plot_self_training({"self": run}, Path(folder) / "self.png")
+        ...     print(sorted(p.name for p in Path(folder).iterdir()))
+        ['self.png']
+    """
     import matplotlib
 
     matplotlib.use("Agg")

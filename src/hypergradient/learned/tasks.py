@@ -60,6 +60,16 @@ class Task:
         params: the initial parameters.
         num_steps: the number of steps its mini-batch (or noise) table covers; later steps
             wrap around.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import NoisyQuadraticFamily
+        >>> family = NoisyQuadraticFamily(dim=3, noise=0.0)
+        >>> task = family.sample(torch.Generator().manual_seed(0), num_steps=5)
+        >>> task.num_steps, sorted(task.data), task.params["w"].tolist()
+        (5, ['c', 'h', 'noise', 'valid_noise'], [0.0, 0.0, 0.0])
+        >>> task.loss({"w": task.data["c"]}, t=0).item()  # the target c is the minimum
+        0.0
     """
 
     family: AbstractTaskFamily
@@ -91,6 +101,19 @@ class AbstractTaskFamily(abc.ABC):
     :meth:`loss`, :meth:`valid_loss` and :meth:`eval_loss` are pure functions of the
     parameters and the task's tensors, use ``t`` (a Python int) only to index tables, and
     are :func:`torch.func.vmap`-able over stacked tasks.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import AbstractTaskFamily, FredholmFamily
+        >>> family = FredholmFamily(n=8)
+        >>> isinstance(family, AbstractTaskFamily), family.name
+        (True, 'fredholm-n8')
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> tasks = [family.sample(gen, num_steps=4) for _ in range(3)]
+        >>> data = {k: torch.stack([task.data[k] for task in tasks]) for k in tasks[0].data}
+        >>> losses = torch.func.vmap(family.eval_loss)({"f": torch.zeros(3, 8)}, data)
+        >>> losses.shape, torch.allclose(losses, torch.full((3,), 0.5))  # f = 0: residual 1/2
+        (torch.Size([3]), True)
     """
 
     @property
@@ -230,6 +253,18 @@ class ClassifierFamily(AbstractTaskFamily):
         data_dir: folder of the MNIST files (``None``: ``$HYPERGRADIENT_DATA`` or the cache).
         downsample: average-pool the images by this factor (2 turns MNIST into 14x14).
         dtype: of the data and parameters (default: torch's default dtype).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import ClassifierFamily
+        >>> family = ClassifierFamily("digits", "mlp", width=4, batch_size=8, num_examples=32)
+        >>> family.name
+        'digits-mlp-w4-b8'
+        >>> task = family.sample(torch.Generator().manual_seed(0), num_steps=3)
+        >>> {name: tuple(p.shape) for name, p in task.params.items()}
+        {'1.weight': (4, 64), '1.bias': (4,), '3.weight': (10, 4), '3.bias': (10,)}
+        >>> task.data["batches"].shape, task.module()(torch.zeros(1, 1, 8, 8)).shape
+        (torch.Size([3, 8]), torch.Size([1, 10]))
     """
 
     dataset: str = "digits"
@@ -351,7 +386,15 @@ def digits_mlp_suite(
     batch_sizes: tuple[int, ...] = (32, 128),
     **kwargs: Any,
 ) -> list[ClassifierFamily]:
-    """Digits MLP families for every (width, batch size): the classifier part of a suite."""
+    """Digits MLP families for every (width, batch size): the classifier part of a suite.
+
+    Examples:
+        >>> from hypergradient.learned import digits_mlp_suite
+        >>> [family.name for family in digits_mlp_suite(widths=(8, 16), batch_sizes=(32,))]
+        ['digits-mlp-w8-b32', 'digits-mlp-w16-b32']
+        >>> len(digits_mlp_suite())  # 3 widths x 2 batch sizes
+        6
+    """
     return [
         ClassifierFamily("digits", "mlp", width=w, batch_size=b, **kwargs)
         for w in widths
@@ -380,6 +423,19 @@ class NoisyQuadraticFamily(AbstractTaskFamily):
         condition: :math:`\kappa \ge 1`, the ratio of the largest to the smallest curvature.
         noise: :math:`s \ge 0`.
         dtype: of the parameters (default: torch's default dtype).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import NoisyQuadraticFamily
+        >>> family = NoisyQuadraticFamily(dim=3, condition=10.0, noise=0.5)
+        >>> family.name
+        'quadratic-d3-k10'
+        >>> task = family.sample(torch.Generator().manual_seed(0), num_steps=5)
+        >>> h, c = task.data["h"], task.data["c"]
+        >>> bool(((h > 0.0999) & (h <= 1.0)).all())  # curvatures in [1/condition, 1]
+        True
+        >>> torch.allclose(task.eval_loss({"w": c}), 0.5 * 0.5**2 * h.sum())  # the noise floor
+        True
     """
 
     dim: int = 20
@@ -469,6 +525,18 @@ class FredholmFamily(AbstractTaskFamily):
         kernel_widths: ``(low, high)`` range of :math:`\ell`.
         noise: relative noise level.
         dtype: of the parameters (default: torch's default dtype).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import FredholmFamily
+        >>> family = FredholmFamily(n=48)
+        >>> K = family.kernel(0.05)
+        >>> K.shape, round(K[24].sum().item(), 2)  # an interior row sums to about 1
+        (torch.Size([48, 48]), 1.0)
+        >>> task = family.sample(torch.Generator().manual_seed(0), num_steps=10)
+        >>> f0 = task.params  # f = 0: both relative errors are 1/2
+        >>> round(task.loss(f0, 0).item(), 2), round(task.valid_loss(f0, 0).item(), 2)
+        (0.5, 0.5)
     """
 
     n: int = 48
@@ -586,6 +654,19 @@ class InnerTrainingSystem(AbstractUnrolledSystem):
             ``"valid"`` the validation loss at :math:`w_t` (meta-learns regularisation).
 
     The state is a dict of tensors (vmap-able over tasks of one family).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import MLPLearnedOptimizer, NoisyQuadraticFamily
+        >>> lopt = MLPLearnedOptimizer(hidden=4)
+        >>> theta = lopt.init(torch.Generator().manual_seed(0))  # the zero update
+        >>> system = NoisyQuadraticFamily(dim=3).unrolled_system(lopt, horizon=5)
+        >>> state = system.init(torch.Generator().manual_seed(1))
+        >>> sorted(state)
+        ['cap', 'data', 'opt', 'params']
+        >>> state, log_loss = system.step(state, theta, 0)
+        >>> torch.allclose(log_loss, state["cap"] - 1)  # unchanged weights: the initial log loss
+        True
     """
 
     family: AbstractTaskFamily
@@ -645,7 +726,17 @@ class InnerTrainingSystem(AbstractUnrolledSystem):
 
 
 def clipped_log_loss(loss: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
-    """:math:`\\min(\\log\\max(\\ell, 10^{-8}), \\text{cap})`, NaN/inf mapped to ``cap``."""
+    """:math:`\\min(\\log\\max(\\ell, 10^{-8}), \\text{cap})`, NaN/inf mapped to ``cap``.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import clipped_log_loss
+        >>> cap = torch.tensor(2.0)
+        >>> clipped_log_loss(torch.tensor([1.0, 100.0, float("nan"), float("inf")]), cap).tolist()
+        [0.0, 2.0, 2.0, 2.0]
+        >>> round(clipped_log_loss(torch.tensor(0.0), cap).item(), 2)  # log(1e-8)
+        -18.42
+    """
     log_loss = torch.log(torch.clamp(loss, min=1e-8))
     return torch.where(torch.isfinite(log_loss), torch.minimum(log_loss, cap), cap)
 
@@ -658,7 +749,19 @@ def train_task(
     record: bool = True,
 ) -> tuple[Params, list[float]]:
     """Run ``num_steps`` steps of ``update(params, grads, t) -> new params`` on ``task``
-    (no graph).  Returns the final parameters and the mini-batch losses of every step."""
+    (no graph).  Returns the final parameters and the mini-batch losses of every step.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import NoisyQuadraticFamily, train_task
+        >>> family = NoisyQuadraticFamily(dim=3, condition=1.0, noise=0.0)  # curvatures 1
+        >>> task = family.sample(torch.Generator().manual_seed(0), num_steps=3)
+        >>> def gd(params, grads, t):  # gradient descent, learning rate 1
+        ...     return {k: params[k] - grads[k] for k in params}
+        >>> params, losses = train_task(task, gd, num_steps=3)
+        >>> losses[1:], torch.equal(params["w"], task.data["c"])  # the minimum in one step
+        ([0.0, 0.0], True)
+    """
     params = {k: v.clone() for k, v in task.params.items()}
     losses = []
     for t in range(num_steps):

@@ -2,6 +2,16 @@
 
 See :mod:`hypergradient.linalg._base` for the solver contract and the registry, and
 :mod:`hypergradient.linalg.solvers` for the solvers themselves.
+
+Examples:
+    >>> import torch
+    >>> import hypergradient as hg
+    >>> A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+    >>> matvec = lambda x: {"w": A @ x["w"]}  # A only through its products, on a dict
+    >>> b = {"w": torch.tensor([4.0, 3.0], dtype=torch.float64)}  # = A @ [1, 1]
+    >>> x, stats = hg.linalg.solve(matvec, b, "cg", tol=1e-12)
+    >>> bool(torch.allclose(x["w"], torch.ones(2, dtype=torch.float64))), stats.converged
+    (True, True)
 """
 
 from ._base import AbstractLinearSolver as AbstractLinearSolver

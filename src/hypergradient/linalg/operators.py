@@ -280,6 +280,20 @@ class GaussNewtonLoss:
         output_loss: ``output_loss(outputs, hparams) -> scalar``, convex in ``outputs``.
         regularizer: optional ``regularizer(params, hparams) -> scalar`` (its exact Hessian
             is used).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> y = torch.ones(3, dtype=torch.float64)  # inner: w* = y / (1 + l2)
+        >>> inner = hg.GaussNewtonLoss(
+        ...     predict=lambda p, h: p["w"],
+        ...     output_loss=lambda out, h: 0.5 * ((out - y) ** 2).sum(),
+        ...     regularizer=lambda p, h: 0.5 * h["l2"] * (p["w"] ** 2).sum())
+        >>> outer = lambda p, h: 0.5 * (p["w"] ** 2).sum()  # dE/dl2 = -|y|^2 / (1 + l2)^3
+        >>> h = {"l2": torch.tensor(1.0, dtype=torch.float64)}
+        >>> g = hg.implicit_hypergrad(inner, outer, {"w": y / 2}, h, hessian="gauss_newton")
+        >>> bool(torch.isclose(g["l2"], torch.tensor(-3 / 8, dtype=torch.float64)))
+        True
     """
 
     def __init__(

@@ -184,8 +184,7 @@ def estimate_lambda_max(
 
     Cost: ``num_steps`` matvecs, 3 vectors of memory, one host synchronisation.
 
-    Example::
-
+    Examples:
         >>> A = torch.diag(torch.tensor([1.0, 2.0, 10.0], dtype=torch.float64))
         >>> round(estimate_lambda_max(lambda v: A @ v, torch.zeros(3, dtype=A.dtype), 60), 6)
         10.0
@@ -225,8 +224,7 @@ def diagonal_preconditioner(diagonal: Tree, floor: float = 0.0) -> Callable[[Tre
 
     Cost per application: one element-wise multiply; memory: one tree.
 
-    Example::
-
+    Examples:
         >>> d = torch.tensor([1.0, 100.0], dtype=torch.float64)
         >>> diagonal_preconditioner(d)(torch.tensor([1.0, 1.0], dtype=torch.float64)).tolist()
         [1.0, 0.01]
@@ -301,8 +299,7 @@ class CG(AbstractLinearSolver):
     given), one preconditioner application per iteration, 4 vectors of memory (5 with a
     preconditioner), one host synchronisation per iteration.
 
-    Example::
-
+    Examples:
         >>> A = torch.tensor([[4.0, 1.0], [1.0, 3.0]], dtype=torch.float64)
         >>> b = torch.tensor([1.0, 2.0], dtype=torch.float64)
         >>> x, stats = CG(tol=1e-12).solve(lambda v: A @ v, b)
@@ -449,8 +446,7 @@ class MINRES(AbstractLinearSolver):
     Cost: one matvec per step (plus one for ``x0``), 6 vectors of memory, one host
     synchronisation per step.
 
-    Example::
-
+    Examples:
         >>> A = torch.tensor([[1.0, 2.0], [2.0, -1.0]], dtype=torch.float64)  # indefinite
         >>> b = torch.tensor([1.0, 1.0], dtype=torch.float64)
         >>> x, stats = MINRES(tol=1e-12).solve(lambda v: A @ v, b)
@@ -597,8 +593,7 @@ class GMRES(AbstractLinearSolver):
     cycle's is free when ``x0`` is not given); ``restart + 2`` vectors of memory;
     ``O(restart)`` inner products per step; one host synchronisation per step.
 
-    Example::
-
+    Examples:
         >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=torch.float64)  # non-symmetric
         >>> b = torch.tensor([1.0, 1.0], dtype=torch.float64)
         >>> x, stats = GMRES(tol=1e-12).solve(lambda v: A @ v, b)
@@ -775,8 +770,7 @@ class Neumann(AbstractLinearSolver):
     ``tol > 0`` or ``x0`` is given), 3 vectors of memory, one host synchronisation per
     term.
 
-    Example::
-
+    Examples:
         >>> A = torch.diag(torch.tensor([1.0, 2.0], dtype=torch.float64))
         >>> b = torch.ones(2, dtype=torch.float64)
         >>> x, stats = Neumann(max_steps=1, alpha=0.5).solve(lambda v: A @ v, b)
@@ -899,8 +893,7 @@ class Identity(AbstractLinearSolver):
 
     Cost: no matvec, one vector of memory.
 
-    Example::
-
+    Examples:
         >>> Identity(alpha=0.1).solve(lambda v: v, torch.ones(2)).value
         tensor([0.1000, 0.1000])
     """
@@ -962,8 +955,7 @@ class Dense(AbstractLinearSolver):
 
     Cost: ``n`` matvecs, ``n^2`` memory, ``O(n^3)`` flops.
 
-    Example::
-
+    Examples:
         >>> A = torch.tensor([[2.0, 1.0], [0.0, 3.0]], dtype=torch.float64)
         >>> x, stats = Dense().solve(lambda v: A @ v, torch.tensor([3.0, 3.0], dtype=A.dtype))
         >>> x.tolist()

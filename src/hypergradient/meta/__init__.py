@@ -16,17 +16,18 @@ Franceschi et al.'s hyper-representation, built on the core hypergradient machin
 
 Example (one meta-step of MAML on sinusoid regression)::
 
-    >>> import torch
-    >>> from hypergradient import meta
-    >>> net = meta.MLP(1, (40, 40), out_features=1)
-    >>> theta = net.init(torch.Generator().manual_seed(0), dtype=torch.float64)
-    >>> learner = meta.MAML(net, inner_steps=1, inner_lr=0.01)
-    >>> gen = torch.Generator().manual_seed(1)
-    >>> batch = meta.SinusoidTasks(dtype=torch.float64).sample_batch(4, gen)
-    >>> g = learner.batch_meta_gradient(theta, batch)
-    >>> theta = {k: v - 0.001 * g.grad[k] for k, v in theta.items()}
-    >>> learner.evaluate(theta, batch)["accuracy"] is None  # regression: no accuracy
-    True
+    Examples:
+        >>> import torch
+        >>> from hypergradient import meta
+        >>> net = meta.MLP(1, (40, 40), out_features=1)
+        >>> theta = net.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+        >>> learner = meta.MAML(net, inner_steps=1, inner_lr=0.01)
+        >>> gen = torch.Generator().manual_seed(1)
+        >>> batch = meta.SinusoidTasks(dtype=torch.float64).sample_batch(4, gen)
+        >>> g = learner.batch_meta_gradient(theta, batch)
+        >>> theta = {k: v - 0.001 * g.grad[k] for k, v in theta.items()}
+        >>> learner.evaluate(theta, batch)["accuracy"] is None  # regression: no accuracy
+        True
 """
 
 from ._base import AbstractMetaLearner as AbstractMetaLearner

@@ -45,6 +45,18 @@ class MetaGradient:
     ``query_loss``: the query loss of the adapted model (the objective being differentiated);
     ``query_accuracy``: its query accuracy for classification, else ``None``;
     ``stats``: method-specific numbers (e.g. CG residuals), averaged over a batch.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> net = hg.meta.MLP(2, (), out_features=1)  # a linear model y = x w + b
+        >>> theta = net.init(torch.Generator().manual_seed(0))
+        >>> episode = hg.meta.LinearTasks(dim=2).sample(torch.Generator().manual_seed(1))
+        >>> g = hg.meta.MAML(net, inner_steps=1, inner_lr=0.1).meta_gradient(theta, episode)
+        >>> {k: tuple(v.shape) for k, v in g.grad.items()}
+        {'layers.0.weight': (1, 2), 'layers.0.bias': (1,)}
+        >>> type(g.query_loss).__name__, g.query_accuracy  # regression: no accuracy
+        ('float', None)
     """
 
     grad: dict[str, torch.Tensor]
@@ -54,7 +66,16 @@ class MetaGradient:
 
 
 def default_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for integer targets (classification), mean squared error otherwise."""
+    """Cross-entropy for integer targets (classification), mean squared error otherwise.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> float(hg.meta.default_loss(torch.tensor([[1.0], [3.0]]), torch.tensor([[0.0], [1.0]])))
+        2.5
+        >>> round(float(hg.meta.default_loss(torch.zeros(4, 2), torch.tensor([0, 1, 0, 1]))), 4)
+        0.6931
+    """
     if target.is_floating_point():
         return F.mse_loss(output, target)
     return F.cross_entropy(output, target)
@@ -72,6 +93,22 @@ class AbstractMetaLearner(abc.ABC):
 
     Attributes every learner has: ``loss`` (``loss(output, target) -> scalar``, by default
     :func:`default_loss`).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> net = hg.meta.MLP(2, (4,), out_features=1)
+        >>> learner = hg.meta.MAML(net, inner_steps=2, inner_lr=0.1)
+        >>> isinstance(learner, hg.meta.AbstractMetaLearner)
+        True
+        >>> theta = net.init(torch.Generator().manual_seed(0))
+        >>> tasks = hg.meta.LinearTasks(dim=2, shots=5, queries=5)
+        >>> episodes = tasks.sample_batch(3, torch.Generator().manual_seed(1))
+        >>> learner.adapt(theta, episodes[0])["layers.1.weight"].shape
+        torch.Size([1, 4])
+        >>> scores = learner.evaluate(theta, episodes)
+        >>> scores["accuracy"], len(scores["per_episode"])  # regression: losses per episode
+        (None, 3)
     """
 
     loss: LossFn

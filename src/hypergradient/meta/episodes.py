@@ -58,6 +58,16 @@ __all__ = [
 # Alphabets of the two small background sets (8 in all, Greek and Latin are in both) kept
 # out of meta-training: 47 + 40 characters, unseen in meta-training.
 DEFAULT_HELDOUT_ALPHABETS = ("Japanese_(katakana)", "Korean")
+"""The Omniglot alphabets :func:`omniglot_tasks` keeps out of meta-training by default.
+
+Their 87 characters form the held-out task family; the other 6 alphabets of the two small
+background sets are for meta-training.
+
+Examples:
+    >>> import hypergradient as hg
+    >>> hg.meta.DEFAULT_HELDOUT_ALPHABETS
+    ('Japanese_(katakana)', 'Korean')
+"""
 
 
 class Episode(NamedTuple):
@@ -65,6 +75,17 @@ class Episode(NamedTuple):
 
     Classification: ``x_*`` of shape ``(n, *input_shape)``, ``y_*`` ``int64`` labels in
     ``0..ways-1`` of shape ``(n,)``.  Regression: ``y_*`` floating, shape ``(n, outputs)``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> ep = hg.meta.Episode(torch.zeros(3, 2), torch.tensor([0, 1, 2]),
+        ...                      torch.zeros(6, 2), torch.tensor([0, 0, 1, 1, 2, 2]))
+        >>> ep.ways
+        3
+        >>> ep64 = ep.to(dtype=torch.float64)  # labels stay int64
+        >>> ep64.x_query.dtype, ep64.y_query.dtype
+        (torch.float64, torch.int64)
     """
 
     x_support: torch.Tensor
@@ -89,7 +110,19 @@ class Episode(NamedTuple):
 
 
 class AbstractTaskFamily(abc.ABC):
-    """A distribution over episodes."""
+    """A distribution over episodes.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> class Doubling(hg.meta.AbstractTaskFamily):  # y = 2 x, 2 support + 2 query points
+        ...     def sample(self, generator):
+        ...         x = torch.rand(4, 1, generator=generator)
+        ...         return hg.meta.Episode(x[:2], 2 * x[:2], x[2:], 2 * x[2:])
+        >>> batch = Doubling().sample_batch(3, torch.Generator().manual_seed(0))
+        >>> len(batch), batch[0].x_support.shape, batch[0].ways
+        (3, torch.Size([2, 1]), None)
+    """
 
     @abc.abstractmethod
     def sample(self, generator: torch.Generator) -> Episode:
@@ -119,8 +152,7 @@ class ClassificationTasks(AbstractTaskFamily):
         shots: K, support examples per class (``>= 1``).
         queries: query examples per class (``>= 1``; ``shots + queries <= examples``).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> pool = torch.arange(6 * 4 * 2, dtype=torch.float32).reshape(6, 4, 2)
         >>> tasks = ClassificationTasks(pool, ways=3, shots=1, queries=2)
@@ -195,6 +227,16 @@ def with_rotations(images: torch.Tensor, rotations: int = 4) -> torch.Tensor:
     ``images`` is ``(classes, examples, ..., H, W)`` with ``H == W``; the result is
     ``(rotations * classes, examples, ..., H, W)``: first the originals, then all classes
     rotated by 90 degrees, and so on.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> images = torch.tensor([[0.0, 1.0], [2.0, 3.0]]).reshape(1, 1, 2, 2)  # 1 class
+        >>> rotated = hg.meta.with_rotations(images)
+        >>> rotated.shape
+        torch.Size([4, 1, 2, 2])
+        >>> rotated[1, 0].tolist()  # the class rotated by 90 degrees (counter-clockwise)
+        [[1.0, 3.0], [0.0, 2.0]]
     """
     where = "hypergradient.meta.with_rotations(...)"
     _check_int(where, "rotations", rotations, 1)
@@ -260,7 +302,24 @@ def omniglot_tasks(
 
     Raises:
         HypergradientError: a missing or damaged file (the loader's message), an unknown
-        alphabet name, or too few classes for ``ways``.
+            alphabet name, or too few classes for ``ways``.
+
+    Examples:
+        Without the two zips (and without ``download=True``) the loader's error says what
+        to fetch:
+
+        >>> import tempfile
+        >>> import hypergradient as hg
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     train, heldout = hg.meta.omniglot_tasks(d, ways=5, shots=1, queries=5)
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: load_omniglot: the folder .../omniglot lacks 1 ...
+          images_background_small1.zip  (md5 e704a628b5459e08445c13499850abc4, from https://...)
+        Pass download=True ...
+
+        With them, ``train.sample(generator)`` gives an :class:`Episode` with ``x_support``
+        of shape ``(5, 1, 28, 28)`` and ``x_query`` of shape ``(25, 1, 28, 28)``.
     """
     where = "hypergradient.meta.omniglot_tasks(...)"
     if isinstance(heldout_alphabets, str):
@@ -302,6 +361,22 @@ def omniglot_one_shot_runs(
     labelled with the training image of the same character.  The characters come from
     Omniglot's evaluation alphabets, none of which is in the background sets.  Images as in
     :func:`omniglot_tasks`.
+
+    Examples:
+        Without ``all_runs.zip`` (and without ``download=True``) the loader's error says
+        what to fetch:
+
+        >>> import tempfile
+        >>> import hypergradient as hg
+        >>> with tempfile.TemporaryDirectory() as d:  # doctest: +ELLIPSIS
+        ...     runs = hg.meta.omniglot_one_shot_runs(d)
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: load_omniglot_runs: the folder .../omniglot ...
+          all_runs.zip  (md5 e8996daecdf12afeeb4a53a179f06b19, from https://...)
+        Pass download=True ...
+
+        With it, ``len(runs)`` is 20 and every run's ``x_support`` is ``(20, 1, 28, 28)``.
     """
     episodes = []
     for run in load_omniglot_runs(data_dir, size=size, download=download):
@@ -334,8 +409,7 @@ class SinusoidTasks(AbstractTaskFamily):
     ``(n, 1)``.  Defaults as in Finn et al. (2017): amplitude in [0.1, 5], phase in
     [0, pi], x in [-5, 5].
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> ep = SinusoidTasks(shots=5, queries=3).sample(torch.Generator().manual_seed(0))
         >>> ep.x_support.shape, ep.y_query.shape, ep.ways
@@ -372,6 +446,17 @@ class LinearTasks(AbstractTaskFamily):
 
     ``mean`` is :math:`\mu` (shape ``(dim,)``; default zeros), ``spread`` is :math:`s`,
     ``noise`` is :math:`\sigma`.  ``x`` has shape ``(n, dim)`` and ``y`` ``(n, 1)``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> tasks = hg.meta.LinearTasks(dim=3, shots=5, queries=10, noise=0.0)
+        >>> ep = tasks.sample(torch.Generator().manual_seed(0))
+        >>> ep.x_support.shape, ep.y_query.shape, ep.ways
+        (torch.Size([5, 3]), torch.Size([10, 1]), None)
+        >>> w = torch.linalg.lstsq(ep.x_query, ep.y_query).solution  # noise=0: one exact w
+        >>> bool(torch.allclose(ep.x_support @ w, ep.y_support, rtol=1e-4, atol=1e-4))
+        True
     """
 
     dim: int = 20
@@ -422,8 +507,7 @@ def nearest_neighbour_predict(episode: Episode) -> torch.Tensor:
 
     Returns ``(n_query,)`` labels, or ``(n_query, outputs)`` targets.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> ep = Episode(torch.tensor([[0.0], [10.0]]), torch.tensor([0, 1]),
         ...              torch.tensor([[1.0], [8.0], [-3.0]]), torch.tensor([0, 1, 0]))

@@ -64,8 +64,7 @@ class HyperRepresentation(AbstractMetaLearner):
             targets, mean squared error otherwise).  The head has ``ways`` outputs for
             classification, ``y.shape[1]`` for regression.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.meta import MLP, HyperRepresentation, LinearTasks
         >>> net = MLP(3, (4,))

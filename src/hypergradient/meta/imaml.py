@@ -94,8 +94,7 @@ class IMAML(AbstractMetaLearner):
     ``inner_grad_norm`` (:math:`\|\nabla G(\hat\varphi)\|`: how far the inner problem is
     from solved; the meta-gradient error grows with it).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.meta import IMAML, MLP, LinearTasks
         >>> net = MLP(3, (), out_features=1)  # linear regression: w, b

@@ -101,8 +101,7 @@ class MAML(AbstractMetaLearner):
     for second order), one forward on the query set, and one backward through everything
     (second order: about twice the forward work of the ``K`` steps again).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.meta import MLP, MAML, SinusoidTasks
         >>> net = MLP(1, (8,), out_features=1)

@@ -13,8 +13,7 @@ else: not the allocator's caching, not the tensors the caller holds outside any 
 temporaries freed before the next saved tensor.  ``benchmarks/meta_memory.py`` reports it
 next to the process's peak resident memory.
 
-Example::
-
+Examples:
     >>> import torch
     >>> x = torch.ones(1000, requires_grad=True)
     >>> with SavedTensorMeter() as meter:
@@ -57,6 +56,18 @@ class SavedTensorMeter:
     Attributes: ``live_bytes`` (now), ``peak_bytes`` (largest seen), ``saved_count``
     (tensors saved in all).  Graphs built inside the block are tracked until they are freed,
     even after the block ends.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> x = torch.ones(256, requires_grad=True)
+        >>> with hg.meta.SavedTensorMeter() as meter:
+        ...     y = torch.sin(x).sum()  # sin saves its input: 256 float32 values
+        >>> meter.live_bytes, meter.saved_count
+        (1024, 1)
+        >>> del y  # frees the graph
+        >>> meter.live_bytes, meter.peak_bytes
+        (0, 1024)
     """
 
     def __init__(self) -> None:

@@ -34,7 +34,22 @@ Params = Mapping[str, torch.Tensor]
 
 
 class AbstractModel(abc.ABC):
-    """A network given by pure functions of its parameters."""
+    """A network given by pure functions of its parameters.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> class Linear(hg.meta.AbstractModel):  # a fixed 3 -> 2 linear map
+        ...     def init(self, generator=None, dtype=None):
+        ...         return {"w": torch.zeros(3, 2, dtype=dtype)}
+        ...     def task_params(self, theta, ways):
+        ...         return dict(theta)
+        ...     def predict(self, params, x):
+        ...         return x @ params["w"]
+        >>> model = Linear()
+        >>> model.predict(model.task_params(model.init(), ways=2), torch.ones(5, 3)).shape
+        torch.Size([5, 2])
+    """
 
     @abc.abstractmethod
     def init(
@@ -111,8 +126,7 @@ class MLP(AbstractModel):
     that a sinusoid MLP's support loss has curvature of order 10, so the usual inner step
     of 0.01 is stable (He initialisation gives curvature ~1000 on inputs in [-5, 5]).
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> net = MLP(2, (3,), out_features=1)
         >>> theta = net.init(torch.Generator().manual_seed(0))
@@ -183,8 +197,7 @@ class ConvNet(AbstractModel):
     Cost per image (28x28, 32 channels, 4 blocks): about 0.6 MFLOP forward.
     ``out_features`` as for :class:`MLP`.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> net = ConvNet(channels=8)
         >>> theta = net.init(torch.Generator().manual_seed(0))
@@ -265,6 +278,19 @@ class ModuleModel(AbstractModel):
     not used: initialise the module itself); ``task_params`` is the identity, so the module's
     output layer is meta-learned and fixes the number of ways.  Buffers (e.g. batch-norm
     running statistics) are read from the module and never adapted.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> model = hg.meta.ModuleModel(torch.nn.Linear(3, 2))
+        >>> theta = model.init()
+        >>> sorted(theta)
+        ['bias', 'weight']
+        >>> model.predict(theta, torch.ones(4, 3)).shape
+        torch.Size([4, 2])
+        >>> zeros = {k: torch.zeros_like(v) for k, v in theta.items()}
+        >>> model.predict(zeros, torch.ones(4, 3)).abs().max().item()  # the weights given are used
+        0.0
     """
 
     def __init__(self, module: nn.Module):

@@ -7,8 +7,32 @@ r"""Optimizers and optimizer tools that work with any ``torch.optim`` training l
   :func:`scale_learning_rate` (linear for SGD, square root for Adam);
   :func:`hessian_eigenvalues` and :func:`hessian_spectral_density` (stochastic Lanczos
   quadrature) for the spectrum itself.
+
+Examples:
+    Measure the largest stable SGD rate of a least-squares problem at batch size 16, then train at
+    half of it with Lookahead around SGD:
+
+    >>> import torch
+    >>> from hypergradient import optimizers
+    >>> _ = torch.manual_seed(0)
+    >>> x = torch.randn(64, 3)
+    >>> y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+    >>> model, mse = torch.nn.Linear(3, 1), torch.nn.functional.mse_loss
+    >>> p = optimizers.propose_learning_rate(
+    ...     model, mse, (x, y), 16, safety=0.5, num_batches=4, num_steps=4, density=False
+    ... )
+    >>> opt = optimizers.Lookahead(torch.optim.SGD(model.parameters(), lr=p.lr), k=5)
+    >>> for _ in range(100):
+    ...     opt.zero_grad()
+    ...     mse(model(x), y).backward()
+    ...     opt.step()
+    >>> round(p.lr, 2), bool(mse(model(x), y) < 1e-6)
+    (0.27, True)
 """
 
+from . import kfac as kfac
+from . import towers as towers
+from .kfac import KFAC as KFAC
 from .lookahead import Lookahead as Lookahead
 from .lookahead import noisy_quadratic_variance as noisy_quadratic_variance
 from .sketchy import SketchySGD as SketchySGD
@@ -27,6 +51,7 @@ from .spectrum import spectral_density as spectral_density
 from .spectrum import top_eigenvalues as top_eigenvalues
 
 __all__ = [
+    "KFAC",
     "Eigenvalues",
     "LanczosResult",
     "LearningRateProposal",
@@ -37,10 +62,12 @@ __all__ = [
     "curvature_operator",
     "hessian_eigenvalues",
     "hessian_spectral_density",
+    "kfac",
     "lanczos",
     "noisy_quadratic_variance",
     "propose_learning_rate",
     "scale_learning_rate",
     "spectral_density",
     "top_eigenvalues",
+    "towers",
 ]

@@ -58,18 +58,19 @@ class Lookahead(torch.optim.Optimizer):
     same trajectory.  Evaluate on the slow weights (the paper's choice) with
     ``with opt.slow_weights(): ...``.
 
-    Example (``alpha=1`` is plain SGD; ``alpha=0.5``, ``k=2`` averages every second step):
+    Examples:
+        ``alpha=1`` is plain SGD; ``alpha=0.5``, ``k=2`` averages every second step:
 
-        >>> import torch
-        >>> from hypergradient.optimizers import Lookahead
-        >>> w = torch.nn.Parameter(torch.tensor([1.0]))
-        >>> opt = Lookahead(torch.optim.SGD([w], lr=0.5), k=2, alpha=0.5)
-        >>> for _ in range(2):
-        ...     opt.zero_grad()
-        ...     (0.5 * w**2).sum().backward()   # gradient w: each fast step halves w
-        ...     _ = opt.step()
-        >>> w.item()  # slow weight 1 moves half way to the fast weight 0.25
-        0.625
+            >>> import torch
+            >>> from hypergradient.optimizers import Lookahead
+            >>> w = torch.nn.Parameter(torch.tensor([1.0]))
+            >>> opt = Lookahead(torch.optim.SGD([w], lr=0.5), k=2, alpha=0.5)
+            >>> for _ in range(2):
+            ...     opt.zero_grad()
+            ...     (0.5 * w**2).sum().backward()   # gradient w: each fast step halves w
+            ...     _ = opt.step()
+            >>> w.item()  # slow weight 1 moves half way to the fast weight 0.25
+            0.625
 
     Cost: one copy of the parameters (the slow weights), plus one for ``"pullback"``; one
     ``lerp`` per parameter every ``k`` steps.
@@ -305,11 +306,13 @@ def noisy_quadratic_variance(
     Returns:
         :math:`V_{LA}`, the variance of the slow weights at the synchronisation points.
 
-    Example (the calibration of papers.md: k=5, alpha=0.5, lr=0.5, h=1 gives 0.340 V_SGD):
+    Examples:
+        The calibration of papers.md: k=5, alpha=0.5, lr=0.5, h=1 gives 0.340 V_SGD:
 
-        >>> v_sgd = noisy_quadratic_variance(1, 1.0, lr=0.5)  # 0.25 / (1 - 0.25)
-        >>> round(v_sgd, 6), round(noisy_quadratic_variance(5, 0.5, lr=0.5) / v_sgd, 3)
-        (0.333333, 0.34)
+        Examples:
+            >>> v_sgd = noisy_quadratic_variance(1, 1.0, lr=0.5)  # 0.25 / (1 - 0.25)
+            >>> round(v_sgd, 6), round(noisy_quadratic_variance(5, 0.5, lr=0.5) / v_sgd, 3)
+            (0.333333, 0.34)
     """
     where = "noisy_quadratic_variance(k, alpha, lr, curvature, noise_variance)"
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:

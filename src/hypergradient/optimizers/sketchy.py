@@ -265,15 +265,17 @@ def randomized_nystrom(
     Cost: ``r`` products with ``A`` (one block product), a QR and a thin SVD of a
     ``(p, r)`` matrix, ``O(p r^2)``.
 
-    Example (a rank-2 matrix is recovered exactly from a rank-3 sketch):
+    Examples:
+        A rank-2 matrix is recovered exactly from a rank-3 sketch:
 
-        >>> import torch
-        >>> from hypergradient.optimizers.sketchy import randomized_nystrom
-        >>> g = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        >>> a = g @ g.T
-        >>> approx = randomized_nystrom(a, rank=3)
-        >>> bool(torch.allclose(approx.matrix(), a, atol=1e-12))
-        True
+            >>> import torch
+            >>> from hypergradient.optimizers.sketchy import randomized_nystrom
+            >>> gen = torch.Generator().manual_seed(0)
+            >>> g = torch.randn(6, 2, dtype=torch.float64, generator=gen)
+            >>> a = g @ g.T
+            >>> approx = randomized_nystrom(a, rank=3)
+            >>> bool(torch.allclose(approx.matrix(), a, atol=1e-12))
+            True
 
     References:
         J. A. Tropp, A. Yurtsever, M. Udell, V. Cevher. Fixed-rank approximation of a
@@ -447,26 +449,27 @@ class SketchySGD(torch.optim.Optimizer):
     ``state_dict()`` holds the preconditioner, :math:`\lambda_{\max}`, the step counter
     and the generator's state, so a restored optimizer continues the same trajectory.
 
-    Example (least squares, full batch: with ``rank = p`` the preconditioner is Newton's,
-    and each step with ``lr=0.5`` halves the distance to the solution):
+    Examples:
+        Least squares, full batch: with ``rank = p`` the preconditioner is Newton's, and each
+        step with ``lr=0.5`` halves the distance to the solution:
 
-        >>> import torch
-        >>> from hypergradient.optimizers import SketchySGD
-        >>> gen = torch.Generator().manual_seed(0)
-        >>> x = torch.randn(50, 4, dtype=torch.float64, generator=gen) * torch.tensor(
-        ...     [1.0, 10.0, 100.0, 1000.0], dtype=torch.float64)   # badly scaled columns
-        >>> y = torch.randn(50, dtype=torch.float64, generator=gen)
-        >>> w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
-        >>> def loss():
-        ...     return 0.5 * ((x @ w - y) ** 2).mean()
-        >>> opt = SketchySGD([w], rank=4, rho=1e-8, update_freq=20)
-        >>> for _ in range(60):
-        ...     opt.zero_grad()
-        ...     loss().backward()
-        ...     _ = opt.step(hessian_closure=loss)
-        >>> w_star = torch.linalg.lstsq(x, y).solution
-        >>> bool(torch.allclose(w.detach(), w_star, rtol=1e-8))
-        True
+            >>> import torch
+            >>> from hypergradient.optimizers import SketchySGD
+            >>> gen = torch.Generator().manual_seed(0)
+            >>> x = torch.randn(50, 4, dtype=torch.float64, generator=gen) * torch.tensor(
+            ...     [1.0, 10.0, 100.0, 1000.0], dtype=torch.float64)   # badly scaled columns
+            >>> y = torch.randn(50, dtype=torch.float64, generator=gen)
+            >>> w = torch.zeros(4, dtype=torch.float64, requires_grad=True)
+            >>> def loss():
+            ...     return 0.5 * ((x @ w - y) ** 2).mean()
+            >>> opt = SketchySGD([w], rank=4, rho=1e-8, update_freq=20)
+            >>> for _ in range(60):
+            ...     opt.zero_grad()
+            ...     loss().backward()
+            ...     _ = opt.step(hessian_closure=loss)
+            >>> w_star = torch.linalg.lstsq(x, y).solution
+            >>> bool(torch.allclose(w.detach(), w_star, rtol=1e-8))
+            True
 
     References:
         Z. Frangella, P. Rathore, S. Zhao, M. Udell. SketchySGD: Reliable Stochastic

@@ -73,6 +73,16 @@ class SymmetricOperator:
         dtype, device: of the vectors ``matvec`` accepts.
 
     ``num_matvecs`` counts the products taken so far (the cost unit of this module).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.optimizers import SymmetricOperator
+        >>> op = SymmetricOperator(lambda u: 2.0 * u, 3, dtype=torch.float32)  # A = 2 I
+        >>> op(torch.ones(3)).tolist(), op.dim, op.num_matvecs
+        ([2.0, 2.0, 2.0], 3, 1)
+        >>> a = SymmetricOperator.from_matrix(torch.tensor([[2.0, 1.0], [1.0, 3.0]]))
+        >>> a(torch.tensor([1.0, 0.0])).tolist()  # the first column
+        [2.0, 1.0]
     """
 
     def __init__(
@@ -192,6 +202,21 @@ def curvature_operator(
 
     Cost: one forward and one double-backward graph when built (retained; memory of one
     training step on ``data``); one backward per product (three for ``"gauss_newton"``).
+
+    Examples:
+        Least squares with a linear model: the Hessian is ``x^T x / N``, here ``diag(1, 4)``, and
+        equals the Gauss-Newton matrix:
+
+        >>> import torch
+        >>> from hypergradient.optimizers import curvature_operator
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]]) * 2**0.5
+        >>> loss = lambda out, t: 0.5 * ((out - t) ** 2).mean()
+        >>> H = curvature_operator(model, loss, (x, torch.zeros(2, 1)))
+        >>> G = curvature_operator(model, loss, (x, torch.zeros(2, 1)), kind="gauss_newton")
+        >>> u, Hu = torch.tensor([1.0, 1.0]), torch.tensor([1.0, 4.0])
+        >>> H.dim, bool(torch.allclose(H(u), Hu)), bool(torch.allclose(G(u), Hu))
+        (2, True, True)
     """
     where = "curvature_operator(model, loss_fn, data, kind)"
     params = _trainable(model, where)
@@ -237,6 +262,18 @@ class LanczosResult:
             ``m + 1`` (0 when the Krylov space became invariant: then ``T``'s eigenvalues
             are exact eigenvalues of the operator).
         num_matvecs: products taken (``m``).
+
+    Examples:
+        A start vector inside an invariant subspace stops the recursion early:
+
+        >>> import torch
+        >>> from hypergradient.optimizers import SymmetricOperator, lanczos
+        >>> op = SymmetricOperator.from_matrix(torch.diag(torch.tensor([1.0, 2.0, 5.0])))
+        >>> res = lanczos(op, torch.tensor([1.0, 1.0, 0.0]), num_steps=3)  # never sees 5
+        >>> res.num_matvecs, res.last_beta, res.tridiagonal().shape
+        (2, 0.0, torch.Size([2, 2]))
+        >>> [round(v, 4) for v in res.ritz()[0].tolist()]  # exact eigenvalues, ascending
+        [1.0, 2.0]
     """
 
     alphas: torch.Tensor
@@ -276,13 +313,15 @@ def lanczos(operator: SymmetricOperator, start: torch.Tensor, num_steps: int) ->
 
     Cost: ``m`` products; memory ``m * dim`` for the basis.
 
-    Example (a diagonal matrix is recovered exactly after ``dim`` steps):
+    Examples:
+        A diagonal matrix is recovered exactly after ``dim`` steps:
 
-        >>> import torch
-        >>> op = SymmetricOperator.from_matrix(torch.diag(torch.tensor([1.0, 2.0, 5.0])))
-        >>> res = lanczos(op, torch.ones(3), num_steps=3)
-        >>> [round(v, 4) for v in res.ritz()[0].tolist()]  # float32: exact to ~1e-6
-        [1.0, 2.0, 5.0]
+        Examples:
+            >>> import torch
+            >>> op = SymmetricOperator.from_matrix(torch.diag(torch.tensor([1.0, 2.0, 5.0])))
+            >>> res = lanczos(op, torch.ones(3), num_steps=3)
+            >>> [round(v, 4) for v in res.ritz()[0].tolist()]  # float32: exact to ~1e-6
+            [1.0, 2.0, 5.0]
     """
     where = "lanczos(operator, start, num_steps)"
     if not isinstance(operator, SymmetricOperator):
@@ -358,6 +397,16 @@ class Eigenvalues:
         residuals: for each, :math:`\beta_m |s_{m,i}|`: the operator has an eigenvalue
             within this distance of ``values[i]`` (a rigorous bound for symmetric matrices).
         num_matvecs: products taken.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.optimizers import SymmetricOperator, top_eigenvalues
+        >>> op = SymmetricOperator.from_matrix(torch.diag(torch.tensor([1.0, 3.0, 7.0])))
+        >>> ev = top_eigenvalues(op, k=2, num_steps=3)
+        >>> ev.values.shape, ev.num_matvecs, bool((ev.residuals < 1e-4).all())
+        (torch.Size([2]), 3, True)
+        >>> [round(v, 3) for v in ev.values.tolist()]  # the largest two, descending
+        [7.0, 3.0]
     """
 
     values: torch.Tensor
@@ -383,7 +432,7 @@ def top_eigenvalues(
     Returns:
         :class:`Eigenvalues`.
 
-    Example:
+    Examples:
 
         >>> import torch
         >>> a = torch.diag(torch.arange(1.0, 101.0))       # eigenvalues 1..100
@@ -432,6 +481,21 @@ class SpectralDensity:
         sigma: the broadening width.
         dim: :math:`P`.
         num_matvecs: products taken.
+
+    Examples:
+        ``A = diag(1, 4)``: every normalised Rademacher vector gives the exact moments
+        :math:`\frac1P \operatorname{tr} A = 2.5` and :math:`\frac1P \operatorname{tr} A^2 = 8.5`:
+
+        >>> import torch
+        >>> from hypergradient.optimizers import SymmetricOperator, spectral_density
+        >>> op = SymmetricOperator.from_matrix(torch.diag(torch.tensor([1.0, 4.0])))
+        >>> sd = spectral_density(op, num_vectors=3, num_steps=2)
+        >>> sd.grid.shape, sd.density.shape, sd.nodes.shape, sd.dim  # 3 vectors x 2 nodes
+        (torch.Size([1000]), torch.Size([1000]), torch.Size([3, 2]), 2)
+        >>> round(sd.moment(1), 3), round(sd.moment(2), 3)
+        (2.5, 8.5)
+        >>> round(float(torch.trapezoid(sd.density, sd.grid)), 3)  # a probability density
+        1.0
     """
 
     grid: torch.Tensor
@@ -488,13 +552,15 @@ def spectral_density(
 
     Cost: ``num_vectors * num_steps`` products.
 
-    Example (the first moment estimates the mean eigenvalue, here 5.5):
+    Examples:
+        The first moment estimates the mean eigenvalue, here 5.5:
 
-        >>> import torch
-        >>> op = SymmetricOperator.from_matrix(torch.diag(torch.arange(1.0, 11.0)))
-        >>> sd = spectral_density(op, num_vectors=200, num_steps=10)
-        >>> abs(sd.moment(1) - 5.5) < 0.2
-        True
+        Examples:
+            >>> import torch
+            >>> op = SymmetricOperator.from_matrix(torch.diag(torch.arange(1.0, 11.0)))
+            >>> sd = spectral_density(op, num_vectors=200, num_steps=10)
+            >>> abs(sd.moment(1) - 5.5) < 0.2
+            True
     """
     where = "spectral_density(operator, num_vectors, num_steps, sigma)"
     for name, value in (("num_vectors", num_vectors), ("num_points", num_points)):
@@ -558,6 +624,18 @@ def hessian_eigenvalues(
     :func:`curvature_operator` then :func:`top_eigenvalues`; see those for the arguments.
     Cost: ``num_steps`` Hessian-vector products (one backward each) and one forward and
     double backward on ``data``.
+
+    Examples:
+        Least squares with a linear model, whose Hessian is ``x^T x / N = diag(1, 4)``:
+
+        >>> import torch
+        >>> from hypergradient.optimizers import hessian_eigenvalues
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]]) * 2**0.5
+        >>> loss = lambda out, t: 0.5 * ((out - t) ** 2).mean()
+        >>> ev = hessian_eigenvalues(model, loss, (x, torch.zeros(2, 1)), k=2, num_steps=2)
+        >>> [round(v, 4) for v in ev.values.tolist()], ev.num_matvecs
+        ([4.0, 1.0], 2)
     """
     op = curvature_operator(model, loss_fn, data, kind=kind)
     return top_eigenvalues(op, k, num_steps=num_steps, seed=seed)
@@ -577,6 +655,18 @@ def hessian_spectral_density(
     r"""Stochastic Lanczos quadrature estimate of the Hessian's eigenvalue density on ``data``.
 
     :func:`curvature_operator` then :func:`spectral_density`; see those for the arguments.
+
+    Examples:
+        The Hessian of a least-squares problem is ``diag(1, 4)``, so the mean eigenvalue is 2.5:
+
+        >>> import torch
+        >>> from hypergradient.optimizers import hessian_spectral_density
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]]) * 2**0.5
+        >>> loss = lambda out, t: 0.5 * ((out - t) ** 2).mean()
+        >>> sd = hessian_spectral_density(model, loss, (x, torch.zeros(2, 1)), num_steps=2)
+        >>> sd.nodes.shape, round(sd.moment(1), 3)  # 5 vectors x 2 Ritz values
+        (torch.Size([5, 2]), 2.5)
     """
     op = curvature_operator(model, loss_fn, data, kind=kind)
     return spectral_density(
@@ -603,7 +693,7 @@ def scale_learning_rate(
     stable rate saturates at the full-data value, so cap the result
     (:meth:`LearningRateProposal.lr_for_batch_size` does).
 
-    Example:
+    Examples:
 
         >>> scale_learning_rate(0.1, 32, 128), scale_learning_rate(1e-3, 32, 128, "adam")
         (0.4, 0.002)
@@ -654,6 +744,23 @@ class LearningRateProposal:
             ``None`` if not requested.
         safety: the factor applied to ``lr_max``.
         num_matvecs: curvature-vector products taken.
+
+    Examples:
+        A quadratic with curvatures 1 and 4: ``lr_max = 2 / 4`` for SGD, and the linear batch-size
+        rule capped by the full-data bound:
+
+        >>> import torch
+        >>> from hypergradient.optimizers import propose_learning_rate
+        >>> model = torch.nn.Linear(2, 1, bias=False)
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]]) * 2**0.5   # H = diag(1, 4)
+        >>> loss = lambda out, t: 0.5 * ((out - t) ** 2).mean()
+        >>> p = propose_learning_rate(
+        ...     model, loss, (x, torch.zeros(2, 1)), 2, safety=0.5, num_batches=2, density=False
+        ... )
+        >>> p.optimizer, p.batch_size, p.lambda_batches.shape, round(p.lr_max, 4), round(p.lr, 4)
+        ('sgd', 2, torch.Size([2]), 0.5, 0.25)
+        >>> round(p.lr_for_batch_size(8), 4)  # 4 x 0.25 = 1.0, capped at 0.5 * 2 / 4
+        0.25
     """
 
     lr: float
@@ -782,15 +889,16 @@ def propose_learning_rate(
     density), each one backward on a batch (the last ones on all of ``data``); for Adam
     also ``num_batches`` gradients.
 
-    Example (a quadratic with curvatures 1 and 4: the bound is 2/4, whatever the batch):
+    Examples:
+        A quadratic with curvatures 1 and 4: the bound is 2/4, whatever the batch:
 
-        >>> import torch
-        >>> model = torch.nn.Linear(2, 1, bias=False)
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]]) * 2**0.5   # H = x^T x / 2 = diag(1, 4)
-        >>> loss = lambda out, t: 0.5 * ((out - t) ** 2).mean()
-        >>> p = propose_learning_rate(model, loss, (x, torch.zeros(2, 1)), 2, density=False)
-        >>> round(p.lambda_full, 6), round(p.lr, 6), p.momentum
-        (4.0, 0.5, 0.0)
+            >>> import torch
+            >>> model = torch.nn.Linear(2, 1, bias=False)
+            >>> x = torch.tensor([[1.0, 0.0], [0.0, 2.0]]) * 2**0.5   # H = x^T x / 2 = diag(1, 4)
+            >>> loss = lambda out, t: 0.5 * ((out - t) ** 2).mean()
+            >>> p = propose_learning_rate(model, loss, (x, torch.zeros(2, 1)), 2, density=False)
+            >>> round(p.lambda_full, 6), round(p.lr, 6), p.momentum
+            (4.0, 0.5, 0.0)
 
     References:
         D. Granziol, S. Zohren, S. Roberts. Learning Rates as a Function of Batch Size: A

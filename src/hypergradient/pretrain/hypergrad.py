@@ -72,6 +72,20 @@ class PretrainHypergrad(NamedTuple):
         finetuned: the fine-tuned weights :math:`\\phi_K` (detached).
         transfer: the names of the pre-trained tensors the fine-tuning reads.
         stats: the implicit linear solve's :class:`~hypergradient.SolveStats`.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> # PT: th* = lam;  FT: one step of lr 0.5 on (phi - 1)^2/2 from phi0 = th;  E = phi1
+        >>> lam = torch.tensor([2.0], dtype=torch.float64)
+        >>> info = hg.pretrain.pretrain_hypergrad(
+        ...     lambda th, h: 0.5 * ((th["w"] - h["lam"]) ** 2).sum(),
+        ...     lambda phi, th: 0.5 * ((phi["w"] - 1) ** 2).sum(),
+        ...     lambda phi, th: phi["w"].sum(),
+        ...     {"w": lam.clone()}, {"lam": lam}, lambda th: {"w": th["w"]},
+        ...     finetune_steps=1, finetune_lr=0.5, return_info=True)
+        >>> info.transfer, float(info.val_loss), float(info.hypergrad["lam"])  # (2 + 1) / 2
+        (('w',), 1.5, 0.5)
     """
 
     hypergrad: Tensors
@@ -127,6 +141,16 @@ def used_by_finetuning(
     One forward and backward pass of both fine-tuning losses at :math:`\\phi_0`: a tensor is
     *used* when it reaches either loss or the fine-tuned starting point.  A tensor that
     fine-tuning ignores at step 0 ignores it at every step (the steps only read the losses).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> pretrained = {"encoder": torch.ones(2), "pretrain_head": torch.ones(2)}
+        >>> hg.pretrain.used_by_finetuning(
+        ...     lambda phi, th: ((th["encoder"] * phi["head"] - 1) ** 2).sum(),
+        ...     lambda phi, th: (th["encoder"] * phi["head"]).sum(),
+        ...     pretrained, {"head": torch.zeros(2)})
+        ('encoder',)
     """
     theta = {k: v.detach().requires_grad_(True) for k, v in pretrained.items()}
     dtype = next(iter(theta.values())).dtype
@@ -232,8 +256,7 @@ def pretrain_hypergrad(
     the pre-trained tensors fine-tuning reads (the encoder: only those are unrolled; the
     others, e.g. the pre-training heads, get :math:`dE/d\theta = 0`).
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> # PT: min_th (th - lam)^2/2 -> th* = lam;  FT: one step of lr 0.5 on
         >>> # (phi - 1)^2/2 from phi0 = th -> phi1 = (th + 1)/2;  E = phi1

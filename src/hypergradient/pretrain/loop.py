@@ -76,8 +76,7 @@ class MetaPretrainer:
     Cost per hyper-step: one :func:`~hypergradient.pretrain.pretrain_hypergrad` (about
     ``2 finetune_steps + max_steps + 3`` backward passes) every ``period`` optimizer steps.
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> # PT: (w - lam)^2/2 (optimum w = lam); FT: w copied, E = (w - 3)^2/2 -> lam -> 3
         >>> trainer = hg.pretrain.MetaPretrainer(

@@ -46,6 +46,15 @@ class MultitaskData:
     ``x_pretrain`` ``(n_pretrain, dim)``, ``y_pretrain`` ``(n_pretrain, num_tasks)`` in
     {0., 1.}; ``useful`` ``(num_tasks,)`` bool, true for the useful tasks (the first
     ``num_useful``); the downstream splits ``x_*`` ``(n, dim)`` and ``y_*`` ``(n,)`` int64.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> data = hg.pretrain.synthetic_multitask(
+        ...     num_useful=3, num_noise=2, dim=6, n_pretrain=8, n_train=4, n_val=4, n_test=4)
+        >>> data.num_tasks, data.dim, data.useful.tolist()
+        (5, 6, [True, True, True, False, False])
+        >>> data.x_train.shape, data.y_train.dtype, data.num_classes
+        (torch.Size([4, 6]), torch.int64, 3)
     """
 
     x_pretrain: torch.Tensor
@@ -102,9 +111,10 @@ def synthetic_multitask(
 
     Cost: ``O((n_pretrain + n_train + n_val + n_test) * dim * latent_dim)``.
 
-    >>> data = synthetic_multitask(n_test=10)
-    >>> data.x_pretrain.shape, data.y_pretrain.shape, int(data.useful.sum())
-    (torch.Size([100, 30]), torch.Size([100, 20]), 10)
+    Examples:
+        >>> data = synthetic_multitask(n_test=10)
+        >>> data.x_pretrain.shape, data.y_pretrain.shape, int(data.useful.sum())
+        (torch.Size([100, 30]), torch.Size([100, 20]), 10)
     """
     _check_int("num_useful", num_useful, 1)
     _check_int("num_noise", num_noise, 0)
@@ -156,6 +166,17 @@ class MultitaskMLP:
     ``"pretrain_head.weight"`` ``(hidden, num_tasks)``, ``"pretrain_head.bias"``; the
     downstream head is a separate dict ``"head.weight"`` ``(hidden, num_classes)``,
     ``"head.bias"``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> model = hg.pretrain.MultitaskMLP(dim=6, hidden=4, num_tasks=5, num_classes=3)
+        >>> params = model.init(seed=0)
+        >>> x, y = torch.ones(10, 6, dtype=torch.float64), torch.zeros(10, 5, dtype=torch.float64)
+        >>> model.encode(params, x).shape, model.task_losses(params, x, y).shape
+        (torch.Size([10, 4]), torch.Size([5]))
+        >>> model.logits(model.fresh_head(), params, x).abs().max().item()  # a zero head
+        0.0
     """
 
     dim: int
@@ -237,7 +258,19 @@ def linear_probe(
     l2: float = 1e-3,
 ) -> Tensors:
     r"""The downstream head fitted on frozen features: L-BFGS on the training split's
-    cross-entropy :math:`+ \frac{l_2}{2}\|U\|^2` (convex; deterministic).  Returns the head."""
+    cross-entropy :math:`+ \frac{l_2}{2}\|U\|^2` (convex; deterministic).  Returns the head.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> data = hg.pretrain.synthetic_multitask(dim=5, n_train=20, n_test=10)
+        >>> model = hg.pretrain.MultitaskMLP(dim=5, hidden=3, num_tasks=20, num_classes=3)
+        >>> encoder = model.init(seed=0)
+        >>> head = hg.pretrain.linear_probe(model, encoder, data)
+        >>> {k: tuple(v.shape) for k, v in head.items()}
+        {'head.weight': (3, 3), 'head.bias': (3,)}
+        >>> model.logits(head, encoder, data.x_test).shape
+        torch.Size([10, 3])
+    """
     features = model.encode({k: encoder[k].detach() for k in model.ENCODER}, data.x_train)
     head = {k: v.requires_grad_(True) for k, v in model.fresh_head(features.dtype).items()}
     opt = torch.optim.LBFGS(
@@ -273,7 +306,20 @@ def fine_tune(
     """Full fine-tuning: ``steps`` full-batch ``torch.optim.SGD`` steps on encoder and head
     together, on the training split's cross-entropy, from ``encoder`` and ``head`` (start
     from :func:`linear_probe`'s head: linear probing then fine-tuning).  Returns the
-    fine-tuned ``(encoder, head)``."""
+    fine-tuned ``(encoder, head)``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> data = hg.pretrain.synthetic_multitask(dim=5, n_train=20, n_test=10)
+        >>> model = hg.pretrain.MultitaskMLP(dim=5, hidden=3, num_tasks=20, num_classes=3)
+        >>> encoder, head = model.init(seed=0), model.fresh_head()
+        >>> enc, hd = hg.pretrain.fine_tune(model, encoder, head, data, steps=5)
+        >>> sorted(enc), sorted(hd)  # the encoder only: the pre-training head is dropped
+        (['encoder.bias', 'encoder.weight'], ['head.bias', 'head.weight'])
+        >>> torch.equal(enc["encoder.weight"], encoder["encoder.weight"])  # it was trained
+        False
+    """
     enc = {k: encoder[k].detach().clone().requires_grad_(True) for k in model.ENCODER}
     hd = {k: v.detach().clone().requires_grad_(True) for k, v in head.items()}
     opt = torch.optim.SGD([*enc.values(), *hd.values()], lr=lr, momentum=momentum)
@@ -293,7 +339,17 @@ def accuracy(
     x: torch.Tensor,
     y: torch.Tensor,
 ) -> float:
-    """Fraction of ``x`` classified as ``y``."""
+    """Fraction of ``x`` classified as ``y``.
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> data = hg.pretrain.synthetic_multitask(dim=5, n_test=10)
+        >>> model = hg.pretrain.MultitaskMLP(dim=5, hidden=3, num_tasks=20, num_classes=3)
+        >>> encoder, head = model.init(seed=0), model.fresh_head()
+        >>> acc = hg.pretrain.accuracy(model, head, encoder, data.x_test, data.y_test)
+        >>> acc == float((data.y_test == 0).double().mean())  # zero head: class 0 everywhere
+        True
+    """
     return float((model.logits(head, encoder, x).argmax(1) == y).double().mean())
 
 
@@ -307,7 +363,18 @@ def downstream_scores(
 ) -> dict[str, float]:
     """Downstream test accuracy of a pre-trained encoder after linear fine-tuning
     (:func:`linear_probe`) and after full fine-tuning from that head (:func:`fine_tune`;
-    skipped when ``full_steps == 0``)."""
+    skipped when ``full_steps == 0``).
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> data = hg.pretrain.synthetic_multitask(dim=5, n_train=20, n_test=10)
+        >>> model = hg.pretrain.MultitaskMLP(dim=5, hidden=3, num_tasks=20, num_classes=3)
+        >>> scores = hg.pretrain.downstream_scores(model, model.init(seed=0), data, full_steps=5)
+        >>> sorted(scores), all(0.0 <= v <= 1.0 for v in scores.values())
+        (['full_acc', 'linear_acc'], True)
+        >>> sorted(hg.pretrain.downstream_scores(model, model.init(seed=0), data, full_steps=0))
+        ['linear_acc']
+    """
     head = linear_probe(model, encoder, data)
     out = {"linear_acc": accuracy(model, head, encoder, data.x_test, data.y_test)}
     if full_steps > 0:

@@ -26,8 +26,7 @@ def params_of(module: nn.Module, *, dtype: torch.dtype | None = None) -> dict[st
     """Detached copies of ``module``'s trainable parameters, keyed by their names (those of
     the original module for a ``torch.compile``'d one).
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> sorted(hg.params_of(torch.nn.Linear(3, 2)))
         ['bias', 'weight']
@@ -79,8 +78,7 @@ def as_function(module: nn.Module, mode: str | None = None) -> Callable[..., tor
     Cost: one forward of the module plus a copy of its buffers (small next to the
     activations).
 
-    Example::
-
+    Examples:
         >>> import torch, hypergradient as hg
         >>> net = torch.nn.Linear(3, 1)
         >>> f = hg.as_function(net)

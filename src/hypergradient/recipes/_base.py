@@ -39,7 +39,28 @@ _RECIPES: dict[str, type[AbstractRecipe]] = {}
 
 
 class AbstractRecipe(abc.ABC):
-    """One ``hypergradient <name>`` sub-command; see the module docstring for the contract."""
+    """One ``hypergradient <name>`` sub-command; see the module docstring for the contract.
+
+    A subclass sets ``name`` (the sub-command), ``help`` (its one-line description) and
+    ``config_cls`` (its dataclass config) and implements :meth:`run`.
+
+    Examples:
+        >>> import dataclasses, tempfile
+        >>> from pathlib import Path
+        >>> from rich.console import Console
+        >>> from hypergradient.recipes import AbstractRecipe
+        >>> @dataclasses.dataclass
+        ... class SquareConfig:
+        ...     x: float = 3.0
+        >>> class Square(AbstractRecipe):
+        ...     name, help, config_cls = "square", "square a number", SquareConfig
+        ...     def run(self, config, run_dir, *, resume, progress, console):
+        ...         return {"x_squared": config.x**2}
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     Square().run(SquareConfig(), Path(tmp), resume=False, progress=False,
+        ...                  console=Console())
+        {'x_squared': 9.0}
+    """
 
     name: ClassVar[str]
     help: ClassVar[str]
@@ -75,11 +96,40 @@ class ThreadedRecipe(AbstractRecipe):
 
 
 def register_recipe(cls: type[AbstractRecipe]) -> type[AbstractRecipe]:
+    """Class decorator: make ``cls`` the sub-command ``hypergradient <cls.name>``.
+
+    Returns ``cls`` unchanged; a later class with the same ``name`` replaces it.
+
+    Examples:
+        >>> import dataclasses
+        >>> from hypergradient.recipes import AbstractRecipe, available_recipes, register_recipe
+        >>> @register_recipe
+        ... class Echo(AbstractRecipe):
+        ...     name, help = "echo", "return the config as the results"
+        ...     config_cls = dataclasses.make_dataclass("EchoConfig", [("text", str, "hi")])
+        ...     def run(self, config, run_dir, *, resume, progress, console):
+        ...         return dataclasses.asdict(config)
+        >>> available_recipes()["echo"] is Echo
+        True
+        >>> import hypergradient.recipes._base as base
+        >>> del base._RECIPES["echo"]  # undo (for this example only)
+    """
     _RECIPES[cls.name] = cls
     return cls
 
 
 def available_recipes() -> dict[str, type[AbstractRecipe]]:
+    """The registered recipes, ``{name: recipe class}`` sorted by name (importing
+    :mod:`hypergradient.recipes` registers the built-in ones).
+
+    Examples:
+        >>> from hypergradient.recipes import available_recipes
+        >>> recipes = available_recipes()
+        >>> recipes["weight-decay"].__name__, recipes["weight-decay"].config_cls.__name__
+        ('WeightDecayRecipe', 'WeightDecayConfig')
+        >>> list(recipes) == sorted(recipes)
+        True
+    """
     return dict(sorted(_RECIPES.items()))
 
 

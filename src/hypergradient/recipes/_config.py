@@ -123,7 +123,36 @@ def _coerce(option: str, value: Any, typ) -> Any:
 
 
 def build_config(cls, toml_path: str | Path | None = None, overrides: list[str] = ()):
-    """Defaults <- TOML file <- ``key=value`` overrides, type-checked, then ``validate()``."""
+    """Defaults <- TOML file <- ``key=value`` overrides, type-checked, then ``validate()``.
+
+    Args:
+        cls: the recipe's config dataclass.
+        toml_path: a TOML file of ``option = value`` lines (``--config``), or ``None``.
+        overrides: ``"key=value"`` strings (``--set``), applied after the file; values are
+            converted to the field's type.
+
+    Returns:
+        ``cls(...)`` with the defaults replaced; every bad option or value raises one
+        :class:`~hypergradient.HypergradientError` naming it.
+
+    Examples:
+        >>> import dataclasses, tempfile
+        >>> from pathlib import Path
+        >>> from hypergradient.recipes import build_config
+        >>> @dataclasses.dataclass
+        ... class Config:
+        ...     lr: float = 0.1
+        ...     steps: int = 100
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     path = Path(tmp) / "config.toml"
+        ...     _ = path.write_text("steps = 10")
+        ...     build_config(Config, path, ["lr=0.5"])  # defaults <- file <- overrides
+        Config(lr=0.5, steps=10)
+        >>> build_config(Config, overrides=["steps=ten"])
+        Traceback (most recent call last):
+        ...
+        hypergradient._errors.HypergradientError: option 'steps': expected an integer, got 'ten'.
+    """
     names = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     if toml_path is not None:

@@ -8,7 +8,7 @@ scale, on scikit-learn's digits:
    ``H`` in ``heights`` and every initial step size ``v`` in ``step_sizes``: the base
    optimizer (``base``, learning rate ``v``) has its learning rate tuned online by a
    ``hyper`` optimizer, whose learning rate is tuned by another, ... (``H - 1``
-   hyper-optimizers; :mod:`hypergradient.towers`).  Every level starts at the same ``v``
+   hyper-optimizers; :mod:`hypergradient.optimizers.towers`).  Every level starts at the same ``v``
    (the paper's protocol), or, with ``hyper_init`` set, the levels above the base all start
    at ``hyper_init``.  Only learning rates are tuned.
 2. The *spread* of a height is ``max_v - min_v`` of the final full-training-set
@@ -46,9 +46,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 from torch import nn
 
-from .. import towers
 from .._errors import HypergradientError
 from ..data import load_digits_split
+from ..optimizers import towers
 from ._base import AbstractRecipe, RunCache, register_recipe, write_results
 from ._config import check_choice, check_positive, check_positive_int, threads_field
 

@@ -22,6 +22,19 @@ batch size.  This package covers the rest, and measures both on one compute axis
 
 Optuna is optional: ``pip install "hypergradient[hpo]"``.  Only the functions that need it
 import it; resampling and racing do not.
+
+Examples:
+    >>> import math
+    >>> import optuna
+    >>> from hypergradient import search
+    >>> space = {"lr": search.Float(1e-3, 1e-1, log=True), "hidden": search.Choice((16, 64))}
+    >>> study = optuna.create_study(sampler=search.make_sampler("grid", space=space, grid_points=3))
+    >>> def objective(trial):  # stands in for training: best at lr = 0.01, hidden = 64
+    ...     p = search.suggest(trial, space)
+    ...     return abs(math.log10(p["lr"]) + 2) + (p["hidden"] == 16)
+    >>> trials = search.optimize(study, objective, n_trials=6)  # the whole 3 x 2 grid
+    >>> len(trials), study.best_params["hidden"], round(study.best_params["lr"], 6)
+    (6, 64, 0.01)
 """
 
 from .compute import ComputeMeter as ComputeMeter

@@ -35,8 +35,7 @@ model with ``num_weights`` weights.  Everything else is converted into it:
 A :class:`ComputeMeter` adds these up as a run goes, by kind, so that a search and a
 hypergradient run can be put on one compute axis.
 
-Example::
-
+Examples:
     >>> unit = StepUnit(batch_size=64, num_weights=9610)
     >>> unit.train_step(batch_size=16, num_weights=9610)  # a quarter of the reference batch
     0.25
@@ -71,6 +70,16 @@ class StepUnit:
 
     Its methods convert training steps and evaluations of any batch size and model size into
     reference steps (see the module docstring for the conversion).
+
+    Examples:
+        >>> from hypergradient import search
+        >>> unit = search.StepUnit(batch_size=64, num_weights=1000)
+        >>> unit.train_step()  # the reference step itself
+        1.0
+        >>> unit.train_step(batch_size=128, num_weights=2000)  # twice the batch, twice the model
+        4.0
+        >>> unit.evaluation(192)  # a forward pass over 3 batches: a third of a step each
+        1.0
     """
 
     batch_size: int
@@ -109,6 +118,16 @@ def hypergradient_cost(method: object, *, num_weights: int = 0, num_hparams: int
             Hessian-vector product per weight).
         num_hparams: scalar hyperparameters (only forward-mode unrolling needs it: one JVP
             sweep per hyperparameter).
+
+    Examples:
+        >>> import hypergradient as hg
+        >>> from hypergradient import search
+        >>> search.hypergradient_cost(hg.Implicit(solver="neumann", max_steps=10))  # k + 3
+        13.0
+        >>> search.hypergradient_cost(hg.Unrolled(steps=5))  # reverse mode: 2T + 2
+        12.0
+        >>> search.hypergradient_cost(hg.Unrolled(steps=5, mode="forward"), num_hparams=3)
+        30.0
     """
     from ..hypergrad.methods import Implicit, Unrolled
 
@@ -143,6 +162,17 @@ class ComputeMeter:
 
     ``meter.add("train", unit.train_step(), count=10)`` adds ten reference steps;
     ``meter.total`` is the sum over kinds, ``meter.by_kind`` the split.
+
+    Examples:
+        >>> from hypergradient import search
+        >>> unit = search.StepUnit(batch_size=64, num_weights=1000)
+        >>> meter = search.ComputeMeter()
+        >>> meter.add("train", unit.train_step(), count=10)  # returns the new total
+        10.0
+        >>> meter.add("eval", unit.evaluation(192))
+        11.0
+        >>> meter.total, meter.by_kind
+        (11.0, {'train': 10.0, 'eval': 1.0})
     """
 
     by_kind: dict[str, float] = field(default_factory=dict)

@@ -51,12 +51,31 @@ DECAY_MODES = ("sgd", "hypergradient")
 
 
 def mlp_weights(num_features: int, hidden: int, num_classes: int) -> int:
-    """Weights (and biases) of the recipe's MLP ``features -> hidden -> classes``."""
+    """Weights (and biases) of the recipe's MLP ``features -> hidden -> classes``.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient import search
+        >>> search.mlp_weights(num_features=64, hidden=32, num_classes=10)
+        2410
+        >>> mlp = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 10))
+        >>> sum(p.numel() for p in mlp.parameters())
+        2410
+    """
     return num_features * hidden + hidden + hidden * num_classes + num_classes
 
 
 def reference_unit(config: WeightDecayConfig, data: Split) -> StepUnit:
-    """The compute unit of a recipe config: one SGD step of its batch through its MLP."""
+    """The compute unit of a recipe config: one SGD step of its batch through its MLP.
+
+    Examples:
+        >>> from hypergradient import search
+        >>> from hypergradient.recipes import weight_decay
+        >>> config = weight_decay.WeightDecayConfig(hidden=32, batch_size=64)
+        >>> data = weight_decay.load_data(config)  # scikit-learn's digits: 64 features
+        >>> search.reference_unit(config, data)
+        StepUnit(batch_size=64, num_weights=2410)
+    """
     return StepUnit(
         batch_size=config.batch_size,
         num_weights=mlp_weights(data.num_features, config.hidden, data.num_classes),
@@ -231,6 +250,19 @@ def compute_curve(trials) -> list[dict[str, Any]]:
     reports (failed before the first) add their recorded compute, if any.
     Returns dicts ``trial``, ``compute``, ``val_loss``, ``test_loss``, ``best_val_loss``,
     ``best_test_loss`` (test loss of the best-so-far model) and ``state``.
+
+    Examples:
+        Two trials of 2 reference steps each, reporting after every step:
+
+        >>> import optuna
+        >>> from hypergradient import search
+        >>> study = optuna.create_study()
+        >>> for reports in ([[1.0, 0.9, 1.0], [2.0, 0.6, 0.7]], [[1.0, 0.5, 0.4], [2.0, 0.8, 0.9]]):
+        ...     attrs = {"compute": 2.0, "reports": reports}
+        ...     study.add_trial(optuna.trial.create_trial(value=0.5, user_attrs=attrs))
+        >>> curve = search.compute_curve(study.trials)
+        >>> [(row["trial"], row["compute"], row["best_val_loss"]) for row in curve]
+        [(0, 1.0, 0.9), (0, 2.0, 0.6), (1, 3.0, 0.5), (1, 4.0, 0.5)]
     """
     rows: list[dict[str, Any]] = []
     spent, best_val, best_test = 0.0, math.inf, math.nan
@@ -256,7 +288,19 @@ def compute_curve(trials) -> list[dict[str, Any]]:
 
 def best_at(curve: list[dict[str, Any]], compute: float) -> dict[str, float]:
     """The best-so-far validation loss (and that model's test loss) of a :func:`compute_curve`
-    once ``compute`` reference steps are spent (``inf`` before its first report)."""
+    once ``compute`` reference steps are spent (``inf`` before its first report).
+
+    Examples:
+        >>> from hypergradient import search
+        >>> curve = [
+        ...     {"compute": 1.0, "best_val_loss": 0.9, "best_test_loss": 1.0},
+        ...     {"compute": 3.0, "best_val_loss": 0.4, "best_test_loss": 0.5},
+        ... ]
+        >>> search.best_at(curve, 2.0)  # the report at 3.0 steps is not paid for yet
+        {'val_loss': 0.9, 'test_loss': 1.0, 'compute': 1.0}
+        >>> search.best_at(curve, 0.5)["val_loss"]
+        inf
+    """
     best = {"val_loss": math.inf, "test_loss": math.nan, "compute": 0.0}
     for row in curve:
         if row["compute"] > compute * (1 + 1e-9):

@@ -49,7 +49,17 @@ Evaluate = Callable[[Any, np.ndarray, np.ndarray], float]
 
 @dataclass(frozen=True)
 class Fold:
-    """One split: ``train`` and ``test`` are disjoint integer index arrays."""
+    """One split: ``train`` and ``test`` are disjoint integer index arrays.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> fold = search.Fold(train=np.arange(8), test=np.arange(8, 10))
+        >>> fold.test.tolist()
+        [8, 9]
+        >>> [len(f.test) for f in search.kfold(10, 5)]  # kfold makes them
+        [2, 2, 2, 2, 2]
+    """
 
     train: np.ndarray
     test: np.ndarray
@@ -65,6 +75,16 @@ class TuneResult:
         evaluations: calls of ``evaluate`` the tuning made.
         scores: mean fold loss of every configuration that was evaluated on every fold
             (``(config, loss)`` pairs; a race lists only its survivors).
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.random.default_rng(0).normal(size=40)
+        >>> def evaluate(c, train, test):  # predict the training mean + c; squared error
+        ...     return float(np.mean((y[test] - y[train].mean() - c) ** 2))
+        >>> result = search.grid_tuner([-1.0, 0.0, 1.0])(evaluate, search.kfold(40, 4))
+        >>> result.config, result.evaluations, [c for c, _ in result.scores]
+        (0.0, 12, [-1.0, 0.0, 1.0])
     """
 
     config: Any
@@ -103,6 +123,16 @@ def kfold(
     With ``labels`` (indexed by row number, i.e. ``labels[i]`` is row ``i``'s class) the
     folds are stratified: each keeps the class proportions.  Every row is in exactly one
     test part; the folds' indices are the caller's row numbers.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> folds = search.kfold(10, 5, seed=0)
+        >>> sorted(np.concatenate([f.test for f in folds]).tolist()) == list(range(10))
+        True
+        >>> labels = np.array([0] * 5 + [1] * 5)
+        >>> [np.bincount(labels[f.test]).tolist() for f in search.kfold(10, 5, labels=labels)]
+        [[1, 1], [1, 1], [1, 1], [1, 1], [1, 1]]
     """
     from sklearn.model_selection import KFold, StratifiedKFold
 
@@ -138,7 +168,19 @@ def _mean_loss(evaluate: Evaluate, config: Any, folds: Sequence[Fold]) -> float:
 
 
 def grid_tuner(configs: Sequence[Any]) -> Tuner:
-    """Every configuration on every fold; the lowest mean loss wins (first one on ties)."""
+    """Every configuration on every fold; the lowest mean loss wins (first one on ties).
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.random.default_rng(0).normal(size=40)
+        >>> def evaluate(c, train, test):  # predict the training mean + c; squared error
+        ...     return float(np.mean((y[test] - y[train].mean() - c) ** 2))
+        >>> tune = search.grid_tuner([-1.0, 0.0, 1.0])
+        >>> result = tune(evaluate, search.kfold(40, 4))
+        >>> result.config, result.evaluations  # 3 configurations x 4 folds
+        (0.0, 12)
+    """
     configs = list(configs)
     if not configs:
         raise HypergradientError("search.grid_tuner: no configurations to try.")
@@ -157,6 +199,17 @@ def race_tuner(
     """Race the configurations over the folds (:func:`~hypergradient.search.racing.race`).
 
     The reported score of the winner is its mean over the folds it was evaluated on.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.random.default_rng(0).normal(size=40)
+        >>> def evaluate(c, train, test):  # predict the training mean + c; squared error
+        ...     return float(np.mean((y[test] - y[train].mean() - c) ** 2))
+        >>> tune = search.race_tuner([-2.0, -1.0, 0.0, 1.0, 2.0])
+        >>> result = tune(evaluate, search.kfold(40, 10))
+        >>> result.config, result.evaluations < 5 * 10  # the losers dropped early
+        (0.0, True)
     """
     configs = list(configs)
     if not configs:
@@ -183,7 +236,20 @@ def optuna_tuner(
     space: SearchSpace, *, n_trials: int, sampler: str = "tpe", seed: int = 0, **sampler_options
 ) -> Tuner:
     """``n_trials`` configurations proposed by an Optuna sampler (in-memory study), each
-    scored by its mean loss over the folds; configurations are dicts ``name -> value``."""
+    scored by its mean loss over the folds; configurations are dicts ``name -> value``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.random.default_rng(0).normal(size=40)
+        >>> def evaluate(c, train, test):  # predict the training mean + c; squared error
+        ...     return float(np.mean((y[test] - y[train].mean() - c) ** 2))
+        >>> space = {"c": search.Choice((-1.0, 0.0, 1.0))}
+        >>> tune = search.optuna_tuner(space, n_trials=3, sampler="grid")
+        >>> result = tune(lambda config, tr, te: evaluate(config["c"], tr, te), search.kfold(40, 4))
+        >>> result.config, result.evaluations
+        ({'c': 0.0}, 12)
+    """
     from .study import make_sampler, require_optuna
 
     space = check_space(space, "search.optuna_tuner")
@@ -231,13 +297,37 @@ def non_nested_cv(
 
     ``result.score`` is the non-nested (optimistically biased) estimate of the tuned model's
     loss; compare :func:`nested_cv`.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.random.default_rng(0).normal(size=40)
+        >>> def evaluate(c, train, test):  # predict the training mean + c; squared error
+        ...     return float(np.mean((y[test] - y[train].mean() - c) ** 2))
+        >>> tuner = search.grid_tuner([-1.0, 0.0, 1.0])
+        >>> result = search.non_nested_cv(evaluate, tuner, 40, folds=4)
+        >>> result.config, result.evaluations
+        (0.0, 12)
     """
     return tuner(evaluate, kfold(data, folds, seed=seed, labels=labels))
 
 
 @dataclass(frozen=True)
 class OuterFold:
-    """One outer fold of :func:`nested_cv`: the split, the tuned config, its scores."""
+    """One outer fold of :func:`nested_cv`: the split, the tuned config, its scores.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.random.default_rng(0).normal(size=40)
+        >>> def evaluate(c, train, test):  # predict the training mean + c; squared error
+        ...     return float(np.mean((y[test] - y[train].mean() - c) ** 2))
+        >>> tuner = search.grid_tuner([-1.0, 0.0, 1.0])
+        >>> result = search.nested_cv(evaluate, tuner, 40, outer=4, inner=3)
+        >>> first = result.outer[0]
+        >>> len(first.fold.train), len(first.fold.test), first.config, first.evaluations
+        (30, 10, 0.0, 10)
+    """
 
     fold: Fold
     config: Any
@@ -255,6 +345,19 @@ class NestedResult:
         inner_estimate: mean of the inner winners' own CV scores (each optimistic).
         outer: per-outer-fold details.
         evaluations: calls of ``evaluate`` in total (tuning plus the outer refits).
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.random.default_rng(0).normal(size=40)
+        >>> def evaluate(c, train, test):  # predict the training mean + c; squared error
+        ...     return float(np.mean((y[test] - y[train].mean() - c) ** 2))
+        >>> tuner = search.grid_tuner([-1.0, 0.0, 1.0])
+        >>> result = search.nested_cv(evaluate, tuner, 40, outer=4, inner=3)
+        >>> len(result.outer), result.evaluations  # 4 x (3 configs x 3 inner folds + 1 refit)
+        (4, 40)
+        >>> [o.config for o in result.outer]
+        [0.0, 0.0, 0.0, 0.0]
     """
 
     estimate: float
@@ -279,6 +382,19 @@ def nested_cv(
     o``), so no evaluation made while tuning sees a row of the outer test part.  The tuned
     configuration is then trained on the whole outer training part and scored on its test
     part.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.random.default_rng(0).normal(size=40)
+        >>> def evaluate(c, train, test):  # predict the training mean + c; squared error
+        ...     return float(np.mean((y[test] - y[train].mean() - c) ** 2))
+        >>> tuner = search.grid_tuner([-1.0, 0.0, 1.0])
+        >>> result = search.nested_cv(evaluate, tuner, 40, outer=4, inner=3)
+        >>> [o.config for o in result.outer], result.evaluations
+        ([0.0, 0.0, 0.0, 0.0], 40)
+        >>> result.inner_estimate < result.estimate  # the inner winners' scores are optimistic
+        True
     """
     outer_folds = kfold(data, outer, seed=seed, labels=labels)
     results: list[OuterFold] = []

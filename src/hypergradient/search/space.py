@@ -12,8 +12,7 @@ A search space is a mapping ``name -> parameter`` with three kinds of parameter:
 into the finite grid that :class:`optuna.samplers.GridSampler` needs (``Choice`` and small
 ``Int`` ranges whole, ``Float`` as ``points`` evenly spaced, on the log scale when ``log``).
 
-Example::
-
+Examples:
     >>> space = {"weight_decay": Float(1e-6, 1e-1, log=True), "hidden": Choice((16, 64))}
     >>> grid = grid_of(space, points=3)
     >>> [f"{v:.0e}" for v in grid["weight_decay"]], grid["hidden"]
@@ -36,7 +35,17 @@ def _is_number(value: object) -> bool:
 
 @dataclass(frozen=True)
 class Float:
-    """A real hyperparameter in ``[low, high]`` (``log=True``: uniform in log, ``low > 0``)."""
+    """A real hyperparameter in ``[low, high]`` (``log=True``: uniform in log, ``low > 0``).
+
+    Examples:
+        >>> from hypergradient import search
+        >>> search.Float(1e-6, 1e-1, log=True)
+        Float(low=1e-06, high=0.1, log=True)
+        >>> search.Float(0.0, 1.0, log=True)
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: search.Float(...): a log scale needs low > 0; ...
+    """
 
     low: float
     high: float
@@ -57,7 +66,18 @@ class Float:
 
 @dataclass(frozen=True)
 class Int:
-    """An integer hyperparameter in ``[low, high]`` (``log=True``: uniform in log)."""
+    """An integer hyperparameter in ``[low, high]`` (``log=True``: uniform in log).
+
+    Examples:
+        >>> from hypergradient import search
+        >>> space = {"layers": search.Int(1, 3), "hidden": search.Int(8, 512, log=True)}
+        >>> search.grid_of(space, points=4)  # small ranges whole, large ones spread in log
+        {'layers': [1, 2, 3], 'hidden': [8, 32, 128, 512]}
+        >>> search.Int(1, 2.5)
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: search.Int(low=1, high=2.5): expected two integers ...
+    """
 
     low: int
     high: int
@@ -78,7 +98,17 @@ class Int:
 
 @dataclass(frozen=True)
 class Choice:
-    """One of finitely many values (numbers, strings, booleans or None)."""
+    """One of finitely many values (numbers, strings, booleans or None).
+
+    Examples:
+        >>> from hypergradient import search
+        >>> search.Choice([16, 64, 256]).choices  # any sequence, stored as a tuple
+        (16, 64, 256)
+        >>> search.Choice(("relu", "relu"))
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: search.Choice(...): values repeat.
+    """
 
     choices: tuple
 
@@ -120,7 +150,16 @@ def check_space(space: object, where: str = "search", *, allow_empty: bool = Fal
 
 
 def suggest(trial: Any, space: SearchSpace) -> dict[str, Any]:
-    """One configuration drawn from ``space`` by an Optuna ``trial`` (in the space's order)."""
+    """One configuration drawn from ``space`` by an Optuna ``trial`` (in the space's order).
+
+    Examples:
+        >>> import optuna
+        >>> from hypergradient import search
+        >>> space = {"lr": search.Float(1e-4, 1.0, log=True), "hidden": search.Choice((16, 64))}
+        >>> trial = optuna.trial.FixedTrial({"lr": 0.01, "hidden": 64})  # a trial with set values
+        >>> search.suggest(trial, space)
+        {'lr': 0.01, 'hidden': 64}
+    """
     out: dict[str, Any] = {}
     for name, param in check_space(space, allow_empty=True).items():
         if isinstance(param, Float):
@@ -139,6 +178,17 @@ def grid_of(space: SearchSpace, points: int = 5) -> dict[str, list]:
     else ``points`` values spread evenly (in log when ``log``), rounded and deduplicated;
     ``Float``: ``points`` values from ``low`` to ``high`` inclusive (geometric when ``log``).
     The grid has ``prod(len(axis))`` cells.
+
+    Examples:
+        >>> from hypergradient import search
+        >>> space = {
+        ...     "lr": search.Float(1e-3, 1e-1, log=True),
+        ...     "layers": search.Int(1, 2),
+        ...     "act": search.Choice(("relu", "tanh")),
+        ... }
+        >>> grid = search.grid_of(space, points=3)
+        >>> [round(v, 6) for v in grid["lr"]], grid["layers"], grid["act"]
+        ([0.001, 0.01, 0.1], [1, 2], ['relu', 'tanh'])
     """
     if not isinstance(points, int) or isinstance(points, bool) or points < 2:
         raise HypergradientError(

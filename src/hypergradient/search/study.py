@@ -92,7 +92,21 @@ def _is_int(value: object, least: int) -> bool:
 
 
 def default_storage(run_dir: str | Path) -> str:
-    """The SQLite URL of a run folder's study: ``sqlite:///<run_dir>/study.db``."""
+    """The SQLite URL of a run folder's study: ``sqlite:///<run_dir>/study.db``.
+
+    The folder is created if it does not exist (the database file is not).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from hypergradient import search
+        >>> with tempfile.TemporaryDirectory() as tmp:
+        ...     url = search.default_storage(Path(tmp) / "run")
+        ...     print(url.startswith("sqlite:///"), url.endswith("/run/study.db"))
+        ...     print((Path(tmp) / "run").is_dir())
+        True True
+        True
+    """
     path = Path(run_dir).expanduser().resolve()
     path.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{path / 'study.db'}"
@@ -210,6 +224,16 @@ def make_storage(
 
     SQLite writers wait up to 60 s for the file lock (several workers write one file), and
     the file is kept in write-ahead-log mode (see ``_write_ahead_log``).
+
+    Examples:
+        >>> from hypergradient import search
+        >>> storage = search.make_storage("sqlite://")  # in-memory SQLite: one process
+        >>> type(storage).__name__, storage.get_heartbeat_interval()
+        ('RDBStorage', None)
+        >>> search.make_storage("study.db")
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: search.make_storage(url='study.db'): expected a ...
     """
     with _creation_lock(url):
         return _make_storage(
@@ -308,6 +332,18 @@ def make_sampler(
             trials are random) or ``"cmaes"`` (CMA-ES over the numeric parameters; ``Choice``
             parameters are drawn at random; the first ``startup_trials`` trials are random).
         seed: the sampler's seed (``None``: not reproducible).
+
+    Examples:
+        >>> from hypergradient import search
+        >>> type(search.make_sampler("tpe", seed=0)).__name__
+        'TPESampler'
+        >>> space = {"hidden": search.Choice((16, 64)), "layers": search.Int(1, 2)}
+        >>> type(search.make_sampler("grid", space=space)).__name__
+        'GridSampler'
+        >>> search.make_sampler("grid")
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: search.make_sampler('grid'): a grid sampler needs ...
     """
     optuna = require_optuna()
     if name not in SAMPLERS:
@@ -359,6 +395,17 @@ def make_pruner(
     steps (Li et al. 2018); ``"halving"``: one asynchronous successive-halving bracket
     (a trial continues past rung :math:`r` only if it is in the top :math:`1/\eta` there);
     ``"none"``: no pruning.
+
+    Examples:
+        >>> from hypergradient import search
+        >>> type(search.make_pruner("hyperband", max_resource=27)).__name__
+        'HyperbandPruner'
+        >>> type(search.make_pruner("halving", reduction_factor=2)).__name__
+        'SuccessiveHalvingPruner'
+        >>> search.make_pruner("median")
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: search.make_pruner('median'): unknown pruner; ...
     """
     optuna = require_optuna()
     if name not in PRUNERS:
@@ -432,6 +479,16 @@ def create_study(
 
     The other arguments go to :func:`make_sampler` and :func:`make_pruner`.
     Returns an ``optuna.Study``.
+
+    Examples:
+        >>> import tempfile
+        >>> from hypergradient import search
+        >>> with tempfile.TemporaryDirectory() as run_dir:
+        ...     study = search.create_study("demo", run_dir=run_dir, sampler="random")
+        ...     _ = study.enqueue_trial({"x": 0.5})
+        ...     again = search.create_study("demo", run_dir=run_dir)  # a second worker
+        ...     print(study.study_name, study.direction.name, len(again.trials))
+        demo MINIMIZE 1
     """
     optuna = require_optuna()
     if not isinstance(name, str) or not name:
@@ -484,7 +541,19 @@ def _states():
 
 
 def finished_trials(study) -> list:
-    """The study's complete and pruned trials (every worker's), in trial-number order."""
+    """The study's complete and pruned trials (every worker's), in trial-number order.
+
+    Examples:
+        >>> import optuna
+        >>> from hypergradient import search
+        >>> study = optuna.create_study()
+        >>> _ = study.tell(study.ask(), 0.5)
+        >>> _ = study.tell(study.ask(), state=optuna.trial.TrialState.PRUNED)
+        >>> _ = study.tell(study.ask(), state=optuna.trial.TrialState.FAIL)
+        >>> _ = study.ask()  # still running
+        >>> [t.state.name for t in search.finished_trials(study)]
+        ['COMPLETE', 'PRUNED']
+    """
     states = _states()
     return study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED))
 
@@ -494,6 +563,16 @@ def fail_running_trials(study) -> list[int]:
 
     For a study that only one process works on, resumed after a crash: its running trials
     belong to the dead process.  (Studies with several workers use the heartbeat instead.)
+
+    Examples:
+        >>> import optuna
+        >>> from hypergradient import search
+        >>> study = optuna.create_study()
+        >>> _ = study.ask()  # a trial that a crashed worker left RUNNING
+        >>> search.fail_running_trials(study)
+        [0]
+        >>> study.trials[0].state.name
+        'FAIL'
     """
     states = _states()
     numbers = [t.number for t in study.get_trials(deepcopy=False, states=(states.RUNNING,))]
@@ -617,6 +696,17 @@ def optimize(
             trial that still beats belongs to a live worker.
 
     Exceptions of ``objective`` propagate (the trial is marked ``FAIL`` first).
+
+    Examples:
+        >>> import optuna
+        >>> from hypergradient import search
+        >>> space = {"x": search.Choice((-1, 0, 2))}
+        >>> study = optuna.create_study(sampler=search.make_sampler("grid", space=space))
+        >>> def objective(trial):
+        ...     return search.suggest(trial, space)["x"] ** 2
+        >>> trials = search.optimize(study, objective, n_trials=3)
+        >>> len(trials), study.best_params
+        (3, {'x': 0})
     """
     optuna = require_optuna()
     states = optuna.trial.TrialState

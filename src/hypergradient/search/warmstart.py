@@ -98,6 +98,17 @@ class SurfaceGrid:
         log10_gamma_d: grid values of :math:`\log_{10}(\gamma d)` (default 10 in [-4, 1.5]).
         folds: stratified cross-validation folds per cell.
         seed: the folds' shuffling seed.
+
+    Examples:
+        >>> from hypergradient import search
+        >>> grid = search.SurfaceGrid()
+        >>> grid.shape, grid.size
+        ((10, 10), 100)
+        >>> grid.params((2, 7))  # what a trial on cell (2, 7) suggests
+        {'c_index': 2, 'gamma_index': 7}
+        >>> C, gamma = grid.hyperparameters((0, 9), num_features=4)  # 10**-2, 10**1.5 / 4
+        >>> round(C, 6), round(gamma, 4)
+        (0.01, 7.9057)
     """
 
     log10_C: tuple[float, ...] = tuple(np.linspace(-2.0, 4.0, 10).tolist())
@@ -184,6 +195,18 @@ def svm_surface(x: object, y: object, grid: SurfaceGrid | None = None) -> np.nda
     Returns ``(len(log10_C), len(log10_gamma_d))`` errors in [0, 1]: the mean over
     ``grid.folds`` stratified folds of the misclassification rate of standardisation (fitted
     on the training folds) + ``sklearn.svm.SVC(C, gamma)``.  Cost: ``folds x G`` SVM fits.
+
+    Examples:
+        Two well separated blobs, on a 2 x 2 grid:
+
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> y = np.repeat([0, 1], 15)
+        >>> x = np.random.default_rng(0).normal(size=(30, 2)) + 6.0 * y[:, None]
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0))
+        >>> errors = search.svm_surface(x, y, grid)
+        >>> errors.shape, errors.tolist()
+        ((2, 2), [[0.0, 0.0], [0.0, 0.0]])
     """
     from sklearn.model_selection import StratifiedKFold
     from sklearn.svm import SVC
@@ -254,7 +277,20 @@ def _require_surface(where: str, task: Task) -> np.ndarray:
 
 @dataclass(frozen=True)
 class MetaDataset:
-    """Tasks with surfaces on one shared grid."""
+    """Tasks with surfaces on one shared grid.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> from hypergradient.search.warmstart import Task
+        >>> x, y = np.random.default_rng(0).normal(size=(20, 3)), np.repeat([0, 1], 10)
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0))
+        >>> tasks = [Task(name, family, x, y, surface=np.zeros(grid.shape))
+        ...          for name, family in [("a1", "a"), ("a2", "a"), ("b1", "b")]]
+        >>> meta = search.MetaDataset(tuple(tasks), grid)
+        >>> meta.families, [t.name for t in meta.family("a")]
+        (('a', 'b'), ['a1', 'a2'])
+    """
 
     tasks: tuple[Task, ...]
     grid: SurfaceGrid
@@ -417,6 +453,22 @@ def build_meta_dataset(
         progress: called as ``progress(done, total)`` after each surface.
 
     Cost: ``grid.folds x grid.size`` SVM fits per task (about 0.3 s for 300 rows).
+
+    Examples:
+        The surfaces of two small tasks of your own, on a 2 x 2 grid:
+
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> from hypergradient.search.warmstart import Task
+        >>> rng, y = np.random.default_rng(0), np.repeat([0, 1], 10)
+        >>> tasks = [Task(f"shift{k}", "toy", rng.normal(size=(20, 3)) + k * y[:, None], y)
+        ...          for k in (1, 3)]
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0), folds=2)
+        >>> meta = search.build_meta_dataset(tasks=tasks, grid=grid, progress=print)
+        1 2
+        2 2
+        >>> meta.families, meta.tasks[0].surface.shape
+        (('toy',), (2, 2))
     """
     grid = SurfaceGrid() if grid is None else grid
     if tasks is None:
@@ -461,6 +513,20 @@ def instance_features(x: object, y: object) -> torch.Tensor:
     other class, the share of its class, and its label as :math:`\pm 1`.
 
     Returns ``(n, INSTANCE_FEATURES)`` in the default dtype.  Cost :math:`O(n^2 d)`.
+
+    Examples:
+        >>> import numpy as np
+        >>> import torch
+        >>> from hypergradient import search
+        >>> x, y = np.random.default_rng(0).normal(size=(20, 7)), np.repeat([0, 1], 10)
+        >>> features = search.instance_features(x, y)
+        >>> features.shape, features.dtype
+        (torch.Size([20, 12]), torch.float32)
+        >>> features[[0, -1], 10:].tolist()  # class share and label (+-1)
+        [[0.5, -1.0], [0.5, 1.0]]
+        >>> moved = search.instance_features(3.0 * x[:, ::-1] + 5.0, y)  # permuted, rescaled
+        >>> bool(torch.allclose(features, moved, rtol=1e-4, atol=1e-5))
+        True
     """
     x, y = _check_xy("search.instance_features", x, y)
     z = _standardise(x)
@@ -500,6 +566,18 @@ class MetaFeatureNet(nn.Module):
     Invariant to the order of the examples (mean pooling).  The input standardisation
     (``shift``, ``scale``) is set from the meta-training examples by
     :func:`train_meta_features`.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient import search
+        >>> _ = torch.manual_seed(0)
+        >>> net = search.MetaFeatureNet(hidden=8, out_features=4)
+        >>> features = torch.randn(30, 12)  # 30 examples of one dataset
+        >>> net(features).shape, net(torch.randn(5, 30, 12)).shape
+        (torch.Size([4]), torch.Size([5, 4]))
+        >>> shuffled = features[torch.randperm(30)]  # the order of the examples does not matter
+        >>> bool(torch.allclose(net(features), net(shuffled), rtol=1e-4, atol=1e-6))
+        True
     """
 
     def __init__(
@@ -568,6 +646,23 @@ class WarmStarter:
     """A trained meta-feature network and its meta-training tasks (with their meta-features).
 
     ``losses`` is the Siamese loss at every training step; ``grid`` the shared grid.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> from hypergradient.search.warmstart import Task
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.repeat([0, 1], 10)
+        >>> def toy(k):  # 20 rows, class 1 shifted by k; a random 2 x 2 response surface
+        ...     x = rng.normal(size=(20, 3)) + k * y[:, None]
+        ...     return Task(f"shift{k}", "toy", x, y, surface=rng.random((2, 2)))
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0))
+        >>> meta = search.MetaDataset(tuple(toy(k) for k in range(3)), grid)
+        >>> starter = search.train_meta_features(meta, steps=5, rows=8, hidden=8, out_features=4)
+        >>> starter.embeddings.shape, starter.embed(meta.tasks[1]).shape
+        (torch.Size([3, 4]), torch.Size([4]))
+        >>> [(task.name, round(dist, 6)) for task, dist in starter.nearest(meta.tasks[1], k=1)]
+        [('shift1', 0.0)]
     """
 
     net: MetaFeatureNet
@@ -628,6 +723,27 @@ def train_meta_features(
         weight_decay: decoupled weight decay (AdamW; 0 is Adam).
 
     Cost per step: ``T x rows`` passes through a 3-layer MLP and ``T^2`` distances.
+
+    Examples:
+        Five steps on three toy tasks (a real run: ``steps=400`` on dozens of tasks):
+
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> from hypergradient.search.warmstart import Task
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.repeat([0, 1], 10)
+        >>> def toy(k):  # 20 rows, class 1 shifted by k; a random 2 x 2 response surface
+        ...     x = rng.normal(size=(20, 3)) + k * y[:, None]
+        ...     return Task(f"shift{k}", "toy", x, y, surface=rng.random((2, 2)))
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0))
+        >>> meta = search.MetaDataset(tuple(toy(k) for k in range(3)), grid)
+        >>> starter = search.train_meta_features(meta, steps=5, rows=8, hidden=8, out_features=4)
+        >>> len(starter.losses), starter.embeddings.shape  # 5 steps, 3 tasks x 4 meta-features
+        (5, torch.Size([3, 4]))
+        >>> search.train_meta_features(meta, exclude_families=["toy"])
+        Traceback (most recent call last):
+        ...
+        hypergradient...HypergradientError: search.train_meta_features: 0 training task(s) ...
     """
     if not isinstance(meta, MetaDataset):
         raise HypergradientError(
@@ -709,6 +825,24 @@ def warm_start_configs(
     distinct (fewer than ``k`` only if all training tasks together have fewer distinct best
     cells).  Returns Optuna parameter dicts (``{"c_index": i, "gamma_index": j}``) for
     :func:`enqueue_warm_start`.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> from hypergradient.search.warmstart import Task
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.repeat([0, 1], 10)
+        >>> def toy(k):  # 20 rows, class 1 shifted by k; a random 2 x 2 response surface
+        ...     x = rng.normal(size=(20, 3)) + k * y[:, None]
+        ...     return Task(f"shift{k}", "toy", x, y, surface=rng.random((2, 2)))
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0))
+        >>> meta = search.MetaDataset(tuple(toy(k) for k in range(3)), grid)
+        >>> starter = search.train_meta_features(meta, steps=5, rows=8, hidden=8, out_features=4)
+        >>> new = (rng.normal(size=(20, 5)) + 2 * y[:, None], y)  # a dataset not trained on
+        >>> configs = search.warm_start_configs(starter, new, k=2)
+        >>> best = [grid.params(t.best_cell()) for t in meta.tasks]
+        >>> len(configs), all(c in best for c in configs)  # neighbours' best cells
+        (2, True)
     """
     if not isinstance(starter, WarmStarter):
         raise HypergradientError(
@@ -728,7 +862,20 @@ def warm_start_configs(
 
 def enqueue_warm_start(study, configs: Sequence[dict[str, Any]]) -> int:
     """Enqueue ``configs`` as the study's next trials, in order (``study.enqueue_trial``);
-    the sampler proposes only after they have run.  Returns how many were enqueued."""
+    the sampler proposes only after they have run.  Returns how many were enqueued.
+
+    Examples:
+        >>> import optuna
+        >>> from hypergradient import search
+        >>> study = optuna.create_study()
+        >>> configs = [{"c_index": 4, "gamma_index": 2}, {"c_index": 6, "gamma_index": 3}]
+        >>> search.enqueue_warm_start(study, configs)
+        2
+        >>> grid = search.SurfaceGrid()
+        >>> study.optimize(lambda trial: sum(grid.suggest(trial)), n_trials=2)
+        >>> [t.params for t in study.trials] == configs
+        True
+    """
     if isinstance(configs, dict) or not isinstance(configs, Sequence) or not configs:
         raise HypergradientError(
             f"search.enqueue_warm_start: expected a non-empty list of parameter dicts "
@@ -750,7 +897,19 @@ def gp_sampler(*, seed: int | None = 0, startup_trials: int = 3):
     """Optuna's ``GPSampler`` (GP regression + log expected improvement; the objective is
     marked deterministic), or multivariate TPE when the installed Optuna has no
     ``GPSampler`` (before 3.6).  ``startup_trials`` random trials come first; enqueued trials
-    count among them."""
+    count among them.
+
+    Examples:
+        >>> import optuna
+        >>> from hypergradient import search
+        >>> sampler = search.gp_sampler(seed=0, startup_trials=3)
+        >>> type(sampler).__name__
+        'GPSampler'
+        >>> study = optuna.create_study(sampler=sampler)
+        >>> study.optimize(lambda trial: trial.suggest_float("x", -1.0, 1.0) ** 2, n_trials=3)
+        >>> len(study.trials)
+        3
+    """
     import optuna
 
     if not isinstance(startup_trials, int) or startup_trials < 1:
@@ -789,6 +948,17 @@ def surface_search(
     SQLite for these 0-cost objectives) or, given a database URL, in
     :func:`~hypergradient.search.create_study` with the worker loop
     :func:`~hypergradient.search.optimize`.
+
+    Examples:
+        A 2 x 2 surface whose best cell is ``(1, 0)``, warm-started there:
+
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0))
+        >>> surface = np.array([[0.3, 0.2], [0.1, 0.4]])
+        >>> warm = [{"c_index": 1, "gamma_index": 0}]
+        >>> search.surface_search(surface, grid, warm_start=warm, n_trials=3).tolist()
+        [0.1, 0.1, 0.1]
     """
     import optuna
 

@@ -9,6 +9,19 @@
   (Ji et al. 2021) and :class:`AmIGO` (Arbel & Mairal 2022); :func:`get_solver` by name,
   :func:`run` to loop, time and record.
 * :mod:`hypergradient.stochastic.problems` - problems with an exact solution.
+
+Examples:
+    >>> import torch
+    >>> from hypergradient.stochastic import SABA, FiniteSumBilevelProblem, run
+    >>> a = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+    >>> c = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+    >>> inner = lambda z, x, i: 0.5 * ((z - x - a[i]) ** 2).mean()  # z*(x) = x + mean(a)
+    >>> outer = lambda z, x, j: 0.5 * ((z - c[j]) ** 2).mean()  # x* = mean(c) - mean(a)
+    >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+    >>> zero = torch.tensor(0.0, dtype=torch.float64)
+    >>> out = run(SABA(inner_step=0.5, outer_step=0.2), p, zero, zero, num_steps=80)
+    >>> out.status, round(float(out.state.x), 3)
+    ('finished', 1.5)
 """
 
 from . import problems as problems

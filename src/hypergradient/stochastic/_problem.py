@@ -94,8 +94,7 @@ class FiniteSumBilevelProblem:
 
     Cost: one loss evaluation per batch loss; nothing is precomputed but the partition.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.stochastic import FiniteSumBilevelProblem
         >>> A, b = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, dtype=torch.float64)

@@ -4,6 +4,18 @@ r"""Finite-sum bilevel problems with a known solution, for tests and benchmarks.
 regression whose single penalty :math:`e^x` is tuned on a validation set.  Its solution
 :math:`x^*` is computed by bisection on the closed-form hypergradient to machine
 precision (a grid would only resolve it to the grid's spacing).
+
+Examples:
+    >>> import torch
+    >>> from hypergradient.stochastic.problems import ridge_problem
+    >>> t = ridge_problem(n_inner=10, n_outer=10, dim=3, batch_size=5)
+    >>> t.problem.n_inner_batches, tuple(t.z0.shape), t.x0.dtype
+    (2, (3,), torch.float64)
+    >>> inner_full = t.problem.full_batch()[0]  # G(z, x), the mean over all inner samples
+    >>> z = t.z_star(t.x_star).requires_grad_(True)
+    >>> (grad,) = torch.autograd.grad(inner_full(z, t.x_star), z)
+    >>> bool(grad.abs().max() < 1e-10), bool(t.hypergradient(t.x_star).abs() < 1e-10)
+    (True, True)
 """
 
 from __future__ import annotations
@@ -71,8 +83,7 @@ def ridge_problem(
     by bisection of :math:`h'` on :math:`[-12, 12]` (error below 1e-13); a problem whose
     optimum is outside raises :class:`~hypergradient.HypergradientError`.
 
-    Example::
-
+    Examples:
         >>> from hypergradient.stochastic.problems import ridge_problem
         >>> t = ridge_problem()
         >>> abs(float(t.hypergradient(t.x_star))) < 1e-12, round(float(t.x_star), 3)

@@ -41,7 +41,7 @@ import torch
 
 from .._errors import ConvergenceError, HypergradientError, check_tree
 from .._tree import Tree, tree_add, tree_all_finite, tree_axpy, tree_map, tree_sub, tree_zeros_like
-from ..optim._base import check_like
+from ..diffopt._base import check_like
 from ._oracles import (
     InnerOracle,
     OuterOracle,
@@ -70,6 +70,19 @@ class BilevelState(NamedTuple):
         outer_samples: the same for the outer samples.
         generator_state: state of the ``torch.Generator`` that draws the batches.
         memory: solver-specific (SABA: the SAGA tables), else ``None``.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.stochastic import FiniteSumBilevelProblem, SABA
+        >>> inner = lambda z, x, i: 0.5 * ((z - x) ** 2).sum()  # z*(x) = x
+        >>> outer = lambda z, x, j: 0.5 * ((z - 1) ** 2).sum()  # h(x) = (x - 1)^2 / 2, x* = 1
+        >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+        >>> state = SABA().init(p, torch.zeros(2), torch.tensor(0.0))  # one pass: 4 + 4 samples
+        >>> state.num_steps, state.inner_samples, state.outer_samples, tuple(state.v.shape)
+        (0, 4, 4, (2,))
+        >>> state = SABA().step(p, state)  # one inner and one outer batch of 2 samples
+        >>> state.num_steps, state.inner_samples, state.outer_samples, tuple(state.direction.shape)
+        (1, 6, 6, ())
     """
 
     z: Tree
@@ -104,6 +117,21 @@ class AbstractBilevelSolver(abc.ABC):
 
     Subclasses are final frozen dataclasses that validate their step sizes in
     ``__post_init__`` and set ``name``, the registry key.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.stochastic import AbstractBilevelSolver
+        >>> from hypergradient.stochastic import FiniteSumBilevelProblem, SOBA
+        >>> inner = lambda z, x, i: 0.5 * ((z - x) ** 2).sum()  # z*(x) = x
+        >>> outer = lambda z, x, j: 0.5 * ((z - 1) ** 2).sum()  # h(x) = (x - 1)^2 / 2, x* = 1
+        >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+        >>> solver = SOBA()
+        >>> isinstance(solver, AbstractBilevelSolver), solver.name
+        (True, 'soba')
+        >>> state = solver.init(p, torch.zeros(2), torch.tensor(0.0), seed=0)
+        >>> a, b = solver.step(p, state), solver.step(p, state)  # pure: same state, same step
+        >>> bool(torch.equal(a.z, b.z) and torch.equal(a.x, b.x)), state.num_steps, a.num_steps
+        (True, 0, 1)
     """
 
     name: ClassVar[str]
@@ -202,21 +230,43 @@ class AbstractBilevelSolver(abc.ABC):
 
 
 def register_solver(cls: type[AbstractBilevelSolver]) -> type[AbstractBilevelSolver]:
-    """Class decorator: make ``cls`` available by ``cls.name`` in :func:`get_solver`."""
+    """Class decorator: make ``cls`` available by ``cls.name`` in :func:`get_solver`.
+
+    Examples:
+        >>> from hypergradient.stochastic import SOBA, available_solvers, get_solver
+        >>> from hypergradient.stochastic import register_solver, solvers
+        >>> @register_solver
+        ... class DecreasingSOBA(SOBA):  # SOBA with the decreasing schedule by default
+        ...     name = "soba_decreasing"
+        ...     def __init__(self, inner_step=0.1, outer_step=0.01):
+        ...         super().__init__(inner_step, outer_step, decreasing=True)
+        >>> "soba_decreasing" in available_solvers()
+        True
+        >>> get_solver("soba_decreasing", outer_step=0.1).decreasing
+        True
+        >>> del solvers._SOLVERS["soba_decreasing"]  # (undo, to leave the registry as it was)
+    """
     _SOLVERS[cls.name] = cls
     return cls
 
 
 def available_solvers() -> list[str]:
-    """Names of the registered stochastic bilevel solvers, sorted."""
+    """Names of the registered stochastic bilevel solvers, sorted.
+
+    Examples:
+        >>> from hypergradient.stochastic import available_solvers, get_solver
+        >>> available_solvers()
+        ['amigo', 'saba', 'soba', 'stocbio']
+        >>> type(get_solver("stocbio")).__name__
+        'StocBiO'
+    """
     return sorted(_SOLVERS)
 
 
 def get_solver(solver: str | AbstractBilevelSolver, **options: Any) -> AbstractBilevelSolver:
     """Build a solver from its registry name and options, or pass an instance through.
 
-    Example::
-
+    Examples:
         >>> from hypergradient.stochastic import get_solver
         >>> get_solver("saba", inner_step=0.05)
         SABA(inner_step=0.05, outer_step=0.01, linear_step=None, init_memory='full')
@@ -308,6 +358,20 @@ class SOBA(AbstractBilevelSolver):
         linear_step: :math:`\rho^v` for :math:`v` (default: ``inner_step``).
         decreasing: use the decreasing schedule above (default ``False``: constant steps).
 
+    Examples:
+        >>> import torch
+        >>> from hypergradient.stochastic import FiniteSumBilevelProblem, SOBA, run
+        >>> inner = lambda z, x, i: 0.5 * ((z - x) ** 2).sum()  # z*(x) = x
+        >>> outer = lambda z, x, j: 0.5 * ((z - 1) ** 2).sum()  # h(x) = (x - 1)^2 / 2, x* = 1
+        >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+        >>> zero = torch.tensor(0.0, dtype=torch.float64)
+        >>> out = run(SOBA(inner_step=0.5, outer_step=0.1), p, zero, zero, num_steps=50)
+        >>> round(float(out.state.x), 2)  # noise-free batches: SOBA reaches x* = 1
+        1.0
+        >>> sched = SOBA(inner_step=0.1, outer_step=0.01, decreasing=True)
+        >>> [round(s, 6) for s in sched.steps_at(31)]  # (rho, rho_v, gamma) * 32^(-2/5, -3/5)
+        [0.025, 0.025, 0.00125]
+
     Cost per step: one inner oracle (forward, ``create_graph`` backward, double backward
     on an inner batch) and one outer forward/backward; memory: three trees of the size of
     :math:`z` and two of :math:`x`.
@@ -375,7 +439,24 @@ class SOBA(AbstractBilevelSolver):
 
 
 class SabaMemory(NamedTuple):
-    """SAGA tables of :class:`SABA`: the last oracle of every batch and their means."""
+    """SAGA tables of :class:`SABA`: the last oracle of every batch and their means.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.stochastic import FiniteSumBilevelProblem, SABA
+        >>> a = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+        >>> c = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+        >>> inner = lambda z, x, i: 0.5 * ((z - x - a[i]) ** 2).mean()  # z*(x) = x + 1.5
+        >>> outer = lambda z, x, j: 0.5 * ((z - c[j]) ** 2).mean()  # x* = 3 - 1.5 = 1.5
+        >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+        >>> zero = torch.tensor(0.0, dtype=torch.float64)
+        >>> mem = SABA().init(p, zero, zero).memory  # tables filled at the initial point
+        >>> len(mem.inner), len(mem.outer), mem.inner_mean._fields
+        (2, 2, ('grad_z', 'hvp', 'cross'))
+        >>> mean = (mem.inner[0].grad_z + mem.inner[1].grad_z) / 2
+        >>> bool(torch.allclose(mean, mem.inner_mean.grad_z))
+        True
+    """
 
     inner: tuple[InnerOracle, ...]  # one entry per inner batch: (grad_z, hvp, cross)
     inner_mean: InnerOracle
@@ -425,6 +506,20 @@ class SABA(AbstractBilevelSolver):
             at the initial point (costs one epoch of oracles; the estimates are unbiased
             from the first step); ``"zeros"`` starts from empty tables as the reference
             code does (free, but the early estimates are biased towards zero).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.stochastic import FiniteSumBilevelProblem, SABA, SOBA, run
+        >>> a = torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
+        >>> c = torch.tensor([1.0, 2.0, 3.0, 6.0], dtype=torch.float64)
+        >>> inner = lambda z, x, i: 0.5 * ((z - x - a[i]) ** 2).mean()  # z*(x) = x + 1.5
+        >>> outer = lambda z, x, j: 0.5 * ((z - c[j]) ** 2).mean()  # x* = 3 - 1.5 = 1.5
+        >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+        >>> zero = torch.tensor(0.0, dtype=torch.float64)
+        >>> x_saba = run(SABA(0.5, 0.2), p, zero, zero, num_steps=40).state.x
+        >>> x_soba = run(SOBA(0.5, 0.2), p, zero, zero, num_steps=40).state.x
+        >>> bool(abs(x_saba - 1.5) < 0.05), bool(abs(x_soba - 1.5) > 0.5)  # same steps
+        (True, True)
 
     Cost per step: as :class:`SOBA`.  Memory: the tables, three trees of the size of
     :math:`z` and one of :math:`x` per inner batch, one of each per outer batch; the
@@ -555,6 +650,19 @@ class StocBiO(AbstractBilevelSolver):
     Cost per step: ``inner_steps`` gradients, ``neumann_steps`` + 1 inner HVP oracles and
     one outer gradient, all on batches.
 
+    Examples:
+        >>> import torch
+        >>> from hypergradient.stochastic import FiniteSumBilevelProblem, StocBiO, run
+        >>> inner = lambda z, x, i: 0.5 * ((z - x) ** 2).sum()  # z*(x) = x
+        >>> outer = lambda z, x, j: 0.5 * ((z - 1) ** 2).sum()  # h(x) = (x - 1)^2 / 2, x* = 1
+        >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+        >>> zero = torch.tensor(0.0, dtype=torch.float64)
+        >>> solver = StocBiO(inner_step=0.5, outer_step=0.5, inner_steps=5, neumann_steps=5)
+        >>> out = run(solver, p, zero, zero, num_steps=12)
+        >>> # per step: (5 SGD + 5 Neumann + 1) inner batches, 1 outer batch, of 2 samples
+        >>> round(float(out.state.x), 2), out.state.inner_samples, out.state.outer_samples
+        (1.0, 264, 24)
+
     References:
         Ji, Yang, Liang (ICML 2021), Bilevel Optimization: Convergence Analysis and
         Enhanced Design.
@@ -644,6 +752,19 @@ class AmIGO(AbstractBilevelSolver):
     Cost per step: ``inner_steps`` gradients, ``linear_steps`` + 1 inner HVP oracles and
     ``linear_steps`` + 1 outer gradients.
 
+    Examples:
+        >>> import torch
+        >>> from hypergradient.stochastic import FiniteSumBilevelProblem, AmIGO, run
+        >>> inner = lambda z, x, i: 0.5 * ((z - x) ** 2).sum()  # z*(x) = x
+        >>> outer = lambda z, x, j: 0.5 * ((z - 1) ** 2).sum()  # h(x) = (x - 1)^2 / 2, x* = 1
+        >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+        >>> zero = torch.tensor(0.0, dtype=torch.float64)
+        >>> solver = AmIGO(inner_step=0.5, outer_step=0.5, inner_steps=5, linear_steps=5)
+        >>> out = run(solver, p, zero, zero, num_steps=12)
+        >>> # per step: (5 SGD + 5 linear + 1) inner batches, (5 + 1) outer, of 2 samples
+        >>> round(float(out.state.x), 2), out.state.inner_samples, out.state.outer_samples
+        (1.0, 264, 144)
+
     References:
         Arbel, Mairal (ICLR 2022), Amortized Implicit Differentiation for Stochastic
         Bilevel Optimization.
@@ -713,6 +834,21 @@ class RunResult(NamedTuple):
             one).  A stochastic solver has no stopping test: judge convergence from the
             records.
         time_s: seconds spent in ``init`` and ``step`` (callbacks excluded).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.stochastic import FiniteSumBilevelProblem, run
+        >>> inner = lambda z, x, i: 0.5 * ((z - x) ** 2).sum()  # z*(x) = x
+        >>> outer = lambda z, x, j: 0.5 * ((z - 1) ** 2).sum()  # h(x) = (x - 1)^2 / 2, x* = 1
+        >>> p = FiniteSumBilevelProblem(inner, outer, 4, 4, inner_batch_size=2, outer_batch_size=2)
+        >>> zero = torch.tensor(0.0)
+        >>> out = run("soba", p, zero, zero, num_steps=6, record_every=2)
+        >>> out.status, [r["step"] for r in out.records], sorted(out.records[-1])
+        ('finished', [0, 2, 4, 6], ['epochs', 'inner_samples', 'outer_samples', 'step', 'time_s'])
+        >>> stop = lambda state: {"stop": state.num_steps >= 3}  # a callback may end the run
+        >>> out = run("soba", p, zero, zero, num_steps=6, callback=stop)
+        >>> out.status, out.state.num_steps
+        ('stopped', 3)
     """
 
     state: BilevelState
@@ -761,8 +897,7 @@ def run(
         ``inner_samples``, ``outer_samples``, ``epochs`` (``inner_samples / n_inner``) and
         the callback's entries.
 
-    Example::
-
+    Examples:
         >>> import torch
         >>> from hypergradient.stochastic import FiniteSumBilevelProblem, run
         >>> # inner: (z - x)^2 / 2 averaged over 4 identical samples -> z*(x) = x;

@@ -1,4 +1,12 @@
-"""Problems with exact hypergradients, and finite differences, for checking any method."""
+"""Problems with exact hypergradients, and finite differences, for checking any method.
+
+Examples:
+    >>> import hypergradient as hg
+    >>> p = hg.testing.ridge_problem(n_train=20, n_val=10, dim=3)  # exact hypergrad known
+    >>> g = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "cg")
+    >>> hg.testing.relative_error(g, p.hypergrad) < 1e-8
+    True
+"""
 
 from .problems import BilevelTestProblem as BilevelTestProblem
 from .problems import finite_difference_hypergrad as finite_difference_hypergrad

@@ -19,7 +19,24 @@ Tensors = dict[str, torch.Tensor]
 
 @dataclass
 class BilevelTestProblem:
-    """A bilevel problem with its inner optimum ``params`` and exact ``hypergrad``."""
+    """A bilevel problem with its inner optimum ``params`` and exact ``hypergrad``.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> lam = torch.tensor([3.0], dtype=torch.float64)  # w* = lam, E = w*^2 / 2 = lam^2 / 2
+        >>> problem = hg.testing.BilevelTestProblem(
+        ...     inner_loss=lambda p, h: 0.5 * ((p["w"] - h["lam"]) ** 2).sum(),
+        ...     outer_loss=lambda p, h: 0.5 * (p["w"] ** 2).sum(),
+        ...     params={"w": lam.clone()}, hparams={"lam": lam}, hypergrad={"lam": lam.clone()},
+        ...     solve_inner=lambda h: {"w": h["lam"].clone()})
+        >>> bool(problem.outer_at_optimum({"lam": torch.tensor([2.0], dtype=torch.float64)}) == 2)
+        True
+        >>> g = hg.implicit_hypergrad(problem.inner_loss, problem.outer_loss, problem.params,
+        ...     problem.hparams, solver="exact")
+        >>> hg.testing.relative_error(g, problem.hypergrad) < 1e-12
+        True
+    """
 
     inner_loss: Callable[[Mapping, Mapping], torch.Tensor]
     outer_loss: Callable[[Mapping, Mapping], torch.Tensor]
@@ -35,7 +52,16 @@ class BilevelTestProblem:
 
 
 def relative_error(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
-    """``||a - b|| / ||b||`` over all entries of two dicts with the same keys."""
+    """``||a - b|| / ||b||`` over all entries of two dicts with the same keys.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> a = {"w": torch.tensor([3.0, 14.0]), "b": torch.tensor([0.0])}
+        >>> b = {"w": torch.tensor([0.0, 10.0]), "b": torch.tensor([0.0])}
+        >>> round(hg.testing.relative_error(a, b), 2)  # ||(3, 4, 0)|| / ||(0, 10, 0)||
+        0.5
+    """
     num = sum(float(torch.sum((a[k] - b[k]) ** 2)) for k in b)
     den = sum(float(torch.sum(b[k] ** 2)) for k in b)
     return (num / max(den, 1e-300)) ** 0.5
@@ -51,6 +77,14 @@ def finite_difference_hypergrad(
     ``response(hparams)`` must return the outer loss after solving (or running) the inner
     problem.  Cost: two calls per scalar hyperparameter; error O(eps^2) plus round-off
     O(machine_eps / eps): use float64 and eps ~ 1e-6.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> p = hg.testing.quadratic_problem(dim=4, num_hparams=2)
+        >>> fd = hg.testing.finite_difference_hypergrad(p.outer_at_optimum, p.hparams)
+        >>> fd["lam"].shape, hg.testing.relative_error(fd, p.hypergrad) < 1e-6
+        (torch.Size([2]), True)
     """
     out: Tensors = {}
     with torch.no_grad():
@@ -92,6 +126,16 @@ def ridge_problem(
     Differentiating :math:`H w^* = X^\top y/n` gives :math:`\partial w^*/\partial\lambda_j =
     -H^{-1} e_j e^{\lambda_j} w^*_j`, hence the closed form
     :math:`dE/d\lambda_j = -e^{\lambda_j} w^*_j\,(H^{-1}\nabla_w E)_j`.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> p = hg.testing.ridge_problem(n_train=20, n_val=10, dim=3)
+        >>> p.params["w"].shape, p.hparams["log_l2"].shape, p.data["X"].shape
+        (torch.Size([3]), torch.Size([3]), torch.Size([20, 3]))
+        >>> g = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "cg")
+        >>> hg.testing.relative_error(g, p.hypergrad) < 1e-8
+        True
     """
     g = _gen(seed)
     scales = torch.logspace(0, -1, dim, dtype=dtype, device="cpu")
@@ -139,6 +183,16 @@ def quadratic_problem(
     B of shape (dim, num_hparams); :math:`w^* = -A^{-1}(B\lambda + c)`.
     Outer: :math:`E(w,\lambda) = \frac12\|w - t\|^2 + e^\top\lambda` (a direct term).
     Closed form: :math:`dE/d\lambda = -B^\top A^{-1}(w^* - t) + e`.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> p = hg.testing.quadratic_problem(dim=4, num_hparams=2)
+        >>> p.params["w"].shape, p.hparams["lam"].shape, p.data["B"].shape
+        (torch.Size([4]), torch.Size([2]), torch.Size([4, 2]))
+        >>> g = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "cg")
+        >>> hg.testing.relative_error(g, p.hypergrad) < 1e-8
+        True
     """
     g = _gen(seed)
     Q = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=dtype, device="cpu"))[0]
@@ -187,6 +241,16 @@ def logistic_problem(
     Exact hypergradient: with the flattened Hessian :math:`H` and mixed Jacobian
     :math:`M = \partial(\nabla_w L)/\partial\lambda` both formed densely,
     :math:`dE/d\lambda = -M^\top H^{-1}\nabla_w E` (no direct term).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> p = hg.testing.logistic_problem(n_train=30, n_val=20, dim=3, classes=2)
+        >>> p.params["W"].shape, p.params["b"].shape, p.hypergrad["log_l2"].shape
+        (torch.Size([3, 2]), torch.Size([2]), torch.Size([3, 2]))
+        >>> g = hg.implicit_hypergrad(p.inner_loss, p.outer_loss, p.params, p.hparams, "exact")
+        >>> hg.testing.relative_error(g, p.hypergrad) < 1e-8
+        True
     """
     g = _gen(seed)
     Wt = torch.randn(dim, classes, generator=g, dtype=dtype, device="cpu") * 2

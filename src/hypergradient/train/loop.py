@@ -54,6 +54,20 @@ class BatchStream:
     Epoch ``e`` is iterated with the global torch RNG temporarily seeded to ``seed + e`` (so a
     ``DataLoader(shuffle=True)`` draws the same permutation every time), and the position is
     ``(epoch, batches consumed)``: enough to restore the stream exactly after a restart.
+
+    Examples:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from hypergradient.train import BatchStream
+        >>> loader = DataLoader(TensorDataset(torch.arange(5)), batch_size=2, shuffle=True)
+        >>> stream = BatchStream(loader, seed=0)
+        >>> sizes = [len(stream.next()[0]) for _ in range(4)]  # 3 batches per epoch, endless
+        >>> sizes, stream.state_dict()
+        ([2, 2, 1, 2], {'epoch': 1, 'consumed': 1})
+        >>> restored = BatchStream(loader, seed=0)
+        >>> restored.load_state_dict(stream.state_dict())  # e.g. after a restart
+        >>> bool(torch.equal(restored.next()[0], stream.next()[0]))
+        True
     """
 
     def __init__(self, loader: Iterable, seed: int = 0):
@@ -184,6 +198,28 @@ class BilevelTrainer:
     Cost per hyper-step: ``hyper_every`` ordinary training steps plus one hypergradient (see
     the method); memory: the model, one hyperparameter tensor per hyperparameter and the
     method's working set (one retained gradient graph for implicit methods).
+
+    Examples:
+        A per-weight decay of a linear classifier, 3 hyper-steps of 2 inner steps:
+
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> _ = torch.manual_seed(0)
+        >>> data = TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+        >>> loader = DataLoader(data, batch_size=16, shuffle=True)
+        >>> model = torch.nn.Linear(4, 3)
+        >>> trainer = hg.BilevelTrainer(
+        ...     model, hg.hparams.WeightDecay(), loader, loader,
+        ...     torch.optim.SGD(model.parameters(), lr=0.1), hyper_every=2,
+        ... )
+        >>> history = trainer.fit(hyper_steps=3)
+        >>> len(history), trainer.inner_step  # hyper-steps and inner steps done
+        (3, 6)
+        >>> {name: tuple(h.shape) for name, h in trainer.hparams.items()}  # one decay per weight
+        {'log_wd.weight': (3, 4), 'log_wd.bias': (3,)}
+        >>> sorted(k for k in history[-1] if k.endswith("loss"))
+        ['train_loss', 'val_loss']
     """
 
     def __init__(

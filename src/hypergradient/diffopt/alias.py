@@ -1,6 +1,6 @@
 r"""Differentiable functional versions of ``torch.optim`` SGD, Adam, RMSprop and Adagrad.
 
-Each factory returns a :class:`~hypergradient.optim.GradientTransformation` whose updates
+Each factory returns a :class:`~hypergradient.diffopt.GradientTransformation` whose updates
 equal the parameter changes of the matching ``torch.optim`` class (single-tensor path,
 ``maximize=False``) step for step, up to floating-point rounding (within ``1e-12`` in
 float64; the operations are done in the same order).  Differences, all deliberate:
@@ -107,7 +107,19 @@ def _root(x: torch.Tensor, eps_root: float | torch.Tensor) -> torch.Tensor:
 
 
 class SGDState(NamedTuple):
-    """State of :func:`sgd`: update counter and momentum buffer (``None`` without momentum)."""
+    """State of :func:`sgd`: update counter and momentum buffer (``None`` without momentum).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> tx = hg.diffopt.sgd(lr=0.1, momentum=0.9)
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> type(state).__name__, int(state.count), hg.diffopt.sgd(lr=0.1).init(torch.zeros(2))
+        ('SGDState', 0, SGDState(count=tensor(0), momentum_buffer=None))
+        >>> _, state = tx.update({"w": torch.ones(2)}, state)
+        >>> int(state.count), bool(torch.equal(state.momentum_buffer["w"], torch.ones(2)))
+        (1, True)
+    """
 
     count: torch.Tensor
     momentum_buffer: Tree | None
@@ -146,9 +158,9 @@ def sgd(
 
     Cost: O(number of parameters) per update; one buffer with momentum, none without.
 
-    Example:
+    Examples:
         >>> import torch
-        >>> from hypergradient.optim import apply_updates, sgd
+        >>> from hypergradient.diffopt import apply_updates, sgd
         >>> params = {"w": torch.ones(2)}
         >>> tx = sgd(lr=0.1, momentum=0.9)
         >>> state = tx.init(params)
@@ -156,7 +168,7 @@ def sgd(
         >>> apply_updates(params, updates)["w"]
         tensor([0.9000, 0.9000])
     """
-    where = "hypergradient.optim.sgd"
+    where = "hypergradient.diffopt.sgd"
     lr = check_hparam(where, "lr", lr, NONNEGATIVE)
     momentum = check_hparam(where, "momentum", momentum, NONNEGATIVE)
     dampening = check_hparam(where, "dampening", dampening, UNIT_CLOSED)
@@ -221,7 +233,23 @@ def sgd(
 
 
 class AdamState(NamedTuple):
-    """State of :func:`adam`: counter, first/second moments, running max (amsgrad only)."""
+    """State of :func:`adam`: counter, first/second moments, running max (amsgrad only).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> tx = hg.diffopt.adam(lr=0.01, betas=(0.9, 0.999))
+        >>> _, state = tx.update({"w": torch.ones(2)}, tx.init({"w": torch.zeros(2)}))
+        >>> state._fields
+        ('count', 'exp_avg', 'exp_avg_sq', 'max_exp_avg_sq')
+        >>> m, v = state.exp_avg["w"], state.exp_avg_sq["w"]  # (1 - beta_i) * g^i
+        >>> bool(torch.allclose(m, torch.full_like(m, 0.1)))
+        True
+        >>> bool(torch.allclose(v, torch.full_like(v, 1e-3)))
+        True
+        >>> int(state.count), state.max_exp_avg_sq is None  # amsgrad=False
+        (1, True)
+    """
 
     count: torch.Tensor
     exp_avg: Tree
@@ -278,9 +306,9 @@ def adam(
 
     Cost: O(number of parameters) per update; two buffers (three with amsgrad).
 
-    Example:
+    Examples:
         >>> import torch
-        >>> from hypergradient.optim import apply_updates, adam
+        >>> from hypergradient.diffopt import apply_updates, adam
         >>> params = {"w": torch.ones(2)}
         >>> tx = adam(lr=0.1)
         >>> state = tx.init(params)
@@ -288,7 +316,7 @@ def adam(
         >>> apply_updates(params, updates)["w"]
         tensor([0.9000, 1.0000])
     """
-    where = "hypergradient.optim.adam"
+    where = "hypergradient.diffopt.adam"
     lr = check_hparam(where, "lr", lr, NONNEGATIVE)
     beta1, beta2 = _betas(where, betas)
     eps = check_hparam(where, "eps", eps, NONNEGATIVE)
@@ -348,7 +376,20 @@ def adam(
 
 class RMSPropState(NamedTuple):
     """State of :func:`rmsprop`: counter, squared-gradient average, gradient average
-    (``centered`` only) and momentum buffer (``momentum`` only)."""
+    (``centered`` only) and momentum buffer (``momentum`` only).
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> tx = hg.diffopt.rmsprop(lr=0.01, alpha=0.99, centered=True)
+        >>> _, state = tx.update({"w": torch.ones(2)}, tx.init({"w": torch.zeros(2)}))
+        >>> type(state).__name__, int(state.count), state.momentum_buffer is None
+        ('RMSPropState', 1, True)
+        >>> bool(torch.allclose(state.square_avg["w"], torch.full((2,), 0.01)))  # (1 - alpha) g^2
+        True
+        >>> bool(torch.allclose(state.grad_avg["w"], torch.full((2,), 0.01)))  # (1 - alpha) g
+        True
+    """
 
     count: torch.Tensor
     square_avg: Tree
@@ -394,15 +435,15 @@ def rmsprop(
 
     Cost: O(number of parameters) per update; one to three buffers.
 
-    Example:
+    Examples:
         >>> import torch
-        >>> from hypergradient.optim import apply_updates, rmsprop
+        >>> from hypergradient.diffopt import apply_updates, rmsprop
         >>> params = {"w": torch.ones(2)}
         >>> tx = rmsprop(lr=0.01, centered=True, momentum=0.9)
         >>> state = tx.init(params)
         >>> updates, state = tx.update({"w": torch.ones(2)}, state, params)
     """
-    where = "hypergradient.optim.rmsprop"
+    where = "hypergradient.diffopt.rmsprop"
     lr = check_hparam(where, "lr", lr, NONNEGATIVE)
     alpha = check_hparam(where, "alpha", alpha, UNIT_CLOSED)
     eps = check_hparam(where, "eps", eps, NONNEGATIVE)
@@ -462,7 +503,19 @@ def rmsprop(
 
 
 class AdagradState(NamedTuple):
-    """State of :func:`adagrad`: counter and sum of squared gradients."""
+    """State of :func:`adagrad`: counter and sum of squared gradients.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> tx = hg.diffopt.adagrad(lr=0.1, initial_accumulator_value=0.5)
+        >>> state = tx.init({"w": torch.zeros(2)})
+        >>> _, state = tx.update({"w": torch.tensor([1.0, 2.0])}, state)
+        >>> type(state).__name__, int(state.count)
+        ('AdagradState', 1)
+        >>> bool(torch.equal(state.sum["w"], torch.tensor([1.5, 4.5])))  # 0.5 + g^2
+        True
+    """
 
     count: torch.Tensor
     sum: Tree
@@ -500,15 +553,15 @@ def adagrad(
 
     Cost: O(number of parameters) per update; one buffer.
 
-    Example:
+    Examples:
         >>> import torch
-        >>> from hypergradient.optim import apply_updates, adagrad
+        >>> from hypergradient.diffopt import apply_updates, adagrad
         >>> params = {"w": torch.ones(2)}
         >>> tx = adagrad(lr=0.1, initial_accumulator_value=0.1)
         >>> state = tx.init(params)
         >>> updates, state = tx.update({"w": torch.ones(2)}, state, params)
     """
-    where = "hypergradient.optim.adagrad"
+    where = "hypergradient.diffopt.adagrad"
     lr = check_hparam(where, "lr", lr, NONNEGATIVE)
     lr_decay = check_hparam(where, "lr_decay", lr_decay, NONNEGATIVE)
     weight_decay = check_hparam(where, "weight_decay", weight_decay, NONNEGATIVE)

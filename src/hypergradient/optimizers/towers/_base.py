@@ -61,8 +61,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import torch
 
-from .._errors import HypergradientError
-from ..optim._base import GradientTransformation, detach_state
+from ..._errors import HypergradientError
+from ...diffopt._base import GradientTransformation, detach_state
 
 # Tuned scalars that must stay below 1 (momentum, betas, RMSProp's alpha) are projected into
 # [0, 1 - _OPEN_MARGIN]: 1 itself would freeze a moving average (Adam's bias correction
@@ -79,6 +79,14 @@ class Tunable(NamedTuple):
         key: the param-group key holding it (``"lr"``, ``"betas"``, ...).
         index: its position when the key holds a tuple (``betas``), else ``None``.
         high: the largest value the projection keeps (``inf`` for learning rates).
+
+    Examples:
+        >>> from hypergradient.optimizers import towers
+        >>> spec = towers.Adam.TUNABLE["beta1"]  # Adam's beta1 is param_groups[i]["betas"][0]
+        >>> spec
+        Tunable(key='betas', index=0, high=0.999999)
+        >>> spec.label, towers.SGD.TUNABLE["lr"].high
+        ('betas[0]', inf)
     """
 
     key: str
@@ -138,7 +146,7 @@ class AbstractTowerOptimizer(torch.optim.Optimizer, abc.ABC):
     or ``towers.stack([towers.SGD(model.parameters(), lr=0.01), towers.Adam(lr=1e-3),
     towers.SGD(lr=1e-5)])``.  Call ``step()`` / ``zero_grad()`` / ``state_dict()`` on the base
     only; ``opt.levels`` lists the levels (``opt.levels[k].param_groups[0]["lr"]`` is the
-    current learning rate of level ``k``).  See :mod:`hypergradient.towers._base` for the
+    current learning rate of level ``k``).  See :mod:`hypergradient.optimizers.towers._base` for the
     algorithm.
 
     Attributes:
@@ -151,6 +159,25 @@ class AbstractTowerOptimizer(torch.optim.Optimizer, abc.ABC):
 
     Subclasses define the update rule (:meth:`_rule`), the tunable hyperparameters
     (``TUNABLE``), the functional state class and the option checks.
+
+    Examples:
+        SGD's learning rate tuned by SGD on :math:`L = \tfrac12\lVert w\rVert^2`, whose gradient is
+        :math:`g_t = w_t`; the hypergradient of step 2 is :math:`-g_2 \cdot g_1`:
+
+        >>> import torch
+        >>> from hypergradient.optimizers import towers
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> opt = towers.SGD([w], lr=0.1, optimizer=towers.SGD(lr=0.01))  # level 1 tunes lr
+        >>> for _ in range(2):
+        ...     opt.zero_grad()
+        ...     (0.5 * (w**2).sum()).backward()
+        ...     opt.step()
+        >>> isinstance(opt, towers.AbstractTowerOptimizer), len(opt.levels), opt.tune
+        (True, 2, ('lr',))
+        >>> round(opt.last_hypergradients[0]["lr"], 4)  # -(0.9 * 1 + 0.9 * 1)
+        -1.8
+        >>> round(opt.hparams[0]["lr"], 4)  # 0.1 - 0.01 * (-1.8)
+        0.118
     """
 
     TUNABLE: ClassVar[Mapping[str, Tunable]]
@@ -166,7 +193,7 @@ class AbstractTowerOptimizer(torch.optim.Optimizer, abc.ABC):
         optimizer: AbstractTowerOptimizer | None,
         tune: str | Sequence[str] | None,
     ) -> None:
-        self._where = f"hypergradient.towers.{type(self).__name__}"
+        self._where = f"hypergradient.optimizers.towers.{type(self).__name__}"
         self._is_base = params is not None
         self._hyper: AbstractTowerOptimizer | None = None
         self._lower: AbstractTowerOptimizer | None = None
@@ -350,8 +377,8 @@ class AbstractTowerOptimizer(torch.optim.Optimizer, abc.ABC):
         where = f"{self._where}(..., optimizer=...)"
         if not isinstance(hyper, AbstractTowerOptimizer):
             raise HypergradientError(
-                f"{where}: `optimizer` must be a hypergradient.towers optimizer built without "
-                f"params (e.g. towers.SGD(lr=1e-4)), got {type(hyper).__module__}."
+                f"{where}: `optimizer` must be a hypergradient.optimizers.towers optimizer built "
+                f"without params (e.g. towers.SGD(lr=1e-4)), got {type(hyper).__module__}."
                 f"{type(hyper).__name__}. A torch.optim optimizer cannot tune hyperparameters."
             )
         if hyper._is_base:
@@ -738,15 +765,26 @@ def stack(levels: Sequence[AbstractTowerOptimizer]) -> AbstractTowerOptimizer:
 
     Returns:
         ``levels[0]``, now a tower of height ``len(levels)``.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.optimizers import towers
+        >>> model = torch.nn.Linear(2, 1)
+        >>> base = towers.SGD(model.parameters(), lr=0.1)
+        >>> opt = towers.stack([base, towers.Adam(lr=1e-3), towers.SGD(lr=1e-5)])
+        >>> opt is base, [type(level).__name__ for level in opt.levels]
+        (True, ['SGD', 'Adam', 'SGD'])
+        >>> opt.levels[1].tune  # what the top SGD tunes: Adam's lr and betas
+        ('lr', 'beta1', 'beta2')
     """
-    where = "hypergradient.towers.stack(levels)"
+    where = "hypergradient.optimizers.towers.stack(levels)"
     levels = list(levels) if not isinstance(levels, AbstractTowerOptimizer) else [levels]
     if not levels:
         raise HypergradientError(f"{where}: `levels` is empty; give at least the base optimizer.")
     for i, level in enumerate(levels):
         if not isinstance(level, AbstractTowerOptimizer):
             raise HypergradientError(
-                f"{where}: levels[{i}] must be a hypergradient.towers optimizer, got "
+                f"{where}: levels[{i}] must be a hypergradient.optimizers.towers optimizer, got "
                 f"{type(level).__name__}."
             )
         if level._hyper is not None or level._lower is not None:

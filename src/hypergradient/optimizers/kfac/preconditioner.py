@@ -1,7 +1,7 @@
 r"""K-FAC as a preconditioner for CG, and as an inverse-Hessian approximation by itself.
 
 :class:`KFACPreconditioner` is the block-diagonal :math:`M = \mathrm{diag}_\ell(A_\ell \otimes
-G_\ell)` (damped, see :mod:`hypergradient.kfac._blocks`) acting on dicts of tensors keyed
+G_\ell)` (damped, see :mod:`hypergradient.optimizers.kfac._blocks`) acting on dicts of tensors keyed
 like the parameters; calling it applies :math:`M^{-1}`, the interface
 :class:`~hypergradient.linalg.CG`'s ``preconditioner`` expects (like
 :func:`~hypergradient.linalg.diagonal_preconditioner`).  :class:`KFACSolver` returns
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._errors import HypergradientError
-from .._results import Result, Solution, SolveStats
-from .._tree import Tree, tree_norm, tree_sub
-from ..linalg._base import AbstractLinearSolver, MatVec
+from ..._errors import HypergradientError
+from ..._results import Result, Solution, SolveStats
+from ..._tree import Tree, tree_norm, tree_sub
+from ...linalg._base import AbstractLinearSolver, MatVec
 from ._blocks import (
     Eigen,
     KroneckerBlock,
@@ -68,8 +68,7 @@ class KFACPreconditioner:
     Cost: the eigendecompositions of every factor at construction; per call one
     ``O(d_out d_in (d_in + d_out))`` product per layer, no Hessian-vector product.
 
-    Example::
-
+    Examples:
         >>> A = torch.tensor([[2.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
         >>> G = torch.tensor([[4.0]], dtype=torch.float64)
         >>> P = KFACPreconditioner([KroneckerBlock(A, G, "w", "b")], damping=0.0)
@@ -87,15 +86,16 @@ class KFACPreconditioner:
         damping_mode: str = "factored",
         passthrough: float | None = None,
     ):
-        where = "hypergradient.kfac.KFACPreconditioner(...)"
+        where = "hypergradient.optimizers.kfac.KFACPreconditioner(...)"
         items = list(blocks.values()) if isinstance(blocks, Mapping) else list(blocks)
         if not items:
             raise HypergradientError(f"{where}: `blocks` is empty; give at least one block.")
         for block in items:
             if not isinstance(block, KroneckerBlock):
                 raise HypergradientError(
-                    f"{where}: every block must be a hypergradient.kfac.KroneckerBlock, got "
-                    f"{type(block).__name__}. Build them with hg.kfac.curvature_factors(...)."
+                    f"{where}: every block must be a "
+                    f"hypergradient.optimizers.kfac.KroneckerBlock, got {type(block).__name__}. "
+                    f"Build them with hg.optimizers.kfac.curvature_factors(...)."
                 )
         check_damping(where, damping)
         check_damping_mode(where, damping_mode)
@@ -140,11 +140,15 @@ class KFACPreconditioner:
 
     def __call__(self, u: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:math:`M^{-1} u` (a dict with the keys of ``u``, in the same order)."""
-        return self._apply("hypergradient.kfac.KFACPreconditioner(...)(u)", u, self._inv, False)
+        return self._apply(
+            "hypergradient.optimizers.kfac.KFACPreconditioner(...)(u)", u, self._inv, False
+        )
 
     def matvec(self, u: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """:math:`M u`, the damped K-FAC curvature itself (e.g. as an approximate Hessian)."""
-        return self._apply("hypergradient.kfac.KFACPreconditioner.matvec(u)", u, self._den, True)
+        return self._apply(
+            "hypergradient.optimizers.kfac.KFACPreconditioner.matvec(u)", u, self._den, True
+        )
 
     def _apply(self, where, u, scales, forward: bool) -> dict[str, torch.Tensor]:
         if not isinstance(u, Mapping):
@@ -172,7 +176,7 @@ class KFACPreconditioner:
 class KFACSolver(AbstractLinearSolver):
     r"""``x = M^{-1} b``: the K-FAC inverse as the approximation of ``A^{-1}``.
 
-    Used as ``implicit_hypergrad(..., solver=hg.kfac.KFACSolver(P))`` it replaces the
+    Used as ``implicit_hypergrad(..., solver=hg.optimizers.kfac.KFACSolver(P))`` it replaces the
     inverse Hessian of the implicit function theorem by the inverse K-FAC curvature, with
     no Hessian-vector product (compare ``solver="identity"``, ``"neumann"``, ``"cg"``).
     The result is always ``SUCCESSFUL`` (the approximation is what was asked for).
@@ -182,8 +186,7 @@ class KFACSolver(AbstractLinearSolver):
         compute_residual: also report ``||b - A x||`` (one matvec); otherwise the residual
             is NaN and ``stats.extra["residual_computed"]`` is ``False``.
 
-    Example::
-
+    Examples:
         >>> A = torch.eye(1, dtype=torch.float64)
         >>> P = KFACPreconditioner([KroneckerBlock(A, 2 * A, "w")], damping=0.0)
         >>> x, stats = KFACSolver(P).solve(lambda v: v, {"w": torch.ones(1, 1, dtype=A.dtype)})
@@ -200,13 +203,14 @@ class KFACSolver(AbstractLinearSolver):
     def __post_init__(self) -> None:
         if not callable(self.preconditioner):
             raise HypergradientError(
-                f"hypergradient.kfac.KFACSolver(preconditioner=...): expected a callable "
-                f"u -> M^-1 u such as hg.kfac.KFACPreconditioner(blocks, damping), got "
+                f"hypergradient.optimizers.kfac.KFACSolver(preconditioner=...): expected a "
+                f"callable u -> M^-1 u such as "
+                f"hg.optimizers.kfac.KFACPreconditioner(blocks, damping), got "
                 f"{type(self.preconditioner).__name__}."
             )
         if not isinstance(self.compute_residual, bool):
             raise HypergradientError(
-                f"hypergradient.kfac.KFACSolver: compute_residual must be a bool, got "
+                f"hypergradient.optimizers.kfac.KFACSolver: compute_residual must be a bool, got "
                 f"{self.compute_residual!r}."
             )
 
@@ -240,7 +244,7 @@ def curvature_factors(
 
     Runs ``outputs = model(*inputs)`` with forward hooks on every ``nn.Linear`` and
     ``nn.Conv2d``, then backpropagates the output probes of ``fisher`` (see
-    :mod:`hypergradient.kfac._capture`) to the layers' pre-activations.  The blocks' keys
+    :mod:`hypergradient.optimizers.kfac._capture`) to the layers' pre-activations.  The blocks' keys
     are those of ``dict(model.named_parameters())``, so
     ``KFACPreconditioner(curvature_factors(model, x), damping)`` preconditions CG on a
     functional problem built with :func:`hypergradient.as_function`.
@@ -262,8 +266,7 @@ def curvature_factors(
 
     Cost: one forward, and 1 (sampled/empirical) or C (exact, categorical) backwards.
 
-    Example::
-
+    Examples:
         >>> torch.manual_seed(0) and None
         >>> net = torch.nn.Linear(3, 2).double()
         >>> x = torch.randn(5, 3, dtype=torch.float64)
@@ -273,7 +276,7 @@ def curvature_factors(
         >>> bool(torch.allclose(block.A[:3, :3], x.T @ x / 5))
         True
     """
-    where = "hypergradient.kfac.curvature_factors(...)"
+    where = "hypergradient.optimizers.kfac.curvature_factors(...)"
     if not isinstance(model, nn.Module):
         raise HypergradientError(
             f"{where}: `model` must be a torch.nn.Module, got {type(model).__name__}."

@@ -1,7 +1,7 @@
 r"""SGD (with momentum), Adam, AdaGrad and RMSProp as stackable, hyper-optimizable levels.
 
 Each class equals its ``torch.optim`` namesake step for step (the update rules are the
-differentiable ones of :mod:`hypergradient.optim`, tested against ``torch.optim``) as long
+differentiable ones of :mod:`hypergradient.diffopt`, tested against ``torch.optim``) as long
 as nothing tunes it, and exposes some of its hyperparameters to the level above:
 
 ============  ==========================================  =======================
@@ -26,10 +26,10 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .. import optim
-from .._errors import HypergradientError
-from ..optim import AdagradState, AdamState, RMSPropState, SGDState
-from ..optim._base import GradientTransformation
+from ... import diffopt as optim
+from ..._errors import HypergradientError
+from ...diffopt import AdagradState, AdamState, RMSPropState, SGDState
+from ...diffopt._base import GradientTransformation
 from ._base import _OPEN_MARGIN, NONNEGATIVE, UNIT_CLOSED, UNIT_OPEN, AbstractTowerOptimizer
 from ._base import Tunable as _T
 
@@ -69,16 +69,17 @@ class SGD(AbstractTowerOptimizer):
     Example (the learning rate grows while consecutive gradients agree; by Baydin's rule
     :math:`\gamma \leftarrow \gamma + \kappa\, g_t \cdot g_{t-1}`):
 
-        >>> import torch
-        >>> from hypergradient import towers
-        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-        >>> opt = towers.SGD([w], lr=0.1, optimizer=towers.SGD(lr=0.01))
-        >>> for _ in range(3):
-        ...     opt.zero_grad()
-        ...     (w ** 2).sum().backward()
-        ...     opt.step()
-        >>> round(opt.param_groups[0]["lr"], 4)  # 0.1 + 0.01 * (16 + 6.144)
-        0.3214
+        Examples:
+            >>> import torch
+            >>> from hypergradient.optimizers import towers
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+            >>> opt = towers.SGD([w], lr=0.1, optimizer=towers.SGD(lr=0.01))
+            >>> for _ in range(3):
+            ...     opt.zero_grad()
+            ...     (w ** 2).sum().backward()
+            ...     opt.step()
+            >>> round(opt.param_groups[0]["lr"], 4)  # 0.1 + 0.01 * (16 + 6.144)
+            0.3214
     """
 
     TUNABLE = {"lr": _T("lr", None, math.inf), "momentum": _T("momentum", None, _BELOW_ONE)}
@@ -150,16 +151,17 @@ class Adam(AbstractTowerOptimizer):
 
     Example (a hyper-Adam on top: each hyper-step moves ``lr`` by about its own lr):
 
-        >>> import torch
-        >>> from hypergradient import towers
-        >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
-        >>> opt = towers.Adam([w], lr=0.1, tune="lr", optimizer=towers.Adam(lr=0.01))
-        >>> for _ in range(3):
-        ...     opt.zero_grad()
-        ...     (w ** 2).sum().backward()
-        ...     opt.step()
-        >>> round(opt.param_groups[0]["lr"], 3)  # two hyper-steps of about +0.01
-        0.12
+        Examples:
+            >>> import torch
+            >>> from hypergradient.optimizers import towers
+            >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+            >>> opt = towers.Adam([w], lr=0.1, tune="lr", optimizer=towers.Adam(lr=0.01))
+            >>> for _ in range(3):
+            ...     opt.zero_grad()
+            ...     (w ** 2).sum().backward()
+            ...     opt.step()
+            >>> round(opt.param_groups[0]["lr"], 3)  # two hyper-steps of about +0.01
+            0.12
     """
 
     TUNABLE = {"lr": _T("lr", None, math.inf), "beta1": _T("betas", 0, _BELOW_ONE),
@@ -210,9 +212,9 @@ class AdaGrad(AbstractTowerOptimizer):
         optimizer: the hyper-optimizer tuning ``lr`` (see :class:`SGD`).
         tune: ``("lr",)`` (default) or ``()``.
 
-    Example:
+    Examples:
         >>> import torch
-        >>> from hypergradient import towers
+        >>> from hypergradient.optimizers import towers
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
         >>> opt = towers.AdaGrad([w], lr=0.1, optimizer=towers.SGD(lr=0.01))
         >>> for _ in range(3):
@@ -275,9 +277,9 @@ class RMSProp(AbstractTowerOptimizer):
             plus ``"momentum"`` when it is non-zero.  Tuned ``alpha`` and ``momentum`` are
             projected into ``[0, 1 - 1e-6]``, ``lr`` to ``>= 0``.
 
-    Example:
+    Examples:
         >>> import torch
-        >>> from hypergradient import towers
+        >>> from hypergradient.optimizers import towers
         >>> w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
         >>> opt = towers.RMSProp([w], lr=0.01, optimizer=towers.SGD(lr=1e-4))
         >>> for _ in range(3):

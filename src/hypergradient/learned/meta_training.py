@@ -25,6 +25,19 @@ resumed run reproduces an uninterrupted one bit for bit.
 Evaluation: :func:`evaluate_learned` and :func:`evaluate_adam` train the same sampled tasks
 (seeded) for a fixed number of steps and report the final full training loss;
 :func:`tune_adam` picks Adam's best learning rate from a grid on those tasks.
+
+Examples:
+    >>> from hypergradient import learned
+    >>> lopt = learned.LinearLearnedOptimizer()
+    >>> family = learned.NoisyQuadraticFamily(dim=2, noise=0.0)
+    >>> schedule = learned.TruncationSchedule(horizon=4, truncation_length=2)
+    >>> result = learned.meta_train(lopt, [family], num_steps=2, estimator="es", num_pairs=1,
+    ...                             schedule=schedule)
+    >>> tasks = learned.sample_tasks(family, num_tasks=2, num_steps=4, seed=0)
+    >>> learned_eval = learned.evaluate_learned(lopt, result.theta, tasks, num_steps=4)
+    >>> best_lr, by_lr = learned.tune_adam(tasks, [0.01, 0.1], num_steps=4)
+    >>> len(learned_eval.final_losses), sorted(by_lr)
+    (2, [0.01, 0.1])
 """
 
 from __future__ import annotations
@@ -41,6 +54,7 @@ import torch
 
 from .._errors import HypergradientError
 from .._io import load_checkpoint, save_atomic, write_json_atomic
+from ..diffopt import adam
 from ..estimators import (
     PES,
     AbstractGradientEstimator,
@@ -49,11 +63,18 @@ from ..estimators import (
     MixedEstimator,
     TruncatedBackprop,
 )
-from ..optim import adam
 from .architectures import AbstractLearnedOptimizer, Theta, _check_theta, describe, step_inputs
 from .tasks import AbstractTaskFamily, InnerTrainingSystem, Task, train_task
 
 ESTIMATORS = ("tbptt", "es", "pes", "mixed")
+"""The gradient estimators :func:`meta_train` and :func:`make_estimator` take by name:
+truncated back-propagation, antithetic ES, PES and the mixed estimator.
+
+Examples:
+    >>> from hypergradient.learned import ESTIMATORS
+    >>> ESTIMATORS
+    ('tbptt', 'es', 'pes', 'mixed')
+"""
 EstimatorFactory = Callable[[InnerTrainingSystem, int], AbstractGradientEstimator]
 
 
@@ -67,8 +88,7 @@ class TruncationSchedule:
     cheap and tame), rounded to a multiple of the truncation length; otherwise it is
     ``horizon`` throughout.  :math:`K_i = \min(K, T_i)`.
 
-    Example::
-
+    Examples:
         >>> s = TruncationSchedule(horizon=100, truncation_length=10, initial_horizon=20,
         ...                        growth_steps=80)
         >>> s.at(0), s.at(40), s.at(80), s.at(1000)
@@ -128,6 +148,21 @@ def make_estimator(
 
     ``num_pairs`` is the number of antithetic pairs (ES, PES, mixed) or of particles
     (truncated back-propagation); ``sigma`` the perturbation scale of the ES estimators.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import ESTIMATORS, LinearLearnedOptimizer
+        >>> from hypergradient.learned import NoisyQuadraticFamily, make_estimator
+        >>> lopt = LinearLearnedOptimizer()
+        >>> system = NoisyQuadraticFamily(dim=2).unrolled_system(lopt, horizon=4)
+        >>> [type(make_estimator(name, system, 2, num_pairs=2)).__name__ for name in ESTIMATORS]
+        ['TruncatedBackprop', 'AntitheticES', 'PES', 'MixedEstimator']
+        >>> est = make_estimator("pes", system, truncation_length=2, sigma=0.1, num_pairs=2)
+        >>> theta = lopt.init(torch.Generator().manual_seed(0))
+        >>> gen = torch.Generator().manual_seed(1)
+        >>> estimate, state = est.estimate(theta, est.init(theta, gen), gen)
+        >>> {k: tuple(g.shape) for k, g in estimate.grad.items()}
+        {'w': (4, 2), 'b': (2,)}
     """
     if name == "tbptt":
         return TruncatedBackprop(
@@ -173,6 +208,20 @@ class MetaTrainResult:
             ``truncation``, ``loss`` (the estimate's mean clipped log loss over its
             truncation), ``grad_norm`` (before clipping), ``seconds`` (of that step).
         initial_theta: where meta-training started.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient import learned
+        >>> family = learned.NoisyQuadraticFamily(dim=2)
+        >>> result = learned.meta_train(
+        ...     learned.LinearLearnedOptimizer(), [family], num_steps=2, estimator="es",
+        ...     num_pairs=1, schedule=learned.TruncationSchedule(horizon=4, truncation_length=2))
+        >>> isinstance(result, learned.MetaTrainResult), len(result.history)
+        (True, 2)
+        >>> sorted(result.history[0])
+        ['family', 'grad_norm', 'horizon', 'loss', 'seconds', 'step', 'truncation']
+        >>> torch.equal(result.theta["w"], result.initial_theta["w"])  # Adam moved theta
+        False
     """
 
     theta: Theta
@@ -240,6 +289,19 @@ def meta_train(
 
     Returns:
         a :class:`MetaTrainResult`.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient import learned
+        >>> lopt = learned.MLPLearnedOptimizer(hidden=4)
+        >>> families = [learned.NoisyQuadraticFamily(dim=2), learned.FredholmFamily(n=4)]
+        >>> schedule = learned.TruncationSchedule(4, 2, initial_horizon=2, growth_steps=2)
+        >>> result = learned.meta_train(lopt, families, num_steps=3, estimator="tbptt",
+        ...                             num_pairs=2, schedule=schedule, meta_lr=1e-2)
+        >>> [(r["family"], r["horizon"], r["truncation"]) for r in result.history]
+        [('quadratic-d2-k100', 2, 2), ('fredholm-n4', 4, 2), ('quadratic-d2-k100', 4, 2)]
+        >>> sorted(result.theta) == sorted(lopt.theta_shapes())
+        True
     """
     where = "meta_train(...)"
     if not isinstance(optimizer, AbstractLearnedOptimizer):
@@ -473,7 +535,19 @@ def smoothed(values: Sequence[float], window: int) -> list[float]:
 
 def plot_history(history: Sequence[dict[str, Any]], path: Path, *, title: str | None = None):
     """PNG of the meta-loss (clipped log loss of the truncations) per family against the
-    outer step, a trailing mean over whole episodes (about 1/20 of the run)."""
+    outer step, a trailing mean over whole episodes (about 1/20 of the run).
+
+    Examples:
+        >>> import tempfile
+        >>> from pathlib import Path
+        >>> from hypergradient.learned import plot_history
+        >>> history = [{"step": i, "family": "quadratic", "horizon": 4, "truncation": 2,
+        ...             "loss": 1.0 / (i + 1)} for i in range(8)]
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     plot_history(history, Path(folder) / "meta.png", title="tiny run")
+        ...     print(sorted(p.name for p in Path(folder).iterdir()))
+        ['meta.png']
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -516,6 +590,13 @@ class Evaluation:
         final_valid_losses: per task, the validation loss at the end (the family's
             ``eval_valid_loss`` when it has one, else the last step's validation loss).
         curves: per task, the mini-batch training loss of every step.
+
+    Examples:
+        >>> from hypergradient.learned import Evaluation
+        >>> ev = Evaluation(final_losses=[1.0, 3.0], final_valid_losses=[1.5, 3.5],
+        ...                 curves=[[2.0, 1.0], [4.0, 3.0]])
+        >>> ev.mean, round(ev.mean_log, 2)  # mean final loss, mean log final loss (log 3 / 2)
+        (2.0, 0.55)
     """
 
     final_losses: list[float]
@@ -535,7 +616,19 @@ def sample_tasks(
     family: AbstractTaskFamily, num_tasks: int, num_steps: int, seed: int
 ) -> list[Task]:
     """``num_tasks`` tasks of ``family`` from a generator seeded with ``seed`` (the same
-    tasks for every optimizer compared)."""
+    tasks for every optimizer compared).
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import NoisyQuadraticFamily, sample_tasks
+        >>> family = NoisyQuadraticFamily(dim=3)
+        >>> tasks = sample_tasks(family, num_tasks=2, num_steps=5, seed=0)
+        >>> len(tasks), tasks[0].num_steps
+        (2, 5)
+        >>> again = sample_tasks(family, num_tasks=2, num_steps=5, seed=0)  # the same tasks
+        >>> all(torch.equal(a.data["c"], b.data["c"]) for a, b in zip(tasks, again))
+        True
+    """
     where = "sample_tasks(...)"
     _check_int(where, "num_tasks", num_tasks)
     _check_int(where, "num_steps", num_steps)
@@ -561,7 +654,23 @@ def evaluate_learned(
     num_steps: int,
 ) -> Evaluation:
     """Train every task for ``num_steps`` updates with the learned optimizer (functional
-    update, progress :math:`t/T`, the losses it reads) and report the final losses."""
+    update, progress :math:`t/T`, the losses it reads) and report the final losses.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.learned import LinearLearnedOptimizer, NoisyQuadraticFamily
+        >>> from hypergradient.learned import evaluate_learned, sample_tasks
+        >>> tasks = sample_tasks(NoisyQuadraticFamily(dim=3, noise=0.0), 2, num_steps=10, seed=0)
+        >>> lopt = LinearLearnedOptimizer()
+        >>> zero = {"w": torch.zeros(4, 2), "b": torch.zeros(2)}  # the zero update
+        >>> descent = {"w": torch.tensor([[-1.0, 0], [0, 0], [0, 0], [0, 0]]), "b": torch.zeros(2)}
+        >>> before = evaluate_learned(lopt, zero, tasks, num_steps=10)
+        >>> after = evaluate_learned(lopt, descent, tasks, num_steps=10)
+        >>> before.final_losses == [task.eval_loss(task.params).item() for task in tasks]
+        True
+        >>> after.mean < before.mean
+        True
+    """
     _check_theta("evaluate_learned(...)", theta, optimizer)
     theta = {k: v.detach() for k, v in theta.items()}
     finals, valids, curves = [], [], []
@@ -585,7 +694,17 @@ def evaluate_learned(
 
 def evaluate_adam(tasks: Sequence[Task], lr: float, num_steps: int) -> Evaluation:
     """Train every task for ``num_steps`` steps of Adam (``torch.optim.Adam``'s update,
-    default betas) with learning rate ``lr``."""
+    default betas) with learning rate ``lr``.
+
+    Examples:
+        >>> from hypergradient.learned import NoisyQuadraticFamily, evaluate_adam, sample_tasks
+        >>> tasks = sample_tasks(NoisyQuadraticFamily(dim=3, noise=0.0), 2, num_steps=10, seed=0)
+        >>> ev = evaluate_adam(tasks, lr=0.1, num_steps=10)
+        >>> len(ev.final_losses), len(ev.curves[0])  # per task; per task and step
+        (2, 10)
+        >>> all(final < curve[0] for final, curve in zip(ev.final_losses, ev.curves))
+        True
+    """
     finals, valids, curves = [], [], []
     for task in tasks:
         tx = adam(lr=lr)
@@ -608,7 +727,15 @@ def tune_adam(
 ) -> tuple[float, dict[float, Evaluation]]:
     """Adam with every learning rate of ``lrs`` on ``tasks``; the best is the one with the
     lowest mean final training loss (a diverged run counts as infinite).  Returns
-    ``(best_lr, evaluations by lr)``."""
+    ``(best_lr, evaluations by lr)``.
+
+    Examples:
+        >>> from hypergradient.learned import NoisyQuadraticFamily, sample_tasks, tune_adam
+        >>> tasks = sample_tasks(NoisyQuadraticFamily(dim=3, noise=0.0), 2, num_steps=10, seed=0)
+        >>> best, results = tune_adam(tasks, [1e-3, 1e-1, 10.0], num_steps=10)
+        >>> best, sorted(results)
+        (0.1, [0.001, 0.1, 10.0])
+    """
     if not lrs:
         raise HypergradientError("tune_adam(...): lrs must be a non-empty list of learning rates.")
     results = {float(lr): evaluate_adam(tasks, float(lr), num_steps) for lr in lrs}

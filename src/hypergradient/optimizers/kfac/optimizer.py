@@ -12,7 +12,7 @@ For every ``nn.Linear`` / ``nn.Conv2d`` layer :math:`\ell` with parameters
 
 (``damping_mode="tikhonov"``: :math:`\mathrm{vec}(\Delta_\ell) = (A_\ell\otimes G_\ell +
 \gamma I)^{-1} \mathrm{vec}(\nabla_\ell)` instead).  :math:`A_\ell, G_\ell` are exponential
-moving averages of the per-batch factors (:mod:`hypergradient.kfac._capture`) with the
+moving averages of the per-batch factors (:mod:`hypergradient.optimizers.kfac._capture`) with the
 paper's weight :math:`\epsilon_k = \min(1 - 1/k, \text{factor\_decay})` on the old value at
 the ``k``-th update (the first update takes the batch factors as they are); their
 eigendecompositions are recomputed every ``inverse_every`` steps, and at every one of the
@@ -38,13 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import HypergradientError
+from ..._errors import HypergradientError
 from ._blocks import Eigen, KroneckerBlock, check_damping, check_damping_mode, inverse_scale
 from ._capture import Layer, Recorder, batch_factors, check_fisher_options, find_layers
 
 __all__ = ["KFAC"]
 
-_WHERE = "hypergradient.kfac.KFAC"
+_WHERE = "hypergradient.optimizers.kfac.KFAC"
 
 
 def _number(value: Any) -> bool:
@@ -106,6 +106,27 @@ class KFAC(torch.optim.Optimizer):
 
     ``state_dict()`` holds the factors, their eigendecompositions, the step counters and the
     momentum buffers, so a restored optimizer continues exactly.
+
+    Examples:
+        >>> import torch
+        >>> import torch.nn.functional as F
+        >>> import hypergradient as hg
+        >>> _ = torch.manual_seed(0)
+        >>> nn = torch.nn
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+        >>> opt = hg.optimizers.kfac.KFAC(model, lr=0.1, damping=1e-2)
+        >>> losses = []
+        >>> for _ in range(10):
+        ...     opt.zero_grad()
+        ...     out = model(x)
+        ...     opt.update_curvature(out)  # before the loss's backward
+        ...     loss = F.cross_entropy(out, y)
+        ...     loss.backward()
+        ...     opt.step()
+        ...     losses.append(loss.item())
+        >>> opt.layers, losses[-1] < 0.95 * losses[0]  # the two Linear layers; loss went down
+        (['0', '2'], True)
 
     References:
         Martens & Grosse (2015), Optimizing Neural Networks with Kronecker-factored
@@ -312,7 +333,7 @@ class KFAC(torch.optim.Optimizer):
         """The current running factors as :class:`KroneckerBlock`\\ s keyed by layer name.
 
         Their keys are those of ``dict(model.named_parameters())``: pass them to
-        :class:`~hypergradient.kfac.KFACPreconditioner` to precondition CG.
+        :class:`~hypergradient.optimizers.kfac.KFACPreconditioner` to precondition CG.
         """
         out = {}
         for layer in self._layers:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from .._errors import HypergradientError
+from ..._errors import HypergradientError
 from ._capture import describe, pi_factor
 
 DAMPING_MODES = ("factored", "tikhonov")
@@ -152,8 +152,7 @@ class KroneckerBlock:
             -1)``) or ``"in_out"`` (a 2-D weight used as ``x @ W``, e.g. ``W`` of
             :func:`hypergradient.testing.logistic_problem`).
 
-    Example::
-
+    Examples:
         >>> A = torch.eye(3, dtype=torch.float64)           # 2 inputs + bias
         >>> G = 2 * torch.eye(4, dtype=torch.float64)       # 4 outputs
         >>> KroneckerBlock(A, G, "fc.weight", "fc.bias").shape
@@ -167,7 +166,7 @@ class KroneckerBlock:
     weight_layout: str = "out_in"
 
     def __post_init__(self) -> None:
-        where = f"hypergradient.kfac.KroneckerBlock(weight={self.weight!r})"
+        where = f"hypergradient.optimizers.kfac.KroneckerBlock(weight={self.weight!r})"
         _check_factor(where, "A", self.A)
         _check_factor(where, "G", self.G)
         if self.A.dtype != self.G.dtype or self.A.device != self.G.device:

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._errors import HypergradientError
+from ..._errors import HypergradientError
 
 FISHERS = ("sampled", "exact", "empirical")
 LIKELIHOODS = ("categorical", "gaussian")

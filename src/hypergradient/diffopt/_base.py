@@ -12,7 +12,7 @@ with respect to the initial parameters, the gradients and every tensor hyperpara
 (learning rate, momentum, betas, eps, ...).  A *tree* is a tensor or a flat
 ``dict[str, Tensor]`` (see :mod:`hypergradient._tree`).
 
-Hyperparameters of the optimizers in :mod:`hypergradient.optim.alias` may be
+Hyperparameters of the optimizers in :mod:`hypergradient.diffopt.alias` may be
 
 * a Python ``float`` (a constant),
 * a 0-d floating tensor (possibly ``requires_grad=True``: a hyperparameter to
@@ -46,6 +46,20 @@ class GradientTransformation(NamedTuple):
     ``updates`` has the structure of ``grads`` and is the delta to add to the parameters
     (already multiplied by ``-lr``); apply it with :func:`apply_updates`.  ``state`` is
     immutable: ``update`` returns a new one and never mutates its inputs.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> sign_sgd = hg.diffopt.GradientTransformation(  # a custom optimizer: -0.5 sign(g)
+        ...     init=lambda params: (),
+        ...     update=lambda grads, state, params=None: (-0.5 * grads.sign(), state))
+        >>> params = torch.tensor([1.0, -1.0])
+        >>> updates, state = sign_sgd.update(torch.tensor([3.0, -2.0]), sign_sgd.init(params))
+        >>> bool(torch.equal(hg.diffopt.apply_updates(params, updates), torch.tensor([0.5, -0.5])))
+        True
+        >>> tx = hg.diffopt.sgd(lr=0.1)  # the built-in optimizers are GradientTransformations
+        >>> isinstance(tx, hg.diffopt.GradientTransformation), tx._fields
+        (True, ('init', 'update'))
     """
 
     init: Callable[[Params], State]
@@ -99,12 +113,12 @@ def apply_updates(params: Params, updates: Updates) -> Params:
 
     Cost: one addition per parameter entry.
 
-    Example:
+    Examples:
         >>> p = {"w": torch.zeros(2)}
         >>> apply_updates(p, {"w": torch.ones(2)})["w"]
         tensor([1., 1.])
     """
-    where = "hypergradient.optim.apply_updates(params, updates)"
+    where = "hypergradient.diffopt.apply_updates(params, updates)"
     _check_tree_kind(where, "params", params)
     check_like(where, "updates", updates, params, "params")
     return tree_add(params, updates)
@@ -124,11 +138,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
     Cost: the sum of the costs of the inner transformations.
 
-    Example:
-        >>> from hypergradient.optim import adam
+    Examples:
+        >>> from hypergradient.diffopt import adam
         >>> tx = chain(adam(lr=1e-3))  # same updates as adam(lr=1e-3) alone
     """
-    where = "hypergradient.optim.chain(*transforms)"
+    where = "hypergradient.diffopt.chain(*transforms)"
     if len(transforms) == 0:
         raise HypergradientError(
             f"{where}: expected at least one GradientTransformation, got none. Pass e.g. "
@@ -139,7 +153,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             raise HypergradientError(
                 f"{where}: transforms[{i}] must be a GradientTransformation (with callable "
                 f"`init` and `update`), got {type(t).__name__}. Build one with e.g. "
-                f"`hypergradient.optim.sgd(lr=0.1)`."
+                f"`hypergradient.diffopt.sgd(lr=0.1)`."
             )
     transforms = tuple(transforms)
 
@@ -178,6 +192,17 @@ def safe_sqrt(x: torch.Tensor) -> torch.Tensor:
     which is never zero, and the result is masked afterwards.
 
     Cost: three elementwise ops and a boolean mask more than :func:`torch.sqrt`.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> x = torch.tensor([0.0, 4.0], requires_grad=True)
+        >>> torch.autograd.grad(torch.sqrt(x).sum(), x)[0].isinf().tolist()  # torch.sqrt
+        [True, False]
+        >>> y = hg.diffopt.safe_sqrt(x)
+        >>> (grad,) = torch.autograd.grad(y.sum(), x)
+        >>> bool(torch.equal(y, torch.sqrt(x))), bool(torch.equal(grad, torch.tensor([0.0, 0.25])))
+        (True, True)
     """
     positive = x > 0
     root = torch.sqrt(torch.where(positive, x, 1.0))
@@ -304,6 +329,16 @@ def detach_state(state: Any) -> Any:
 
     Useful to truncate backpropagation through a long unrolled run.  Cost: O(state size),
     no copy of the data.
+
+    Examples:
+        >>> import torch
+        >>> import hypergradient as hg
+        >>> grads = {"w": torch.ones(2, requires_grad=True)}  # e.g. from create_graph=True
+        >>> tx = hg.diffopt.adam(lr=0.1)
+        >>> _, state = tx.update(grads, tx.init({"w": torch.zeros(2)}))
+        >>> cut = hg.diffopt.detach_state(state)
+        >>> state.exp_avg["w"].requires_grad, cut.exp_avg["w"].requires_grad, type(cut).__name__
+        (True, False, 'AdamState')
     """
     if isinstance(state, torch.Tensor):
         return state.detach()
