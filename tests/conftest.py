@@ -43,6 +43,7 @@ NON_NUMERIC_MODULES = frozenset(
         "test_towers_recipe.py",
         "test_noisy_labels_recipe.py",
         "test_hidden_units_recipe.py",
+        "test_continuation_recipe.py",
         "test_hpo_recipe.py",
         "test_lr_schedule.py",
         "test_hyperclean.py",

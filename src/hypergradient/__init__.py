@@ -14,6 +14,7 @@ Sub-packages: :mod:`hypergradient.linalg` (linear solvers, curvature operators),
 (problems with exact hypergradients).
 """
 
+from . import continuation as continuation
 from . import data as data
 from . import deq as deq
 from . import diffopt as diffopt
@@ -86,6 +87,7 @@ __all__ = [
     "SolveStats",
     "Unrolled",
     "as_function",
+    "continuation",
     "data",
     "deq",
     "diffopt",

@@ -30,7 +30,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -98,20 +98,26 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, default=float))
 
 
-def load_tensors(path: str | os.PathLike, where: str, *, what: str = "") -> Any:
+def load_tensors(path: str | os.PathLike | BinaryIO, where: str, *, what: str = "") -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers,
-    never code. A file that needs anything else (a planted pickle) is refused with a
+    never code.  ``path`` may also be an open binary file (e.g. ``io.BytesIO`` of bytes whose
+    checksum was just verified, so that the bytes checked are the bytes loaded).  A file that
+    needs anything else (a planted pickle) is refused with a
     :class:`~hypergradient.HypergradientError` that starts with ``where``; so is a truncated or
     foreign file (``what``, e.g. ``"the checkpoint"``, names it in the message). Nothing in
     the file runs either way."""
-    label = f"{what} {str(path)!r}" if what else repr(str(path))
+    if hasattr(path, "read"):  # an open file: it has no name to show
+        source, label = path, what or "the file"
+    else:
+        source = Path(path)
+        label = f"{what} {str(path)!r}" if what else repr(str(path))
     try:
         with warnings.catch_warnings():
             # a plain pickle (not torch's zip format) makes torch warn about its protocol
             # before the restricted unpickler refuses it; the error below says it all
             warnings.simplefilter("ignore")
             with torch.serialization.safe_globals(_CHECKPOINT_TYPES):
-                return torch.load(Path(path), weights_only=True)
+                return torch.load(source, weights_only=True)
     except Exception as err:
         # the restricted unpickler names the first global it refused ("GLOBAL posix.system")
         found = re.search(r"GLOBAL (\S+)", str(err))

@@ -19,7 +19,7 @@ from ._config import build_config as build_config
 
 for _name in (
     "distill", "hyperclean", "reweight", "augment", "lr_schedule", "towers", "hpo", "maml",
-    "meta_pretrain", "learned_opt", "noisy_labels", "hidden_units",
+    "meta_pretrain", "learned_opt", "noisy_labels", "hidden_units", "analytic_continuation",
 ):  # fmt: skip
     try:
         importlib.import_module(f"{__name__}.{_name}")
