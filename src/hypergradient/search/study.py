@@ -790,4 +790,11 @@ def optimize(
             # loaded machine), failed it and re-queued its parameters: the result is dropped
             # and the re-queued copy runs it again, so this worker just goes on
             continue
+        except ValueError as err:
+            # the same race caught one step later: the trial was finished elsewhere between
+            # optuna's state check and its tell ("Cannot tell a COMPLETE trial."); anything
+            # else is a real error
+            if not str(err).startswith("Cannot tell a "):
+                raise
+            continue
     return finished_trials(study)
