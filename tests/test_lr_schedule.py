@@ -92,6 +92,12 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
 
 
 BAD_VALUES = {
+    "dataset": "cifar10",
+    "data_dir": "",
+    "download": "maybe",
+    "batch_size": "-1",
+    "per_layer": "maybe",
+    "init_decay": "-1e-3",
     "n_train": "0",
     "n_val": "1700",
     "hidden": "1.5",

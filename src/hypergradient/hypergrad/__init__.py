@@ -13,8 +13,11 @@ from .methods import Implicit as Implicit
 from .methods import Unrolled as Unrolled
 from .methods import get_method as get_method
 from .methods import pedregosa_tolerance as pedregosa_tolerance
+from .real_time import RealTime as RealTime
+from .real_time import RealTimeState as RealTimeState
 from .reversible import ReversibleMemoryWarning as ReversibleMemoryWarning
 from .reversible import ReversibleResult as ReversibleResult
+from .reversible import SeededBatches as SeededBatches
 from .reversible import reversible_hypergrad as reversible_hypergrad
 from .unrolled import unrolled_hypergrad as unrolled_hypergrad
 
@@ -30,8 +33,11 @@ __all__ = [
     "Unrolled",
     "get_method",
     "pedregosa_tolerance",
+    "RealTime",
+    "RealTimeState",
     "ReversibleMemoryWarning",
     "ReversibleResult",
+    "SeededBatches",
     "evograd_hypergrad",
     "implicit_hypergrad",
     "reversible_hypergrad",

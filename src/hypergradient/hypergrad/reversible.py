@@ -67,12 +67,25 @@ per weight) - independent of :math:`T` except for the buffer.
 
 ``inner_loss`` must be a deterministic function of ``(params, hparams)``: the reverse pass
 recomputes every gradient and needs the same bits as the forward pass (no dropout, no batch
-sampled inside the loss).  A violation is detected - the reconstructed :math:`w_0` differs
-from the given one - and reported.
+sampled inside the loss).  A violation is detected - the fixed-point gradient recomputed at
+step :math:`t` differs from the forward pass's (a 16-byte checksum per step is kept), or
+the reconstructed :math:`w_0` differs from the given one - and reported.
+
+**Mini-batches and per-layer schedules, as the paper ran them.**  With ``batches=`` (a
+function of the step alone, e.g. :class:`SeededBatches`), step :math:`t` trains on
+``inner_loss(params, hparams, batches(t))`` and the reverse pass asks for batch :math:`t`
+again; a checksum of every batch is kept and compared, so a schedule that changes between
+the two passes (a ``DataLoader`` iterator, the global random state) is reported at the
+step where it changed instead of returning a wrong hypergradient.  ``lr`` and ``momentum``
+may be dicts of per-tensor schedules: each tensor then runs its own exact optimizer (and
+buffer), and the learning-rate and momentum adjoints are dot products over its weights
+only.
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -98,6 +111,8 @@ _INPUT_LIMIT = 2**61
 _STATE_LIMIT = 2**62
 # A fully forgotten velocity (momentum 0) is kept whole: 64 bits.
 _WIDE_BITS = 64
+# Steps whose callable-schedule graphs are kept at once for the chain rule.
+_CHAIN_CHUNK = 256
 
 ParamsInit = Mapping[str, torch.Tensor] | Callable[[Mapping[str, torch.Tensor]], Mapping]
 
@@ -565,6 +580,10 @@ class ExactMomentumSGD:
         """Magnitude a gradient, an update or an initial weight must stay below."""
         return _INPUT_LIMIT / self.scale
 
+    def mean_bits(self) -> float:
+        """:meth:`bits_per_step` averaged over the steps."""
+        return sum(self.bits_per_step(t) for t in range(self.steps)) / self.steps
+
     def bits_per_step(self, t: int) -> float:
         """Information the multiplication of step ``t`` destroys, per weight (bits)."""
         n, d = self.fractions[t]
@@ -678,7 +697,10 @@ class ExactMomentumSGD:
 
     def step(self, state: ExactState, grad: torch.Tensor, t: int) -> None:
         """Step ``t`` forward, in place: ``grad`` is the flat gradient at ``w_t``."""
-        g = self.to_fixed(grad, "gradient", t)
+        self.step_fixed(state, self.to_fixed(grad, "gradient", t), t)
+
+    def step_fixed(self, state: ExactState, g: torch.Tensor, t: int) -> None:
+        """:meth:`step` with the gradient already on the grid (``to_fixed(grad)``)."""
         state.b = self._mul(state.b, t, state.buffer) + g
         self._check_state(state.b, "velocity", t)
         state.w = state.w - self._update(state.b, t)
@@ -690,7 +712,10 @@ class ExactMomentumSGD:
 
     def undo_velocity(self, state: ExactState, grad: torch.Tensor, t: int) -> None:
         """``B_{t+1} -> B_t`` given the flat gradient at ``w_t`` (after :meth:`undo_position`)."""
-        g = self.to_fixed(grad, "gradient", t)
+        self.undo_velocity_fixed(state, self.to_fixed(grad, "gradient", t), t)
+
+    def undo_velocity_fixed(self, state: ExactState, g: torch.Tensor, t: int) -> None:
+        """:meth:`undo_velocity` with the gradient already on the grid."""
         state.b = self._unmul(state.b - g, t, state.buffer)
 
 
@@ -819,13 +844,14 @@ class ReversibleMemoryWarning(UserWarning):
     """
 
 
-def _warn_if_no_saving(where: str, sgd: ExactMomentumSGD, num_weights: int, dtype) -> None:
-    steps = sgd.steps
-    bits = sum(sgd.bits_per_step(t) for t in range(steps)) / steps
+def _warn_if_no_saving(where: str, groups: Sequence[_Group], dtype) -> None:
+    steps = groups[0].sgd.steps
+    num_weights = sum(g.size for g in groups)
+    bits = sum(g.size * g.sgd.mean_bits() for g in groups) / num_weights
     dtype_bits = torch.finfo(dtype).bits
     if bits < dtype_bits:
         return
-    zero = sum(n == 0 for n, _ in sgd.fractions)
+    zero = max(sum(n == 0 for n, _ in g.sgd.fractions) for g in groups)
     buffer_mb = bits * steps * num_weights / 8 / 1e6
     trajectory_mb = dtype_bits * steps * num_weights / 8 / 1e6
     warnings.warn(
@@ -854,39 +880,269 @@ def initial_params(where: str, init: Callable, hparams: Mapping[str, torch.Tenso
     return {k: v.detach() for k, v in value.items()}
 
 
-def _scalar_schedule(where: str, name: str, fn: Callable, hparams: Mapping, steps: int):
-    """The floats ``fn(hparams, t)`` for every step, checked."""
+def _scalar_schedule(
+    where: str, name: str, fn: Callable, hparams: Mapping, steps: int, label: str | None = None
+):
+    """The floats ``fn(hparams, t)`` for every step, checked (``label`` names it in errors)."""
+    label = name if label is None else label
     values = []
     for t in range(steps):
         value = fn(hparams, t)
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise HypergradientError(
-                    f"{where}: {name} at step {t} has shape {tuple(value.shape)}; reversible "
+                    f"{where}: {label} at step {t} has shape {tuple(value.shape)}; reversible "
                     f"mode needs one scalar {name} per step."
                 )
             value = float(value.detach())
         value = float(value)
         if not math.isfinite(value):
-            raise HypergradientError(f"{where}: {name} at step {t} is {value} (not finite).")
+            raise HypergradientError(f"{where}: {label} at step {t} is {value} (not finite).")
         if name == "momentum" and not 0.0 <= value <= 1.0:
             raise HypergradientError(
-                f"{where}: momentum at step {t} is {value}; reversible mode needs momenta in "
+                f"{where}: {label} at step {t} is {value}; reversible mode needs momenta in "
                 f"[0, 1] (the multiplication by mu is inverted with the stored bits)."
             )
         values.append(value)
     return values
 
 
+# ======================================================================================
+# Mini-batches: the same batch at step t in both passes, and checksums that prove it
+# ======================================================================================
+
+
+class SeededBatches:
+    r"""A mini-batch schedule fixed by a seed: batch ``t`` is a function of ``t`` alone.
+
+    The ``N`` examples are shuffled once per epoch, epoch :math:`e` by a generator seeded
+    with ``seed`` and :math:`e`; batch :math:`t` is block :math:`t \bmod B` of epoch
+    :math:`\lfloor t / B \rfloor`'s permutation, :math:`B = \lfloor N / \texttt{batch\_size}
+    \rfloor` blocks of ``batch_size`` examples (the :math:`N \bmod \texttt{batch\_size}`
+    examples a shuffle puts last sit that epoch out, so every batch has the same size).
+    ``batches(t)`` returns the same examples bit for bit whenever and in whatever order it
+    is called: what the reverse pass of :func:`reversible_hypergrad` (``batches=``) needs,
+    since it recomputes the gradient of step :math:`t` on batch :math:`t`, walking the steps
+    backwards.  A ``DataLoader`` iterator, or a batch drawn from the global random state,
+    gives other batches the second time (and ``reversible_hypergrad`` says so).
+
+    Args:
+        *tensors: the data, e.g. ``x`` of shape ``(N, ...)`` and ``y`` of shape ``(N,)``, all
+            with the same first dimension ``N >= 1``.
+        batch_size: examples per batch, in ``[1, N]``.
+        seed: an int >= 0; another seed gives another schedule.
+
+    Returns (when called with a step ``t >= 0``): a tuple with one ``(batch_size, ...)``
+    tensor per data tensor, on the data's device.
+
+    Cost: one ``randperm(N)`` when the epoch changes (the last epoch's permutation is kept,
+    so a forward or reverse pass draws one per epoch) plus the indexing; memory: one
+    permutation (8 N bytes) besides the data.
+
+    Examples:
+        >>> import torch
+        >>> from hypergradient.hypergrad import SeededBatches
+        >>> x, y = torch.arange(10.0).reshape(5, 2), torch.arange(5)
+        >>> batches = SeededBatches(x, y, batch_size=2, seed=0)
+        >>> xb, yb = batches(3)  # epoch 1, its second block
+        >>> tuple(xb.shape), tuple(yb.shape), batches.batches_per_epoch
+        ((2, 2), (2,), 2)
+        >>> _ = [batches(t) for t in (7, 0, 5)]  # any order in between
+        >>> bool(torch.equal(batches(3)[1], yb))
+        True
+        >>> epoch0 = batches(0)[1].tolist() + batches(1)[1].tolist()
+        >>> len(set(epoch0))  # no example twice in an epoch
+        4
+    """
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, seed: int = 0):
+        where = "hypergradient.hypergrad.SeededBatches(...)"
+        if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+            raise HypergradientError(
+                f"{where}: expected the data as one or more tensors with the examples along "
+                f"the first dimension (e.g. SeededBatches(x, y, batch_size=100)), got "
+                f"{[type(t).__name__ for t in tensors]}."
+            )
+        sizes = {t.shape[0] if t.dim() else None for t in tensors}
+        if len(sizes) != 1 or None in sizes or 0 in sizes:
+            raise HypergradientError(
+                f"{where}: the tensors must share a first dimension N >= 1 (the examples), "
+                f"got shapes {[tuple(t.shape) for t in tensors]}."
+            )
+        (n,) = sizes
+        if (
+            not isinstance(batch_size, int)
+            or isinstance(batch_size, bool)
+            or not 1 <= batch_size <= n
+        ):
+            raise HypergradientError(
+                f"{where}: batch_size={batch_size!r}; expected an int in [1, N={n}]."
+            )
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise HypergradientError(f"{where}: seed={seed!r}; expected an int >= 0.")
+        self.tensors = tensors
+        self.num_examples = n
+        self.batch_size = batch_size
+        self.seed = seed
+        self.batches_per_epoch = n // batch_size
+        self._epoch = -1
+        self._perm = torch.empty(0, dtype=torch.int64)
+
+    def indices(self, t: int) -> torch.Tensor:
+        """The example indices of batch ``t`` (``int64``, shape ``(batch_size,)``)."""
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise HypergradientError(
+                f"hypergradient.hypergrad.SeededBatches: the step must be an int >= 0, got {t!r}."
+            )
+        epoch, block = divmod(t, self.batches_per_epoch)
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.num_examples, generator=gen)
+            self._epoch = epoch
+        return self._perm[block * self.batch_size : (block + 1) * self.batch_size]
+
+    def __call__(self, t: int) -> tuple[torch.Tensor, ...]:
+        idx = self.indices(t)
+        return tuple(x[idx.to(x.device)] for x in self.tensors)
+
+
+# An odd 64-bit multiplier (PCG's): position i weighs a byte word by (i + 1) * A mod 2**64.
+_HASH_MULTIPLIER = 0x5851F42D4C957F2D  # below 2**63: an int64
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _tensor_checksum(x: torch.Tensor) -> tuple[int, int]:
+    """Two sums over the bits of ``x`` (its words as integers, plain and weighted by
+    position, wrapping mod 2**64): equal for equal bits; a change of one word (or a swap of
+    two unequal ones) always changes them."""
+    flat = x.detach().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    ints = flat.view(_INT_OF_SIZE[flat.element_size()]).to(torch.int64)
+    weights = torch.arange(1, ints.numel() + 1, dtype=torch.int64, device=ints.device)
+    weights.mul_(_HASH_MULTIPLIER)
+    return int(ints.sum()), int(torch.dot(ints, weights)) if ints.numel() else 0
+
+
+def _batch_checksum(where: str, batch: object, t: int) -> int:
+    """One int for a batch (tensors, possibly in tuples, lists or dicts, and plain values):
+    dtypes, shapes and bits.  Refuses NaN/inf in floating tensors."""
+
+    def walk(value, path):
+        if isinstance(value, torch.Tensor):
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise HypergradientError(
+                    f"{where}: batches({t}){path} (shape {tuple(value.shape)}) contains {bad} "
+                    f"NaN/inf value(s); clean the data before training on it."
+                )
+            return (str(value.dtype), tuple(value.shape), _tensor_checksum(value))
+        if isinstance(value, Mapping):
+            return tuple((k, walk(v, f"{path}[{k!r}]")) for k, v in value.items())
+        if isinstance(value, (tuple, list)):
+            return tuple(walk(v, f"{path}[{i}]") for i, v in enumerate(value))
+        return repr(value)
+
+    return hash(walk(batch, ""))
+
+
+def _batch_changed(where: str, t: int) -> HypergradientError:
+    return HypergradientError(
+        f"{where}: batches({t}) returned another batch in the reverse pass than in the forward "
+        f"pass (its checksum changed), so the gradient of step {t} cannot be recomputed. "
+        f"`batches` must be a function of the step alone: index a fixed list of batches, or "
+        f"draw batch t from a generator seeded by t (hg.hypergrad.SeededBatches(x, y, "
+        f"batch_size=..., seed=...)), not from a DataLoader iterator or the global random "
+        f"state."
+    )
+
+
+def check_batches(where: str, batches: object, inner_loss: Callable) -> None:
+    """``batches``: None, or a callable ``t -> batch`` with an ``inner_loss`` that takes it."""
+    if batches is None:
+        return
+    if not callable(batches):
+        raise HypergradientError(
+            f"{where}: batches must be a callable t -> batch (e.g. "
+            f"hg.hypergrad.SeededBatches(x, y, batch_size=100, seed=0)) or None, got "
+            f"{type(batches).__name__}."
+        )
+    _check_batched_loss(where, inner_loss)
+
+
+def _check_batched_loss(where: str, inner_loss: Callable) -> None:
+    try:
+        signature = inspect.signature(inner_loss)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError:
+        raise HypergradientError(
+            f"{where}: with batches=..., inner_loss is called as inner_loss(params, hparams, "
+            f"batch) with batch = batches(t), but it takes {signature}. Add the batch "
+            f"argument (e.g. `def inner_loss(p, h, batch): x, y = batch; ...`)."
+        ) from None
+
+
+# ======================================================================================
+# The hypergradient
+# ======================================================================================
+
+
+@dataclass
+class _Group:
+    """Weights that share a learning-rate and momentum schedule: one tensor, or all."""
+
+    keys: tuple[str, ...]
+    start: int
+    stop: int
+    lr_spec: object
+    momentum_spec: object
+    lr_fn: Callable
+    momentum_fn: Callable
+    sgd: ExactMomentumSGD
+    state: ExactState | None = None
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def span(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def _per_tensor(where: str, name: str, spec: object, keys: Sequence[str]) -> dict | None:
+    """``spec`` as ``{params key: spec}`` when it is a dict of per-tensor schedules."""
+    if not isinstance(spec, Mapping):
+        return None
+    missing = [k for k in keys if k not in spec]
+    unknown = [k for k in spec if k not in keys]
+    if missing or unknown:
+        problems = ([f"no entry for {missing}"] if missing else []) + (
+            [f"unknown keys {unknown}"] if unknown else []
+        )
+        raise HypergradientError(
+            f"{where}: {name} is a dict of per-tensor schedules, so its keys must be the "
+            f"params' keys {list(keys)}; it has {' and '.join(problems)}. Give every tensor "
+            f"its own {name} (entries may repeat a value or an hparams key)."
+        )
+    return dict(spec)
+
+
 def reversible_hypergrad(
-    inner_loss: Callable[[dict, dict], torch.Tensor],
+    inner_loss: Callable[..., torch.Tensor],
     outer_loss: Callable[[dict, dict], torch.Tensor],
     params0: ParamsInit,
     hparams: Mapping[str, torch.Tensor],
     steps: int,
-    lr: StepHParam,
-    momentum: StepHParam,
+    lr: StepHParam | Mapping[str, StepHParam],
+    momentum: StepHParam | Mapping[str, StepHParam],
     *,
+    batches: Callable[[int], object] | None = None,
     fraction_bits: int = 52,
     max_denominator: int = 2**20,
 ) -> ReversibleResult:
@@ -897,7 +1153,7 @@ def reversible_hypergrad(
     .. math::
 
         \frac{dE(w_T(\lambda), \lambda)}{d\lambda}, \qquad
-        b_{t+1} = \mu_t b_t + \nabla_w L(w_t, \lambda),\;
+        b_{t+1} = \mu_t b_t + \nabla_w L_t(w_t, \lambda),\;
         w_{t+1} = w_t - \eta_t b_{t+1},\; b_0 = 0,\; w_0 = w_0(\lambda),
 
     without storing the trajectory: the forward pass keeps :math:`w, b` as fixed-point
@@ -910,14 +1166,28 @@ def reversible_hypergrad(
 
         \bar\eta_t = -\bar w_{t+1} \cdot b_{t+1},\quad
         \bar\mu_t = u \cdot b_t,\quad
-        \bar w_t = \bar w_{t+1} + \nabla^2_w L\, u,\quad
+        \bar w_t = \bar w_{t+1} + \nabla^2_w L_t\, u,\quad
         \bar b_t = \mu_t u,\quad
-        \bar\lambda \mathrel{+}= \nabla^2_{\lambda w} L\, u .
+        \bar\lambda \mathrel{+}= \nabla^2_{\lambda w} L_t\, u .
+
+    **Mini-batches** (as the paper trained): with ``batches``, step :math:`t` descends
+    :math:`L_t(w, \lambda) =` ``inner_loss(params, hparams, batches(t))``.  The reverse pass
+    calls ``batches(t)`` again for :math:`t = T-1, \dots, 0` and must get the same batch:
+    a checksum of each batch and of each fixed-point gradient (24 bytes per step in all)
+    is kept from the forward pass and compared, and a batch or gradient that changed is
+    reported at its step.  :class:`SeededBatches` is such a schedule.
+
+    **Per-tensor schedules** (the paper's per-layer learning rates and momenta): ``lr`` and
+    ``momentum`` may be dicts ``{params key: schedule}``; the dot products above are then
+    taken over each tensor's weights, and each tensor keeps a buffer of its own.  Per-layer
+    initial scales enter through ``params0`` (a callable of the hparams), per-layer decays
+    through ``inner_loss``.
 
     Args:
-        inner_loss: ``inner_loss(params, hparams) -> scalar``; deterministic (see the module
-            docstring).  Per-weight regularisation and other hyperparameters of the training
-            loss enter here, as for the other modes.
+        inner_loss: ``inner_loss(params, hparams) -> scalar``, or ``inner_loss(params,
+            hparams, batch)`` with ``batches``; a deterministic function of its arguments
+            (see the module docstring).  Per-weight regularisation and other
+            hyperparameters of the training loss enter here, as for the other modes.
         outer_loss: ``outer_loss(params, hparams) -> scalar`` at ``w_T``.
         params0: the initial weights, a dict of tensors (constants), or a callable
             ``params0(hparams) -> dict`` when they depend on hyperparameters, e.g. an
@@ -927,9 +1197,13 @@ def reversible_hypergrad(
         steps: ``T >= 1``.
         lr: learning rate as in :func:`~hypergradient.unrolled_hypergrad`: a float, a tensor
             (scalar or ``(T,)`` schedule), the name of an ``hparams`` key (scalar or ``(T,)``
-            schedule, differentiated) or a callable ``lr(hparams, t) -> scalar tensor``.
+            schedule, differentiated) or a callable ``lr(hparams, t) -> scalar tensor``; or a
+            dict with one of these for every key of the params (per-tensor schedules).
         momentum: :math:`\mu`, same forms; every value in ``[0, 1]``.  Each step's value is
             applied as the nearest fraction ``n/d`` with ``d <= max_denominator``.
+        batches: ``batches(t) -> batch`` for ``t`` in ``[0, T)`` (any tensors, in tuples,
+            lists or dicts), the same batch every time it is called with ``t``; ``None``: a
+            full-batch ``inner_loss(params, hparams)``.
         fraction_bits: fixed-point resolution :math:`2^{-f}`; weights, velocities, gradients
             and updates must stay below :math:`2^{61-f}` (512 for 52) in magnitude.
         max_denominator: the largest denominator of the momentum fractions.
@@ -940,8 +1214,9 @@ def reversible_hypergrad(
         and step, bytes, ...).
 
     Raises:
-        HypergradientError: bad input, a value outside the fixed-point range, a diverging
-            run, or a reverse pass that failed to reconstruct ``w_0`` (non-deterministic
+        HypergradientError: bad input (NaN included), a value outside the fixed-point range,
+            a diverging run, a batch that changed between the two passes, or a reverse pass
+            that failed to reconstruct a gradient or ``w_0`` (non-deterministic
             ``inner_loss``).
 
     Warns:
@@ -952,7 +1227,8 @@ def reversible_hypergrad(
 
     Cost: forward ``T`` gradients; reverse ``T`` gradients with ``create_graph`` plus ``T``
     backward passes through them (Hessian- and mixed-vector products), and integer
-    bookkeeping that costs the same at every step, whatever ``T``.
+    bookkeeping that costs the same at every step, whatever ``T``; with ``batches``, two
+    calls of ``batches`` per step.
     Memory: ``O(P)`` plus one step's graph plus the buffer, about ``T log2(1/mu)`` bits per
     weight (``T * 0.152`` for ``mu = 0.9``), instead of ``O(T)`` step graphs for reverse mode.
 
@@ -965,6 +1241,17 @@ def reversible_hypergrad(
         ...     {"lam": torch.ones(1, dtype=torch.float64)}, steps=2, lr=0.5, momentum=0.5)
         >>> float(res.hypergrad["lam"]), float(res.params["w"])
         (1.0, 1.0)
+        >>> # Mini-batches and per-tensor learning rates: L_t = (w - x_t)^2/2 with x_t the
+        >>> # mean of batch t; one step from w0 = 0 gives w1 = lr_w * x_0, so dE/dlr_w = x_0
+        >>> x = torch.arange(4.0, dtype=torch.float64)
+        >>> batches = hg.hypergrad.SeededBatches(x, batch_size=2, seed=0)
+        >>> res = hg.reversible_hypergrad(
+        ...     lambda p, h, batch: 0.5 * ((p["w"] - batch[0].mean()) ** 2).sum(),
+        ...     lambda p, h: p["w"].sum(), {"w": torch.zeros(1, dtype=torch.float64)},
+        ...     {"lr_w": torch.tensor(0.5, dtype=torch.float64)}, steps=1,
+        ...     lr={"w": "lr_w"}, momentum={"w": 0.9}, batches=batches)
+        >>> bool(res.hypergrad["lr_w"] == batches(0)[0].mean())
+        True
 
     References:
         Maclaurin, Duvenaud, Adams (2015), Gradient-based Hyperparameter Optimization through
@@ -978,6 +1265,7 @@ def reversible_hypergrad(
         steps,
         lr,
         momentum,
+        batches=batches,
         fraction_bits=fraction_bits,
         max_denominator=max_denominator,
         where=_WHERE,
@@ -993,12 +1281,14 @@ def _reversible(
     lr,
     momentum,
     *,
+    batches=None,
     fraction_bits: int = 52,
     max_denominator: int = 2**20,
     where: str = _WHERE,
 ) -> ReversibleResult:
     check_callable(where, "inner_loss", inner_loss)
     check_callable(where, "outer_loss", outer_loss)
+    check_batches(where, batches, inner_loss)
     init = None
     if callable(params0) and not isinstance(params0, Mapping):
         check_tree(where, "hparams", hparams)
@@ -1006,49 +1296,100 @@ def _reversible(
     dtype = check_params_hparams(where, params0, hparams, params_name="params0")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise HypergradientError(f"{where}: steps must be an int >= 1, got {steps!r}.")
-    lr_fn = resolve_step_hparam("lr", lr, hparams, steps, dtype, where=where)
-    mom_fn = resolve_step_hparam("momentum", momentum, hparams, steps, dtype, where=where)
-    hp = {k: v.detach() for k, v in hparams.items()}
-    sgd = ExactMomentumSGD(
-        _scalar_schedule(where, "lr", lr_fn, hp, steps),
-        _scalar_schedule(where, "momentum", mom_fn, hp, steps),
-        fraction_bits=fraction_bits,
-        max_denominator=max_denominator,
-        where=where,
-    )
     layout = _Layout.of(params0)
-    _warn_if_no_saving(where, sgd, layout.size, dtype)
+    hp = {k: v.detach() for k, v in hparams.items()}
 
-    def gradient(w_flat, hp_, create_graph):
+    # ---- one group of weights per schedule: all of them, or one per tensor
+    lr_map = _per_tensor(where, "lr", lr, layout.keys)
+    momentum_map = _per_tensor(where, "momentum", momentum, layout.keys)
+    if lr_map is None and momentum_map is None:
+        members = [(layout.keys, lr, momentum, "")]
+    else:
+        members = [
+            (
+                (k,),
+                lr if lr_map is None else lr_map[k],
+                momentum if momentum_map is None else momentum_map[k],
+                f"[{k!r}]",
+            )
+            for k in layout.keys
+        ]
+    offsets = dict(zip(layout.keys, itertools.accumulate((0, *layout.sizes))))
+    groups: list[_Group] = []
+    for keys, lr_spec, momentum_spec, label in members:
+        start = offsets[keys[0]]
+        stop = offsets[keys[-1]] + layout.sizes[layout.keys.index(keys[-1])]
+        lr_fn = resolve_step_hparam(f"lr{label}", lr_spec, hparams, steps, dtype, where=where)
+        momentum_fn = resolve_step_hparam(
+            f"momentum{label}", momentum_spec, hparams, steps, dtype, where=where
+        )
+        sgd = ExactMomentumSGD(
+            _scalar_schedule(where, "lr", lr_fn, hp, steps, f"lr{label}"),
+            _scalar_schedule(where, "momentum", momentum_fn, hp, steps, f"momentum{label}"),
+            fraction_bits=fraction_bits,
+            max_denominator=max_denominator,
+            where=where,
+        )
+        if stop > start:  # a tensor without elements has nothing to train
+            groups.append(
+                _Group(keys, start, stop, lr_spec, momentum_spec, lr_fn, momentum_fn, sgd)
+            )
+    if not groups:
+        raise HypergradientError(f"{where}: params0 has no elements to train.")
+    _warn_if_no_saving(where, groups, dtype)
+    grid = groups[0].sgd  # every group has the same fixed-point grid
+
+    def gradient(w_flat, hp_, batch, create_graph):
         """``(flat gradient, leaf, loss)`` at ``w_flat``: ``inner_loss`` sees views of one
         flat leaf, so the gradient (and a Hessian-vector product through its graph) comes
         out flat."""
         leaf = w_flat.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = inner_loss(layout.unflatten(leaf), hp_)
+            params = layout.unflatten(leaf)
+            loss = inner_loss(params, hp_) if batches is None else inner_loss(params, hp_, batch)
             (g,) = torch.autograd.grad(loss, [leaf], create_graph=create_graph, allow_unused=True)
         return (torch.zeros_like(leaf) if g is None else g), leaf, loss
 
-    # ---- forward: T gradients, integer state, nothing of the trajectory kept
+    def weights() -> torch.Tensor:
+        """The float weights of the current integer state, flat."""
+        if len(groups) == 1:
+            return grid.to_float(groups[0].state.w, dtype)
+        return torch.cat([grid.to_float(g.state.w, dtype) for g in groups])
+
+    def batch_at(t):
+        return None if batches is None else batches(t)
+
+    # ---- forward: T gradients, integer state, nothing of the trajectory kept but checksums
     hp_req = {k: v.detach().requires_grad_(True) for k, v in hparams.items()}
     w0_flat = layout.flatten(params0).detach()
-    state = sgd.init(w0_flat)
-    w0_fixed = state.w.clone()
+    for g in groups:
+        g.state = g.sgd.init(w0_flat[g.span])
+    w0_fixed = [g.state.w.clone() for g in groups]
+    # 24 bytes per step: one int64 per batch, two per fixed-point gradient
+    batch_sums = torch.zeros(steps if batches is not None else 0, dtype=torch.int64)
+    gradient_sums = torch.zeros(steps, 2, dtype=torch.int64)
     for t in range(steps):
+        batch = batch_at(t)
+        if batches is not None:
+            batch_sums[t] = _batch_checksum(where, batch, t)
         # hp_req in both passes: the forward gradients must be bitwise those the reverse
         # pass recomputes, so both evaluate inner_loss on the same kind of inputs.
-        g, _, loss = gradient(sgd.to_float(state.w, dtype), hp_req, create_graph=False)
+        grad, _, loss = gradient(weights(), hp_req, batch, create_graph=False)
         if t == 0:
             check_loss_dtype(
                 where, "inner_loss", check_scalar_loss(where, "inner_loss", loss), dtype
             )
-        sgd.step(state, g, t)
-    bit_lengths = state.buffer.bit_lengths()
+        fixed = grid.to_fixed(grad, "gradient", t)
+        gradient_sums[t] = torch.tensor(_tensor_checksum(fixed))
+        for g in groups:
+            g.sgd.step_fixed(g.state, fixed[g.span], t)
+    bit_lengths = torch.cat([g.state.buffer.bit_lengths() for g in groups])
     buffer_bits = int(bit_lengths.sum())
     idle_weights = int((bit_lengths == 0).sum())
+    buffer_bytes = sum(g.state.buffer.peak_bytes for g in groups)
 
     # ---- the outer loss at w_T
-    w_final = sgd.to_float(state.w, dtype).requires_grad_(True)
+    w_final = weights().requires_grad_(True)
     with torch.enable_grad():
         value = outer_loss(layout.unflatten(w_final), hp_req)
         value = check_scalar_loss(where, "outer_loss", value)
@@ -1057,53 +1398,84 @@ def _reversible(
     dw = torch.zeros_like(w_final) if grads[0] is None else grads[0]
     db = torch.zeros_like(dw)
     d_hp: dict[str, torch.Tensor | None] = dict(zip(hp_req, grads[1:]))
-    minus_d_lr = torch.empty(steps, dtype=dtype, device=dw.device)
-    d_mom = torch.empty(steps, dtype=dtype, device=dw.device)
+    minus_d_lr = torch.empty(len(groups), steps, dtype=dtype, device=dw.device)
+    d_mom = torch.empty(len(groups), steps, dtype=dtype, device=dw.device)
+
+    def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+        """The groups' parts as one flat vector."""
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     # ---- reverse: rebuild w_t, b_t exactly and accumulate the adjoints
     hp_list = list(hp_req.values())
     for t in reversed(range(steps)):
-        lr_t, mom_t = sgd.lrs[t], sgd.momenta[t]
-        torch.dot(dw, sgd.to_float(state.b, dtype), out=minus_d_lr[t])
-        u = torch.sub(db, dw, alpha=lr_t)
-        sgd.undo_position(state, t)
-        g, leaf, _ = gradient(sgd.to_float(state.w, dtype), hp_req, True)
-        sgd.undo_velocity(state, g.detach(), t)
+        for i, g in enumerate(groups):
+            torch.dot(dw[g.span], grid.to_float(g.state.b, dtype), out=minus_d_lr[i, t])
+        u = joined([torch.sub(db[g.span], dw[g.span], alpha=g.sgd.lrs[t]) for g in groups])
+        for g in groups:
+            g.sgd.undo_position(g.state, t)
+        batch = batch_at(t)
+        if batches is not None and _batch_checksum(where, batch, t) != int(batch_sums[t]):
+            raise _batch_changed(where, t)
+        grad, leaf, _ = gradient(weights(), hp_req, batch, True)
+        fixed = grid.to_fixed(grad.detach(), "gradient", t)
+        if list(_tensor_checksum(fixed)) != gradient_sums[t].tolist():
+            raise _not_reconstructed(where, f"the gradient of step {t}")
+        for g in groups:
+            g.sgd.undo_velocity_fixed(g.state, fixed[g.span], t)
         # One backward through the gradient graph: H u (w.r.t. w) and the mixed term (hparams)
-        if g.requires_grad:
-            outs = torch.autograd.grad(g, [leaf, *hp_list], grad_outputs=u, allow_unused=True)
+        if grad.requires_grad:
+            outs = torch.autograd.grad(grad, [leaf, *hp_list], grad_outputs=u, allow_unused=True)
             for k, o in zip(hp_req, outs[1:]):
                 if o is not None:
                     d_hp[k] = o if d_hp[k] is None else d_hp[k] + o
             if outs[0] is not None:
                 dw = dw + outs[0]
-        torch.dot(u, sgd.to_float(state.b, dtype), out=d_mom[t])
-        db = mom_t * u
+        for i, g in enumerate(groups):
+            torch.dot(u[g.span], grid.to_float(g.state.b, dtype), out=d_mom[i, t])
+        db = joined([g.sgd.momenta[t] * u[g.span] for g in groups])
 
-    if not torch.equal(state.w, w0_fixed) or bool(state.b.any()) or not state.buffer.is_empty():
-        raise _not_reconstructed(where, "the initial weights and velocity")
+    for g, w0 in zip(groups, w0_fixed):
+        if not torch.equal(g.state.w, w0) or bool(g.state.b.any()) or not g.state.buffer.is_empty():
+            raise _not_reconstructed(where, "the initial weights and velocity")
     d_lr = -minus_d_lr
 
     # ---- the learning rates, momenta and initial weights as functions of the hparams
     def add(key, value):
         d_hp[key] = value if d_hp[key] is None else d_hp[key] + value
 
+    terms: list[torch.Tensor] = []
+
+    def flush() -> None:
+        """Chain rule for the terms so far: their graphs are freed after each chunk, so a
+        callable schedule costs O(1) memory per step, not O(T)."""
+        if terms:
+            outs = torch.autograd.grad(torch.stack(terms).sum(), hp_list, allow_unused=True)
+            for k, o in zip(hp_req, outs):
+                if o is not None:
+                    add(k, o)
+            terms.clear()
+
     with torch.enable_grad():
-        terms = []
-        for spec, fn, adjoint in ((lr, lr_fn, d_lr), (momentum, mom_fn, d_mom)):
-            if isinstance(spec, str):  # hparams[spec] is the schedule (or one value) itself
-                value = hparams[spec]
-                add(
-                    spec,
-                    adjoint.reshape(value.shape)
-                    if value.numel() == steps
-                    else adjoint.sum().reshape(value.shape),
-                )
-                continue
-            for t in range(steps):  # a callable: the chain rule through autograd
-                value = fn(hp_req, t)
-                if isinstance(value, torch.Tensor) and value.requires_grad:
-                    terms.append(adjoint[t] * value.reshape(()))
+        for i, g in enumerate(groups):
+            for spec, fn, adjoint in (
+                (g.lr_spec, g.lr_fn, d_lr[i]),
+                (g.momentum_spec, g.momentum_fn, d_mom[i]),
+            ):
+                if isinstance(spec, str):  # hparams[spec] is the schedule (or one value)
+                    value = hparams[spec]
+                    add(
+                        spec,
+                        adjoint.reshape(value.shape)
+                        if value.numel() == steps
+                        else adjoint.sum().reshape(value.shape),
+                    )
+                    continue
+                for t in range(steps):  # a callable: the chain rule through autograd
+                    value = fn(hp_req, t)
+                    if isinstance(value, torch.Tensor) and value.requires_grad:
+                        terms.append(adjoint[t] * value.reshape(()))
+                        if len(terms) == _CHAIN_CHUNK:
+                            flush()
         if init is not None:
             w0 = init(hp_req)
             terms.extend(
@@ -1111,11 +1483,7 @@ def _reversible(
                 for v, part in zip((w0[k] for k in layout.keys), layout.unflatten(dw).values())
                 if isinstance(v, torch.Tensor) and v.requires_grad
             )
-        if terms:
-            outs = torch.autograd.grad(torch.stack(terms).sum(), hp_list, allow_unused=True)
-            for k, o in zip(hp_req, outs):
-                if o is not None:
-                    add(k, o)
+        flush()
     unused = [k for k, v in d_hp.items() if v is None]
     if unused:
         raise ignored_hparam_error(where, unused, implicit=False)
@@ -1127,10 +1495,13 @@ def _reversible(
         buffer_bits=buffer_bits,
         bits_per_weight_per_step=buffer_bits / (num_weights * steps),
         idle_weights=idle_weights,
-        expected_bits_per_weight_per_step=sum(sgd.bits_per_step(t) for t in range(steps)) / steps,
-        buffer_bytes=state.buffer.peak_bytes,
+        expected_bits_per_weight_per_step=sum(g.size * g.sgd.mean_bits() for g in groups)
+        / num_weights,
+        buffer_bytes=buffer_bytes,
         trajectory_bytes=2 * num_weights * steps * w0_flat.element_size(),
-        momentum_max_error=max(abs(mu - n / d) for mu, (n, d) in zip(sgd.momenta, sgd.fractions)),
+        momentum_max_error=max(
+            abs(mu - n / d) for g in groups for mu, (n, d) in zip(g.sgd.momenta, g.sgd.fractions)
+        ),
         fraction_bits=fraction_bits,
     )
     params_t = layout.unflatten(w_final.detach())

@@ -1,19 +1,26 @@
 r"""``hypergradient lr-schedule``: learn learning-rate and momentum schedules by exact reversal.
 
-Maclaurin, Duvenaud & Adams (2015, Sec. 3.1) at CPU scale: a tanh MLP on scikit-learn's
-digits is trained by ``steps`` full-batch SGD-with-momentum steps from a fixed random start,
+Maclaurin, Duvenaud & Adams (2015, Sec. 3.1) at CPU scale: a tanh MLP (scikit-learn's
+digits, or MNIST with ``dataset = "mnist"``) is trained by ``steps`` SGD-with-momentum steps
+from a fixed random start, full-batch or on mini-batches of ``batch_size`` (batch :math:`t`
+fixed by the seed, :class:`~hypergradient.hypergrad.SeededBatches`, so the reverse pass sees
+it again bit for bit),
 
 .. math::
 
-    b_{t+1} = \mu_t b_t + \nabla_w L(w_t), \qquad w_{t+1} = w_t - \eta_t b_{t+1},
+    b_{t+1} = \mu_t b_t + \nabla_w L_t(w_t), \qquad w_{t+1} = w_t - \eta_t b_{t+1},
     \qquad w_0 = (s_1 W^{(1)}_0,\ 0,\ s_2 W^{(2)}_0,\ 0),
 
-and the validation loss :math:`E(w_T)` is minimised over the hyperparameters
+with :math:`L_t` the cross-entropy of batch :math:`t` plus, with ``init_decay > 0``, the
+per-layer decays :math:`\tfrac12 \sum_l \lambda_l \|W^{(l)}\|^2`; and the validation loss
+:math:`E(w_T)` is minimised over the hyperparameters
 
 * :math:`\log\eta_t` and :math:`\operatorname{logit}\mu_t`, given at ``knots`` evenly spaced
   steps and linearly interpolated in between (``knots = 0``: one value per step, as in the
-  paper);
+  paper); with ``per_layer``, one schedule of each per tensor (``W1, b1, W2, b2``), as in the
+  paper's Figure 2;
 * the log initial scales :math:`\log s_l` of the two weight matrices;
+* with ``init_decay > 0``, the log decays :math:`\log\lambda_l` of the two weight matrices;
 
 by Adam on the hypergradient of :func:`~hypergradient.reversible_hypergrad`: the training
 run is reversed bit for bit instead of stored, so memory does not grow with ``steps`` (the
@@ -29,8 +36,15 @@ weight per step against :math:`\log_2(1/\mu)`, and its bytes against those of st
 trajectory.  Cost per hyper-step: ``steps`` gradients forward, ``steps`` gradients with
 ``create_graph`` and their backward passes in reverse.
 
+The paper's MNIST meta-optimisation, at the shape it ran (per-layer schedules over a
+100-step mini-batch run, learned initial scales and decays)::
+
+    hypergradient lr-schedule --set dataset=mnist n_train=10000 n_val=5000 batch_size=100 \
+        per_layer=true init_decay=1e-4 steps=100
+
 Files in the run folder: ``results.json``, ``schedules.png`` (learned learning-rate and
-momentum schedules against the initial ones; validation loss per hyper-step),
+momentum schedules against the initial ones, per tensor with ``per_layer``; the learned
+initial scales and decays; validation loss per hyper-step),
 ``checkpoint.pt`` (hyperparameters, Adam state, history; written atomically after every
 hyper-step) and ``checkpoint_options.json``.
 """
@@ -47,8 +61,8 @@ import torch.nn.functional as F
 from rich.table import Table
 
 from .._errors import HypergradientError
-from ..data import Split, load_digits_split
-from ..hypergrad.reversible import reversible_hypergrad
+from ..data import Split, load_digits_split, load_mnist, to_float_split
+from ..hypergrad.reversible import SeededBatches, reversible_hypergrad
 from ._base import (
     ThreadedRecipe,
     load_checkpoint,
@@ -60,24 +74,65 @@ from ._base import (
     save_atomic,
     write_results,
 )
-from ._config import check_fraction, check_positive, check_positive_int, help_text, threads_field
+from ._config import (
+    check_choice,
+    check_data_dir,
+    check_fraction,
+    check_positive,
+    check_positive_int,
+    help_text,
+    threads_field,
+)
+
+TENSORS = ("W1", "b1", "W2", "b2")  # the MLP's tensors, in the order of per-layer schedules
+_MNIST_TRAIN = 60_000
 
 
 @dataclass
 class LRScheduleConfig:
     """Options of ``hypergradient lr-schedule`` (defaults: about 2 minutes on 2 CPU cores)."""
 
-    n_train: int = field(default=500, metadata=help_text("digits training examples (full batch)"))
+    dataset: str = field(
+        default="digits",
+        metadata=help_text(
+            "digits (scikit-learn's 8x8, embedded) or mnist (28x28, from data_dir; the paper's "
+            "data)"
+        ),
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata=help_text(
+            "with dataset=mnist: folder holding mnist/ with the original IDX files (default: "
+            "$HYPERGRADIENT_DATA, else ~/.cache/hypergradient)"
+        ),
+    )
+    download: bool = field(
+        default=False, metadata=help_text("with dataset=mnist: fetch missing files (md5-checked)")
+    )
+    n_train: int = field(default=500, metadata=help_text("training examples"))
     n_val: int = field(
         default=700,
         metadata=help_text(
-            "digits validation examples (with 300 the learned schedules over-fit them: the "
+            "validation examples (digits: with 300 the learned schedules over-fit them: the "
             "test loss rose while the validation loss fell)"
         ),
     )
     hidden: int = field(default=50, metadata=help_text("hidden width of the tanh MLP"))
     steps: int = field(
         default=100, metadata=help_text("SGD-momentum steps of every training run (T)")
+    )
+    batch_size: int = field(
+        default=0,
+        metadata=help_text(
+            "mini-batch size of the training steps (batch t fixed by the seed); 0: full batch"
+        ),
+    )
+    per_layer: bool = field(
+        default=False,
+        metadata=help_text(
+            "one learning-rate and one momentum schedule per tensor (W1, b1, W2, b2), as in "
+            "the paper; false: one of each for all weights"
+        ),
     )
     knots: int = field(
         default=10,
@@ -92,6 +147,12 @@ class LRScheduleConfig:
     )
     learn_init_scale: bool = field(
         default=True, metadata=help_text("also learn the two weight matrices' initial scales")
+    )
+    init_decay: float = field(
+        default=0.0,
+        metadata=help_text(
+            "initial L2 decay of each weight matrix, learned per layer (as a log); 0: no decay"
+        ),
     )
     hyper_steps: int = field(default=40, metadata=help_text("hyper-steps (training runs)"))
     hyper_lr: float = field(
@@ -108,12 +169,34 @@ class LRScheduleConfig:
         return self.steps if self.knots == 0 else self.knots
 
     def validate(self) -> None:
+        check_choice("dataset", self.dataset, ("digits", "mnist"))
+        check_data_dir(self.data_dir, holds="mnist/")
+        if not isinstance(self.download, bool):
+            raise HypergradientError(
+                f"option 'download': expected true or false, got {self.download!r}."
+            )
         check_positive_int("n_train", self.n_train)
         check_positive_int("n_val", self.n_val)
-        if self.n_train + self.n_val > 1797 - 100:
+        if self.dataset == "digits" and self.n_train + self.n_val > 1797 - 100:
             raise HypergradientError(
                 f"options 'n_train' + 'n_val': digits has 1797 examples and keeps 100 for "
                 f"testing, so n_train + n_val must be <= 1697, got {self.n_train + self.n_val}."
+            )
+        if self.dataset == "mnist" and self.n_train + self.n_val > _MNIST_TRAIN:
+            raise HypergradientError(
+                f"options 'n_train' + 'n_val': MNIST's training split has {_MNIST_TRAIN} "
+                f"examples (the test split tests), so n_train + n_val must be <= "
+                f"{_MNIST_TRAIN}, got {self.n_train + self.n_val}."
+            )
+        check_positive_int("batch_size", self.batch_size, minimum=0)
+        if self.batch_size > self.n_train:
+            raise HypergradientError(
+                f"option 'batch_size': expected 0 (full batch) or an integer in [1, "
+                f"n_train={self.n_train}], got {self.batch_size!r}."
+            )
+        if not isinstance(self.per_layer, bool):
+            raise HypergradientError(
+                f"option 'per_layer': expected true or false, got {self.per_layer!r}."
             )
         check_positive_int("hidden", self.hidden)
         check_positive_int("steps", self.steps)
@@ -134,6 +217,7 @@ class LRScheduleConfig:
             raise HypergradientError(
                 f"option 'learn_init_scale': expected true or false, got {self.learn_init_scale!r}."
             )
+        check_positive("init_decay", self.init_decay, allow_zero=True)
         check_positive_int("hyper_steps", self.hyper_steps, minimum=0)
         check_positive("hyper_lr", self.hyper_lr)
         check_positive_int("fraction_bits", self.fraction_bits, minimum=16)
@@ -148,8 +232,9 @@ class LRScheduleConfig:
 
 # Options a checkpoint must agree on to be resumed (hyper_steps may grow).
 _RESUME_KEYS = (
-    "n_train", "n_val", "hidden", "steps", "knots", "init_lr", "init_momentum",
-    "learn_init_scale", "hyper_lr", "fraction_bits", "seed",
+    "dataset", "n_train", "n_val", "hidden", "steps", "batch_size", "per_layer", "knots",
+    "init_lr", "init_momentum", "learn_init_scale", "init_decay", "hyper_lr", "fraction_bits",
+    "seed",
 )  # fmt: skip
 
 
@@ -174,22 +259,78 @@ def interpolate(knots: torch.Tensor, steps: int) -> torch.Tensor:
 
 
 def initial_hparams(config: LRScheduleConfig) -> dict[str, torch.Tensor]:
-    k = config.num_knots
+    """``log_lr`` and ``logit_momentum`` of shape ``(knots,)``, or ``(4, knots)`` with
+    ``per_layer`` (rows: ``W1, b1, W2, b2``); ``log_init_scale`` and ``log_decay`` ``(2,)``."""
+    shape = (len(TENSORS), config.num_knots) if config.per_layer else (config.num_knots,)
     mu = config.init_momentum
     hp = {
-        "log_lr": torch.full((k,), math.log(config.init_lr), dtype=torch.float64),
-        "logit_momentum": torch.full((k,), math.log(mu / (1 - mu)), dtype=torch.float64),
+        "log_lr": torch.full(shape, math.log(config.init_lr), dtype=torch.float64),
+        "logit_momentum": torch.full(shape, math.log(mu / (1 - mu)), dtype=torch.float64),
     }
     if config.learn_init_scale:
         hp["log_init_scale"] = torch.zeros(2, dtype=torch.float64)
+    if config.init_decay > 0:
+        hp["log_decay"] = torch.full((2,), math.log(config.init_decay), dtype=torch.float64)
     return hp
 
 
 def schedules(config: LRScheduleConfig, hparams) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-step learning rates and momenta, each of shape ``(steps,)``."""
+    """The per-step learning rates and momenta, each of shape ``(steps,)``, or
+    ``(4, steps)`` with ``per_layer`` (rows: ``W1, b1, W2, b2``)."""
+    if config.per_layer:
+        rows = range(len(TENSORS))
+        lr = torch.stack([interpolate(hparams["log_lr"][i], config.steps) for i in rows])
+        logit = torch.stack([interpolate(hparams["logit_momentum"][i], config.steps) for i in rows])
+        return lr.exp(), torch.sigmoid(logit)
     lr = interpolate(hparams["log_lr"], config.steps).exp()
     momentum = torch.sigmoid(interpolate(hparams["logit_momentum"], config.steps))
     return lr, momentum
+
+
+def _schedule_fns(config: LRScheduleConfig):
+    """``lr`` and ``momentum`` for :func:`~hypergradient.reversible_hypergrad`: callables
+    ``(hparams, t) -> scalar``, or dicts of them per tensor with ``per_layer``."""
+    steps = config.steps
+
+    def lr_of(row):
+        return lambda h, t: interpolate(h["log_lr"][row], steps)[t].exp()
+
+    def momentum_of(row):
+        return lambda h, t: torch.sigmoid(interpolate(h["logit_momentum"][row], steps)[t])
+
+    if config.per_layer:
+        return (
+            {k: lr_of(i) for i, k in enumerate(TENSORS)},
+            {k: momentum_of(i) for i, k in enumerate(TENSORS)},
+        )
+    every = slice(None)
+    return lr_of(every), momentum_of(every)
+
+
+def load_split(config: LRScheduleConfig) -> Split:
+    """Float64 train / validation / test: digits (100 kept for testing), or MNIST (train and
+    validation from its training split, shuffled by the seed; the official test split)."""
+    if config.dataset == "digits":
+        return load_digits_split(
+            config.n_train, config.n_val, seed=config.seed, dtype=torch.float64
+        )
+    try:
+        images, labels = load_mnist(config.data_dir, split="train", download=config.download)
+        test_images, test_labels = load_mnist(
+            config.data_dir, split="test", download=config.download
+        )
+    except HypergradientError as err:
+        raise HypergradientError(
+            f"lr-schedule with dataset=mnist needs MNIST: {err} (options 'data_dir' = "
+            f"{config.data_dir!r}, 'download' = {config.download})."
+        ) from None
+    # n_test=1 only satisfies to_float_split: the test set is the official one below
+    part = to_float_split(
+        images, labels, config.n_train, config.n_val, n_test=1, seed=config.seed,
+        dtype=torch.float64, num_classes=10,
+    )  # fmt: skip
+    x_test = test_images.reshape(len(test_images), -1).to(torch.float64) / 255.0
+    return Split(part.x_train, part.y_train, part.x_val, part.y_val, x_test, test_labels.long(), 10)
 
 
 class Problem:
@@ -197,8 +338,14 @@ class Problem:
 
     def __init__(self, config: LRScheduleConfig):
         self.config = config
-        self.data: Split = load_digits_split(
-            config.n_train, config.n_val, seed=config.seed, dtype=torch.float64
+        self.data: Split = load_split(config)
+        # batch t of the run, a function of t alone (the reverse pass asks for it again)
+        self.batches = (
+            SeededBatches(
+                self.data.x_train, self.data.y_train, batch_size=config.batch_size, seed=config.seed
+            )
+            if config.batch_size
+            else None
         )
         gen = torch.Generator().manual_seed(config.seed)
         d, h, c = self.data.num_features, config.hidden, self.data.num_classes
@@ -216,8 +363,18 @@ class Problem:
             "b2": torch.zeros(self.w2.shape[1], dtype=torch.float64),
         }
 
+    def batch_loss(self, p, h, batch) -> torch.Tensor:
+        """Cross-entropy of ``batch = (x, y)``, plus the per-layer decays if learned."""
+        x, y = batch
+        loss = F.cross_entropy(forward(p, x), y)
+        if "log_decay" in h:
+            decay = h["log_decay"].exp()
+            loss = loss + 0.5 * (decay[0] * p["W1"].pow(2).sum() + decay[1] * p["W2"].pow(2).sum())
+        return loss
+
     def inner_loss(self, p, h) -> torch.Tensor:
-        return F.cross_entropy(forward(p, self.data.x_train), self.data.y_train)
+        """The full-batch training loss."""
+        return self.batch_loss(p, h, (self.data.x_train, self.data.y_train))
 
     def outer_loss(self, p, h) -> torch.Tensor:
         return F.cross_entropy(forward(p, self.data.x_val), self.data.y_val)
@@ -225,14 +382,16 @@ class Problem:
     def hypergrad(self, hparams):
         """One exact-reversal hypergradient: ``ReversibleResult`` (hypergrad, w_T, stats)."""
         config = self.config
+        lr, momentum = _schedule_fns(config)
         return reversible_hypergrad(
-            self.inner_loss,
+            self.inner_loss if self.batches is None else self.batch_loss,
             self.outer_loss,
             self.params0,
             hparams,
             config.steps,
-            lr=lambda h, t: interpolate(h["log_lr"], config.steps)[t].exp(),
-            momentum=lambda h, t: torch.sigmoid(interpolate(h["logit_momentum"], config.steps)[t]),
+            lr=lr,
+            momentum=momentum,
+            batches=self.batches,
             fraction_bits=config.fraction_bits,
         )
 
@@ -252,11 +411,12 @@ class Problem:
 
 @register_recipe
 class LRScheduleRecipe(ThreadedRecipe):
-    """Learning-rate and momentum schedules (and initial weight scales) of a digits MLP
-    fitted by exact reversible hypergradients (Maclaurin et al. 2015): every hyper-step
-    trains the model for `steps` full-batch SGD-momentum steps from the same start, reverses
-    the run bit for bit to get the hypergradient of the validation loss, and takes an Adam
-    step on the log learning rates, logit momenta and log scales.
+    """Learning-rate and momentum schedules (and initial weight scales, per-layer decays)
+    of a digits or MNIST MLP fitted by exact reversible hypergradients (Maclaurin et al.
+    2015): every hyper-step trains the model for `steps` SGD-momentum steps (full batch or
+    seeded mini-batches; one schedule for all weights or one per tensor) from the same
+    start, reverses the run bit for bit to get the hypergradient of the validation loss,
+    and takes an Adam step on the log learning rates, logit momenta, log scales and decays.
 
     Writes config.toml, results.json, schedules.png and checkpoint.pt (every hyper-step)
     into the run folder; --resume continues a killed run from its checkpoint.
@@ -353,14 +513,18 @@ class LRScheduleRecipe(ThreadedRecipe):
             "initial": problem.evaluate(initial.params),
             "learned": problem.evaluate(final.params),
             "schedules": {
-                "initial_lr": lr0.tolist(),
-                "initial_momentum": mu0.tolist(),
-                "learned_lr": lr1.tolist(),
-                "learned_momentum": mu1.tolist(),
+                "initial_lr": _by_tensor(config, lr0),
+                "initial_momentum": _by_tensor(config, mu0),
+                "learned_lr": _by_tensor(config, lr1),
+                "learned_momentum": _by_tensor(config, mu1),
                 "learned_init_scale": (
                     learned["log_init_scale"].exp().tolist()
                     if "log_init_scale" in learned
                     else None
+                ),
+                "initial_decay": [config.init_decay] * 2 if "log_decay" in learned else None,
+                "learned_decay": (
+                    learned["log_decay"].exp().tolist() if "log_decay" in learned else None
                 ),
             },
             "reversal": {
@@ -389,12 +553,26 @@ class LRScheduleRecipe(ThreadedRecipe):
         return results
 
 
+def _by_tensor(config: LRScheduleConfig, values: torch.Tensor) -> list | dict:
+    """A schedule as a list, or per-layer schedules as ``{tensor: list}``."""
+    if config.per_layer:
+        return {k: row.tolist() for k, row in zip(TENSORS, values)}
+    return values.tolist()
+
+
+def _run_description(c: dict) -> str:
+    inputs = 64 if c["dataset"] == "digits" else 784
+    batch = f"batch {c['batch_size']}" if c["batch_size"] else "full-batch"
+    per = "per-tensor schedules" if c["per_layer"] else "one schedule"
+    return (
+        f"{c['dataset']}, tanh MLP {inputs}-{c['hidden']}-10, {c['steps']} {batch} "
+        f"SGD-momentum steps, {per}, {c['hyper_steps']} hyper-steps"
+    )
+
+
 def results_table(results: dict) -> Table:
     c = results["config"]
-    table = Table(
-        title=f"Learned schedules on digits: tanh MLP 64-{c['hidden']}-10, {c['steps']} "
-        f"full-batch SGD-momentum steps, {c['hyper_steps']} hyper-steps"
-    )
+    table = Table(title=f"Learned schedules: {_run_description(c)}")
     for col in ("schedules", "val loss", "val acc", "test loss", "test acc"):
         table.add_column(col, justify="left" if col == "schedules" else "right")
     labels = {
@@ -414,25 +592,55 @@ def results_table(results: dict) -> Table:
 
 
 def plot_schedules(results: dict, path: Path) -> None:
+    """Learning-rate and momentum schedules (one line per tensor with ``per_layer``, the
+    initial ones dashed), the initial scales and decays per layer (initial vs learned, when
+    learned), and the validation loss per hyper-step."""
     plt = pyplot()
     s = results["schedules"]
-    steps = range(1, len(s["learned_lr"]) + 1)
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    layers = s["learned_init_scale"] is not None or s["learned_decay"] is not None
+    fig, axes = plt.subplots(1, 4 if layers else 3, figsize=(17 if layers else 13, 3.6))
     for ax, key, label in (
         (axes[0], "lr", "learning rate"),
         (axes[1], "momentum", "momentum"),
     ):
-        ax.plot(steps, s[f"initial_{key}"], "--", color="gray", label="initial")
-        ax.plot(steps, s[f"learned_{key}"], color="C0", label="learned")
+        initial, learned = s[f"initial_{key}"], s[f"learned_{key}"]
+        if isinstance(learned, dict):  # per tensor
+            for j, name in enumerate(learned):
+                steps = range(1, len(learned[name]) + 1)
+                ax.plot(steps, initial[name], "--", color=f"C{j}", alpha=0.4)
+                ax.plot(steps, learned[name], color=f"C{j}", label=name)
+            ax.set_title(f"{label} schedule per tensor (dashed: initial)")
+        else:
+            steps = range(1, len(learned) + 1)
+            ax.plot(steps, initial, "--", color="gray", label="initial")
+            ax.plot(steps, learned, color="C0", label="learned")
+            ax.set_title(f"{label} schedule")
         ax.set_xlabel("training step")
         ax.set_ylabel(label)
-        ax.set_title(f"{label} schedule")
-        ax.legend()
+        ax.legend(fontsize=8)
+    if layers:
+        ax = axes[2]
+        names, before, after = [], [], []
+        if s["learned_init_scale"] is not None:
+            names += ["init scale W1", "init scale W2"]
+            before += [1.0, 1.0]
+            after += s["learned_init_scale"]
+        if s["learned_decay"] is not None:
+            names += ["decay W1", "decay W2"]
+            before += s["initial_decay"]
+            after += s["learned_decay"]
+        pos = torch.arange(len(names), dtype=torch.float64)
+        ax.bar((pos - 0.2).tolist(), before, width=0.4, color="gray", label="initial")
+        ax.bar((pos + 0.2).tolist(), after, width=0.4, color="C0", label="learned")
+        ax.set_xticks(pos.tolist(), names, rotation=20, fontsize=8)
+        ax.set_yscale("log")
+        ax.set_title("per-layer initial scales and decays")
+        ax.legend(fontsize=8)
     history = results["history"]
-    axes[2].plot([r["hyper_step"] for r in history], [r["val_loss"] for r in history], "C1")
-    axes[2].set_xlabel("hyper-step")
-    axes[2].set_ylabel("validation loss after training")
-    axes[2].set_title("meta-learning curve")
+    axes[-1].plot([r["hyper_step"] for r in history], [r["val_loss"] for r in history], "C1")
+    axes[-1].set_xlabel("hyper-step")
+    axes[-1].set_ylabel("validation loss after training")
+    axes[-1].set_title("meta-learning curve")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -2,5 +2,6 @@
 
 from .loop import BatchStream as BatchStream
 from .loop import BilevelTrainer as BilevelTrainer
+from .real_time import RealTimeTrainer as RealTimeTrainer
 
-__all__ = ["BatchStream", "BilevelTrainer"]
+__all__ = ["BatchStream", "BilevelTrainer", "RealTimeTrainer"]

@@ -12,7 +12,8 @@ One loop serves every recipe::
   weights and updates the hyperparameters;
 * **cold start** (``warm_start=False``, Vicol et al. 2022): before every hyper-step the model
   *and the optimizer state* are reset to their initial values and retrained for
-  ``cold_start_steps`` inner steps.
+  ``cold_start_steps`` inner steps, or, with ``cold_start_tol``, until the training
+  gradient's norm is at most that tolerance (the inner problem re-solved).
 
 Both levels use mini-batches from the loaders (one fresh training and one fresh validation
 batch per hyper-step).  Batches are drawn in a reproducible order (each epoch's shuffle is
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from .._errors import HypergradientError
 from .._io import RunLock, load_checkpoint, save_atomic, write_text_atomic
 from .._threads import threads_for, torch_threads
 from ..hparams._base import AbstractHyperparameter
+from ..hypergrad.implicit import ConvergenceWarning
 from ..hypergrad.methods import AbstractHypergradientMethod, Implicit
 from ..linalg.operators import GaussNewtonLoss
 from ..problem import as_function
@@ -123,6 +126,36 @@ def _default_hyper_optimizer(hparams: list[torch.Tensor]) -> torch.optim.Optimiz
     return torch.optim.Adam(hparams, lr=1e-2)
 
 
+def _check_cold_start_tol(tol: object, warm_start: bool, autocast: object) -> None:
+    """``cold_start_tol``: None, or a finite float > 0 for a cold-start trainer without
+    float16 loss scaling (its gradients are scaled, so their norm means nothing)."""
+    if tol is None:
+        return
+    if (
+        not isinstance(tol, (int, float))
+        or isinstance(tol, bool)
+        or not math.isfinite(tol)
+        or tol <= 0
+    ):
+        raise HypergradientError(
+            f"{_WHERE}(cold_start_tol={tol!r}): expected a finite number > 0 (the training "
+            f"gradient norm at which a cold start stops retraining), or None for "
+            f"cold_start_steps steps."
+        )
+    if warm_start:
+        raise HypergradientError(
+            f"{_WHERE}(cold_start_tol={tol!r}, warm_start=True): the tolerance is for cold "
+            f"start, which re-solves the inner problem before every hyper-step; pass "
+            f"warm_start=False."
+        )
+    if autocast is torch.float16:
+        raise HypergradientError(
+            f"{_WHERE}(cold_start_tol={tol!r}, autocast=torch.float16): float16 loss scaling "
+            f"scales the gradients whose norm the tolerance is for; use "
+            f"autocast=torch.bfloat16 or cold_start_steps."
+        )
+
+
 class BilevelTrainer:
     """Bilevel training of ``model`` and the hyperparameters of ``hyper``.
 
@@ -144,6 +177,18 @@ class BilevelTrainer:
         warm_start: ``False`` for cold start: reset model and optimizer, then train
             ``cold_start_steps`` inner steps before every hyper-step.
         cold_start_steps: inner steps per cold-start retraining (default ``hyper_every``).
+        cold_start_tol: cold start only: instead of ``cold_start_steps`` steps, retrain until
+            ``||grad_w L_train(w)||_2 <= cold_start_tol`` (the Euclidean norm over
+            the optimizer's parameters, of the gradient a step computes, measured before that
+            step: training stops at the first weights that meet it, without stepping).  With
+            mini-batches this is the mini-batch gradient; use one full batch (or
+            ``train_loader=None``, e.g. distillation) to re-solve the whole training problem.
+            Every history record gets ``cold_start_steps_taken``, ``cold_start_grad_norm``
+            and ``cold_start_converged``.
+        cold_start_max_steps: guard for ``cold_start_tol``: at most this many inner steps
+            per retraining (default 10,000); if the tolerance is not met by then, a
+            :class:`~hypergradient.ConvergenceWarning` names the hyper-step, the norm reached
+            and the fix, and the record says ``cold_start_converged: False``.
         criterion: ``criterion(outputs, targets, reduction=...)`` (default cross-entropy); the
             validation loss is its mean over a validation batch.
         callbacks: ``callback(trainer, record)`` called after every hyper-step with the
@@ -235,6 +280,8 @@ class BilevelTrainer:
         hyper_every: int = 10,
         warm_start: bool = True,
         cold_start_steps: int | None = None,
+        cold_start_tol: float | None = None,
+        cold_start_max_steps: int = 10_000,
         criterion: Callable[..., torch.Tensor] = F.cross_entropy,
         callbacks: Iterable[Callable[[BilevelTrainer, dict], None]] = (),
         log_dir: str | os.PathLike | None = None,
@@ -268,6 +315,7 @@ class BilevelTrainer:
         for name, value in (
             ("hyper_every", hyper_every),
             ("cold_start_steps", cold_start_steps),
+            ("cold_start_max_steps", cold_start_max_steps),
             ("hypergrad_resample_every", hypergrad_resample_every),
         ):
             if value is not None and (
@@ -295,6 +343,11 @@ class BilevelTrainer:
         self._hypergrad_batches_drawn_at = 0
         self.warm_start = warm_start
         self.cold_start_steps = cold_start_steps or hyper_every
+        _check_cold_start_tol(cold_start_tol, warm_start, autocast)
+        self.cold_start_tol = None if cold_start_tol is None else float(cold_start_tol)
+        self.cold_start_max_steps = cold_start_max_steps
+        self._cold_start_info: dict[str, Any] = {}
+        self._inner_grad_norm = math.nan  # of the last gradient inner_steps(stop_below=) saw
         self.criterion = criterion
         self.callbacks = list(callbacks)
         self.wrap_loss = wrap_loss
@@ -375,8 +428,12 @@ class BilevelTrainer:
     def _detached_hparams(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.hparams.items()}
 
-    def inner_steps(self, steps: int) -> float:
+    def inner_steps(self, steps: int, *, stop_below: float | None = None) -> float:
         """``steps`` ordinary optimizer steps on the training loss; returns the last loss.
+
+        ``stop_below``: before each step, measure the norm of the gradient it computed (over
+        the optimizer's parameters) and stop, without stepping, once it is ``<= stop_below``
+        (the norm is left in ``self._inner_grad_norm``).
 
         The hyperparameters are constants here, so a kind that offers
         :meth:`~hypergradient.hparams.AbstractHyperparameter.split_training_loss` gets its
@@ -416,8 +473,14 @@ class BilevelTrainer:
                 if scaler is not None:
                     scaler.unscale_(self.optimizer)  # the penalty's gradient is unscaled
                 split.add_penalty_gradient(params)
-                if i == steps - 1:  # log the same training loss as the unsplit path
+                if i == steps - 1 or stop_below is not None:  # log the unsplit path's loss
                     loss = loss + split.penalty(params)
+            if stop_below is not None:
+                self._inner_grad_norm = self._optimizer_grad_norm()
+                if self._inner_grad_norm <= stop_below:  # re-solved: these weights are kept
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss_value = float(loss.detach())
+                    break
             if scaler is None:
                 self.optimizer.step()
             else:
@@ -496,6 +559,43 @@ class BilevelTrainer:
             )
         self.model.load_state_dict(self._initial_model)
         self.optimizer.load_state_dict(copy.deepcopy(self._initial_optimizer))
+
+    def _optimizer_grad_norm(self) -> float:
+        """Euclidean norm of the gradients held by the optimizer's parameters."""
+        total = 0.0
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    total += float(torch.sum(p.grad.detach().double() ** 2))
+        return math.sqrt(total)
+
+    def _resolve_inner(self) -> float:
+        """Cold start with ``cold_start_tol``: train from the reset weights until the training
+        gradient's norm is ``<= cold_start_tol`` (at most ``cold_start_max_steps`` steps)."""
+        tol, limit = self.cold_start_tol, self.cold_start_max_steps
+        first = self.inner_step
+        train_loss = self.inner_steps(limit, stop_below=tol)
+        taken = self.inner_step - first
+        norm = self._inner_grad_norm  # at the last weights checked (before the last step)
+        converged = norm <= tol
+        if not converged:
+            warnings.warn(
+                f"{_WHERE}(cold_start_tol={tol:g}, cold_start_max_steps={limit}): hyper-step "
+                f"{self.hyper_step + 1}: the cold-start retraining stopped at the step guard "
+                f"with the training gradient's norm at {norm:.3g} > {tol:g} before its last "
+                f"step; the hypergradient "
+                f"is taken at weights that do not solve the inner problem. Fix: raise "
+                f"cold_start_max_steps, raise the inner learning rate, or loosen "
+                f"cold_start_tol.",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        self._cold_start_info = {
+            "cold_start_steps_taken": taken,
+            "cold_start_grad_norm": norm,
+            "cold_start_converged": converged,
+        }
+        return train_loss
 
     # ------------------------------------------------------------------ outer level
     def _optimizer_lr_momentum(self) -> tuple[float, float]:
@@ -594,7 +694,10 @@ class BilevelTrainer:
             train_loss = self.inner_steps(self.hyper_every)
         else:
             self.reset_inner()
-            train_loss = self.inner_steps(self.cold_start_steps)
+            if self.cold_start_tol is None:
+                train_loss = self.inner_steps(self.cold_start_steps)
+            else:
+                train_loss = self._resolve_inner()
         with self._hypergradient_rng():
             grads, val_loss = self.hypergradient()
         self.hyper_optimizer.zero_grad(set_to_none=True)
@@ -613,6 +716,7 @@ class BilevelTrainer:
             "hypergrad_norm": grad_norm,
             "threads": torch.get_num_threads(),
             **self._hypergrad_info,  # e.g. Implicit's inner_grad_norm at the weights used
+            **self._cold_start_info,  # cold_start_tol: steps taken, norm reached
             "seconds": time.perf_counter() - start,
             **self.hyper.describe(self.hparams),
         }
@@ -733,6 +837,7 @@ class BilevelTrainer:
             "warm_start": self.warm_start,
             "hyper_every": self.hyper_every,
             "cold_start_steps": self.cold_start_steps,
+            **({} if self.cold_start_tol is None else {"cold_start_tol": self.cold_start_tol}),
             "hypergrad_resample_every": self.hypergrad_resample_every,
             "val_mode": self.val_mode,
             "autocast": None if self.autocast is None else str(self.autocast),
