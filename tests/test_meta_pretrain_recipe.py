@@ -122,7 +122,7 @@ def test_resume_with_other_options_is_refused(tmp_path, capsys):
 def test_full_finetuning_minres_and_minibatches_run_too(tmp_path):
     out = tmp_path / "run"
     assert _run(out, "finetune=full", "finetune_steps=2", "solver=minres", "max_steps=5",
-                "batch_size=16", "full_finetune_steps=0") == 0  # fmt: skip
+                "relative_damping=0.1", "batch_size=16", "full_finetune_steps=0") == 0  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert len(results["history"]) == 10
     assert "full_acc" not in results["runs"]["learned"]
@@ -134,6 +134,13 @@ def test_a_conjugate_gradient_breakdown_is_one_line_with_advice(tmp_path, capsys
     err = one_line_error(capsys)
     assert "the implicit solve failed at pre-training step 15" in err
     assert "solver='minres'" in err
+
+
+def test_absolute_and_relative_damping_together_are_one_line_error(tmp_path, capsys):
+    assert _run(tmp_path / "run", "solver=cg", "damping=0.1", "relative_damping=0.1") == 2
+    err = one_line_error(capsys)
+    assert "option 'relative_damping'" in err and "use one" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_minibatches_are_a_function_of_the_step():
@@ -178,7 +185,8 @@ BAD_VALUES = {
     "finetune_lr": "0",
     "solver": "lbfgs",
     "max_steps": "0",
-    "damping": "0.1",  # with the default solver='neumann', which has no damping
+    "damping": "-0.1",
+    "relative_damping": "nan",
     "eval_every": "0",
     "full_finetune_steps": "-1",
     "full_finetune_lr": "0",

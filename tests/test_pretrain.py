@@ -646,3 +646,140 @@ def test_readme_example_runs_and_downweights_the_noise_tasks():
     ratio = float(printed.split("noise/useful weight ")[1].split()[0])
     assert ratio < 0.5, printed
     assert "linear_acc" in printed and "full_acc" in printed
+
+
+# ----------------------------------------------------------------------------- curvature step
+
+
+def _spd(eigenvalues, seed):
+    q = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=_gen(seed),
+                                    dtype=torch.float64))[0]  # fmt: skip
+    return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+
+
+@pytest.mark.parametrize("inner", ["cg", "minres", "exact", "neumann"])
+def test_curvature_damped_solves_the_system_damped_by_its_reported_fraction_of_lambda_max(inner):
+    # spectrum 1e-3 .. 10 with a gap (10 vs 5): 60 power steps find lambda_max to ~1e-16;
+    # one negative eigenvalue (-0.5) above -delta = -0.3 * 10: the damped system is SPD
+    A = _spd([-0.5, 1e-3, 0.1, 1.0, 5.0, 10.0], seed=0)
+    b = torch.randn(6, generator=_gen(1), dtype=torch.float64)
+    solver = hg.pretrain.CurvatureDamped(inner, relative_damping=0.3, max_steps=300,
+                                         tol=1e-14, power_steps=60)  # fmt: skip
+    x, stats = solver.solve(lambda v: A @ v, b)
+    assert stats.converged and stats.num_matvecs >= 60
+    lam = stats.extra["lambda_max"]
+    assert abs(lam - 10.0) < 1e-10
+    assert stats.extra["damping"] == 0.3 * lam
+    # Neumann: its step is 1/(lambda_max + delta), so every term shrinks the error by
+    # <= 1 - (lambda_min + delta)/(lambda_max + delta) = 0.81: 300 terms reach round-off
+    if inner == "neumann":
+        assert stats.extra["alpha"] == 1.0 / (lam + stats.extra["damping"])
+    expected = torch.linalg.solve(A + stats.extra["damping"] * torch.eye(6, dtype=A.dtype), b)
+    assert float((x - expected).norm() / expected.norm()) < 1e-11
+
+
+@pytest.mark.parametrize("solver", ["cg", "neumann"])
+def test_relative_damping_hypergradient_equals_the_damped_dense_solve_and_finite_differences(
+    solver,
+):
+    prob = Quadratic("full")
+    W = prob.solve(prob.hparams)
+    info = pretrain_hypergrad(
+        prob.pretrain_loss, prob.finetune_loss, prob.finetune_val_loss, {"W": W}, prob.hparams,
+        prob.finetune_init(), finetune_steps=prob.steps, finetune_lr=prob.lr,
+        finetune_momentum=prob.momentum, solver=solver, max_steps=400, tol=1e-14,
+        relative_damping=0.3, power_steps=100, return_info=True,
+    )  # fmt: skip
+    delta = info.stats.extra["damping"]
+    lam = prob.hparams["task_logits"]
+
+    def flat_grad(w, l):
+        return grad(lambda ww: prob.pretrain_loss({"W": ww.reshape(D, K_ENC)},
+                                                  {"task_logits": l}))(w)  # fmt: skip
+
+    w = W.reshape(-1)
+    H = jacrev(flat_grad, argnums=0)(w, lam)
+    assert abs(delta - 0.3 * float(torch.linalg.eigvalsh(H)[-1])) < 1e-12 * delta
+    # exact: dE/dlam = -dE/dW (H + delta I)^{-1} d(grad_W L)/dlam, one dense solve
+    mixed = jacrev(flat_grad, argnums=1)(w, lam)
+    dE_dw = grad(lambda ww: prob.val_after_finetuning(ww.reshape(D, K_ENC)))(w)
+    dense = -dE_dw @ torch.linalg.solve(H + delta * torch.eye(len(w), dtype=w.dtype), mixed)
+    assert relative_error(info.hypergrad, {"task_logits": dense.detach()}) < 1e-10
+
+    # The damped hypergradient is the exact one of the proximal problem anchored at W,
+    #   W_delta(lam) = argmin_W L(W, lam) + delta/2 ||W - W_anchor||^2,
+    # (at lam: W_delta = W, Hessian H + delta I): central differences of its response.
+    def response(h):
+        def aug(ww):
+            return prob.pretrain_loss({"W": ww.reshape(D, K_ENC)}, h) + 0.5 * delta * (
+                (ww - w) ** 2).sum()  # fmt: skip
+
+        zero = torch.zeros_like(w)
+        W_h = -torch.linalg.solve(hessian(aug)(zero), grad(aug)(zero))  # quadratic: 1 solve
+        return prob.val_after_finetuning(W_h.reshape(D, K_ENC))
+
+    if solver == "cg":  # the dense solve above is the same quantity for both solvers
+        fd = finite_difference_hypergrad(response, prob.hparams, eps=1e-5)
+        assert relative_error(info.hypergrad, fd) < 1e-7
+    undamped = pretrain_hypergrad(
+        prob.pretrain_loss, prob.finetune_loss, prob.finetune_val_loss, {"W": W}, prob.hparams,
+        prob.finetune_init(), finetune_steps=prob.steps, finetune_lr=prob.lr,
+        finetune_momentum=prob.momentum, solver="exact",
+    )  # fmt: skip
+    assert relative_error(info.hypergrad, undamped) > 1e-3  # the damping does change it
+
+
+def test_meta_pretrainer_takes_its_neumann_step_and_damping_from_the_curvature():
+    data, model, kind, pt = _tiny_problem(n_test=10)
+    args = _trainer_args()
+    infos = {}
+    for name, options in (("neumann", dict(solver="neumann", max_steps=3)),
+                          ("cg", dict(solver="minres", max_steps=5, tol=0.0, relative_damping=0.1)),
+                          ("identity", dict(solver="identity", max_steps=0))):  # fmt: skip
+        trainer = MetaPretrainer(**args, optimizer=lambda ps: torch.optim.Adam(ps, lr=0.02),
+                                 period=5, warmup=0, **options)  # fmt: skip
+        trainer.run(4)
+        infos[name] = (trainer.step(), trainer.params)
+    (neumann, params), (cg, _), (identity, _) = infos["neumann"], infos["cg"], infos["identity"]
+    hess = _dense_hessian(lambda p: pt(p, args["hparams"], data.x_pretrain, data.y_pretrain),
+                          params)  # fmt: skip
+    top = float(torch.linalg.eigvalsh(hess).abs().max())
+    # power iteration (20 steps) from below: within a few percent of |lambda|_max
+    assert 0.9 * top <= neumann.stats.extra["lambda_max"] <= top * (1 + 1e-9)
+    assert neumann.stats.extra["alpha"] == 1.0 / neumann.stats.extra["lambda_max"]
+    assert cg.stats.extra["damping"] == 0.1 * cg.stats.extra["lambda_max"]
+    assert identity.stats.extra["alpha"] == 0.02  # identity: only a scale, the PT rate
+
+
+def _dense_hessian(loss, params):
+    flat = _flat(params)
+    return hessian(lambda v: loss(_unflat(v, params)))(flat)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (dict(relative_damping=0.0), r"relative_damping must be a finite float > 0, got 0.0"),
+        (dict(relative_damping=-1e-3), r"relative_damping must be a finite float > 0"),
+        (dict(relative_damping=float("nan")), r"relative_damping must be a finite float > 0"),
+        (dict(relative_damping=True), r"relative_damping must be a finite float > 0"),
+        (dict(relative_damping=0.1, damping=0.1), "were both given; pass one"),
+        (dict(relative_damping=0.1, solver=hg.linalg.CG()), "needs solver given by name"),
+        (dict(relative_damping=0.1, solver="gmres"), r"inner must be one of \['cg'"),
+        (dict(relative_damping=0.1, power_steps=0), "power_steps must be an int >= 1"),
+        (dict(relative_damping=0.1, max_steps=-1), "max_steps must be a non-negative int"),
+        (dict(damping=float("nan")), "damping must be a float >= 0"),
+        (dict(damping=-1.0), "damping must be a float >= 0"),
+    ],
+)
+def test_bad_damping_is_rejected_with_one_clear_error(change, match):
+    with pytest.raises(hg.HypergradientError, match=WHERE + ".*" + match):
+        pretrain_hypergrad(**_args(**change))
+
+
+def test_nan_weights_and_bad_trainer_damping_are_rejected():
+    bad = {"W": torch.full((D, K_ENC), math.nan, dtype=torch.float64)}
+    with pytest.raises(hg.HypergradientError, match=WHERE + r".*contains .*NaN"):
+        pretrain_hypergrad(**_args(pretrained=bad))
+    with pytest.raises(hg.HypergradientError, match=TRAINER_WHERE + ".*relative_damping must"):
+        MetaPretrainer(**_trainer_args(), relative_damping=-0.1)

@@ -35,6 +35,7 @@ Examples:
     (torch.Size([4]), True)
 """
 
+from .hypergrad import CurvatureDamped as CurvatureDamped
 from .hypergrad import PretrainHypergrad as PretrainHypergrad
 from .hypergrad import pretrain_hypergrad as pretrain_hypergrad
 from .hypergrad import used_by_finetuning as used_by_finetuning
@@ -48,6 +49,7 @@ from .synthetic import linear_probe as linear_probe
 from .synthetic import synthetic_multitask as synthetic_multitask
 
 __all__ = [
+    "CurvatureDamped",
     "MetaPretrainer",
     "MultitaskData",
     "MultitaskMLP",

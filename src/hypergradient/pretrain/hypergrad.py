@@ -37,17 +37,21 @@ The validation loss never reads :math:`\lambda` directly, so there is no direct 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 
 from .._errors import ConvergenceError, HypergradientError, check_scalar_loss, check_tree
-from .._results import SolveStats
+from .._results import Result, Solution, SolveStats
+from .._tree import tree_axpy, tree_zeros_like
 from ..hypergrad._checks import check_callable, check_params_hparams
-from ..hypergrad.implicit import DEFAULT_STATIONARITY_TOL, implicit_hypergrad
+from ..hypergrad.implicit import DEFAULT_STATIONARITY_TOL, _build_solver, implicit_hypergrad
 from ..hypergrad.unrolled import unrolled_hypergrad
-from ..linalg import AbstractLinearSolver
+from ..linalg import AbstractLinearSolver, estimate_lambda_max
+from ..linalg._base import MatVec
 
 _WHERE = "hypergradient.pretrain.pretrain_hypergrad(...)"
 # The pre-trained tensors become the *hyperparameters* of the fine-tuning unroll; they are
@@ -96,6 +100,108 @@ class PretrainHypergrad(NamedTuple):
     stats: SolveStats
 
 
+@dataclass(frozen=True)
+class CurvatureDamped(AbstractLinearSolver):
+    r"""Solve :math:`(A + \delta I)\,x = b` with the damping and step set by the curvature.
+
+    :math:`\hat\lambda = |\lambda|_{\max}(A)` is estimated by ``power_steps`` power
+    iterations (:func:`~hypergradient.linalg.estimate_lambda_max`), then
+    :math:`\delta = \rho\,\hat\lambda` (``rho = relative_damping``) and ``inner`` solves the
+    damped system; a Neumann series or the identity approximation gets the step
+    :math:`\alpha = 1/(\hat\lambda + \delta)` unless ``alpha`` is given.  The damped
+    operator's condition number is at most :math:`(1 + \rho)/\rho` when
+    :math:`A \succeq 0`, so CG needs about :math:`\sqrt{1/\rho}\,\log(1/\epsilon)` steps
+    and the Neumann series about :math:`(1/\rho)\log(1/\epsilon)` terms whatever the scale
+    of :math:`A`.  An indefinite :math:`A` (a non-convex loss away from a minimum) is made
+    positive definite when its most negative eigenvalue is above :math:`-\delta`.
+
+    ``stats.extra`` adds ``"lambda_max"`` (:math:`\hat\lambda`), ``"damping"``
+    (:math:`\delta`) and ``"alpha"`` (the step used, ``None`` for other solvers);
+    ``stats.num_matvecs`` counts the power iterations too.
+
+    Args:
+        inner: ``"cg"``, ``"minres"``, ``"neumann"``, ``"identity"`` or ``"exact"``.
+        relative_damping: :math:`\rho > 0`.
+        max_steps, tol, alpha: ``inner``'s options, as in
+            :func:`~hypergradient.implicit_hypergrad`.
+        power_steps: power iterations for :math:`\hat\lambda` (``>= 1``).
+
+    Cost: ``power_steps`` matvecs plus ``inner``'s.
+
+    Examples:
+        >>> import torch, hypergradient as hg
+        >>> A = torch.diag(torch.tensor([1.0, 100.0], dtype=torch.float64))
+        >>> b = torch.ones(2, dtype=torch.float64)
+        >>> solver = hg.pretrain.CurvatureDamped("cg", relative_damping=0.01, power_steps=50)
+        >>> x, stats = solver.solve(lambda v: A @ v, b)
+        >>> round(stats.extra["damping"], 6), [round(v, 6) for v in x.tolist()]  # 1/(1+1), 1/101
+        (1.0, [0.5, 0.009901])
+    """
+
+    inner: str = "cg"
+    relative_damping: float = 0.01
+    max_steps: int = 50
+    tol: float = 1e-10
+    alpha: float | None = None
+    power_steps: int = 20
+
+    name = "curvature_damped"
+
+    def __post_init__(self) -> None:
+        where = f"{_WHERE_SOLVER}(inner={self.inner!r}, relative_damping={self.relative_damping!r})"
+        if self.inner not in _DAMPABLE:
+            raise HypergradientError(
+                f"{where}: inner must be one of {list(_DAMPABLE)} (a solver for the damped "
+                f"symmetric system), got {self.inner!r}."
+            )
+        _check_positive(where, "relative_damping", self.relative_damping)
+        if not isinstance(self.power_steps, int) or self.power_steps < 1:
+            raise HypergradientError(
+                f"{where}: power_steps must be an int >= 1 (e.g. 20), got {self.power_steps!r}."
+            )
+        self._inner_solver(1.0)  # validates max_steps, tol and alpha now
+
+    def _inner_solver(self, alpha: float) -> AbstractLinearSolver:
+        stepped = self.inner in ("neumann", "identity")
+        if self.alpha is not None:
+            alpha = self.alpha
+        return _build_solver(
+            self.inner, self.max_steps, self.tol, alpha if stepped else None, None, False
+        )
+
+    def solve(self, matvec: MatVec, b, *, x0=None) -> Solution:
+        lambda_max = estimate_lambda_max(matvec, b, self.power_steps)
+        if not math.isfinite(lambda_max) or lambda_max <= 0.0:
+            result = Result.NONFINITE if not math.isfinite(lambda_max) else Result.BREAKDOWN
+            stats = SolveStats(result, 0, math.nan, self.power_steps, {"lambda_max": lambda_max})
+            return Solution(tree_zeros_like(b) if x0 is None else x0, stats)
+        delta = self.relative_damping * lambda_max
+        alpha = 1.0 / (lambda_max + delta) if self.alpha is None else self.alpha
+        solver = self._inner_solver(alpha)
+        solution = solver.solve(lambda u: tree_axpy(delta, u, matvec(u)), b, x0=x0)
+        stats = solution.stats
+        stats.num_matvecs += self.power_steps
+        stats.extra.update(
+            lambda_max=lambda_max,
+            damping=delta,
+            alpha=alpha if self.inner in ("neumann", "identity") else None,
+        )
+        return solution
+
+
+_WHERE_SOLVER = "hypergradient.pretrain.CurvatureDamped"
+_DAMPABLE = ("cg", "minres", "neumann", "identity", "exact")
+
+
+def _check_positive(where: str, name: str, value) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        raise HypergradientError(
+            f"{where}: {name} must be a finite float > 0, got {value!r}; pass e.g. {name}=0.01."
+        )
+    return float(value)
+
+
 def _unprefix(h: Mapping[str, torch.Tensor]) -> Tensors:
     return {k[len(_PREFIX) :]: v for k, v in h.items()}
 
@@ -128,6 +234,21 @@ def _initial_finetune(finetune_init: FinetuneInit, transferred: Tensors) -> Tens
         )
     check_tree(_WHERE, "finetune_init", value)
     return dict(value)
+
+
+def _curvature_solver(solver, relative_damping, max_steps, tol, alpha, power_steps):
+    """The :class:`CurvatureDamped` solver of ``pretrain_hypergrad(relative_damping=...)``."""
+    _check_positive(_WHERE, "relative_damping", relative_damping)
+    if not isinstance(solver, str):
+        raise HypergradientError(
+            f"{_WHERE}: relative_damping needs solver given by name (one of "
+            f"{list(_DAMPABLE)}), got a {type(solver).__name__} instance; pass "
+            f"solver=CurvatureDamped(...) directly instead."
+        )
+    try:
+        return CurvatureDamped(solver, relative_damping, max_steps, tol, alpha, power_steps)
+    except HypergradientError as err:
+        raise HypergradientError(f"{_WHERE}: {err}") from None
 
 
 def used_by_finetuning(
@@ -191,6 +312,8 @@ def pretrain_hypergrad(
     tol: float = 1e-10,
     alpha: float | None = None,
     damping: float = 0.0,
+    relative_damping: float | None = None,
+    power_steps: int = 20,
     stationarity_tol: float | None = DEFAULT_STATIONARITY_TOL,
     return_info: bool = False,
 ):
@@ -232,6 +355,17 @@ def pretrain_hypergrad(
             ``alpha`` = the pre-training step size as in Raghu et al., ``"exact"``,
             ``"minres"``, ...).  A non-convex pre-training loss has an indefinite Hessian
             away from a minimum: use ``damping`` or a few Neumann terms then.
+        relative_damping: :math:`\rho`: damping and step from the curvature instead
+            (:class:`CurvatureDamped`): :math:`\delta = \rho\,\hat\lambda_{\max}`
+            with :math:`\hat\lambda_{\max}` from ``power_steps`` power iterations on
+            :math:`H_{PT}`, and for ``"neumann"`` / ``"identity"`` the step
+            :math:`\alpha = 1/(\hat\lambda_{\max} + \delta)` (unless ``alpha`` is given).
+            The damped system's condition number is then at most :math:`1 + 1/\rho`, so
+            CG converges in a number of steps that does not depend on the scale of the
+            pre-training loss.  ``None`` (default): ``damping`` as given.  Not together
+            with ``damping > 0``.
+        power_steps: power iterations for :math:`\hat\lambda_{\max}` (with
+            ``relative_damping``).
         stationarity_tol: warn (:class:`~hypergradient.NonStationaryWarning`) when the
             gradient norm of ``pretrain_loss`` at ``pretrained`` exceeds this (the implicit
             function theorem assumes a minimiser); ``None``: no check (warm-start
@@ -295,6 +429,15 @@ def pretrain_hypergrad(
     momentum = _check_lr("finetune_momentum", finetune_momentum)
     if not isinstance(return_info, bool):
         raise HypergradientError(f"{_WHERE}: return_info must be a bool, got {return_info!r}.")
+    if relative_damping is not None:
+        solver = _curvature_solver(solver, relative_damping, max_steps, tol, alpha, power_steps)
+        if not isinstance(damping, (int, float)) or damping != 0:
+            raise HypergradientError(
+                f"{_WHERE}: damping={damping!r} and relative_damping={relative_damping!r} "
+                f"were both given; pass one: damping (absolute) or relative_damping (a "
+                f"fraction of the largest Hessian eigenvalue)."
+            )
+        alpha = None  # the step is CurvatureDamped's
 
     transfer = used_by_finetuning(finetune_loss, finetune_val_loss, pretrained, finetune_init)
     if not transfer:

@@ -16,8 +16,10 @@ and :class:`~hypergradient.pretrain.MetaPretrainer` runs Algorithm 1: Adam on
 :math:`L_{PT}`, and every ``period`` steps (after ``warmup``) a hyper-step of Adam on
 :math:`\lambda` with :func:`~hypergradient.pretrain.pretrain_hypergrad`: reverse-mode through
 ``finetune_steps`` SGD steps of fine-tuning from a fresh (zero) head, then implicit
-differentiation through pre-training (one Neumann term with the pre-training learning rate,
-as in Raghu et al.'s code, by default).  The hypergradient's validation loss is the
+differentiation through pre-training (by default the identity approximation
+:math:`H^{-1} \approx \alpha I`, which Raghu et al.'s one Neumann term with the learning
+rate as step equals to 3 digits; ``solver=cg relative_damping=0.1`` is the curvature-damped
+implicit step, see ``benchmarks/meta_pretrain.py``).  The hypergradient's validation loss is the
 downstream validation split's cross-entropy after those fine-tuning steps.
 
 Two references are pre-trained with the same steps and fixed weights: *uniform* (every
@@ -129,14 +131,19 @@ class MetaPretrainConfig:
         default=1.0, metadata=help_text("SGD learning rate of the unrolled fine-tuning")
     )
     solver: str = field(
-        default="neumann",
+        default="identity",
         metadata=help_text("implicit solve through pre-training: neumann, cg, identity, exact "
                            "or minres"),
     )  # fmt: skip
-    max_steps: int = field(default=1, metadata=help_text("solver iterations (Neumann: terms)"))
+    max_steps: int = field(default=20, metadata=help_text("solver iterations (Neumann: terms)"))
     damping: float = field(
-        default=0.0, metadata=help_text("added to the pre-training Hessian (CG/MINRES/exact)")
+        default=0.0, metadata=help_text("added to the pre-training Hessian (absolute)")
     )
+    relative_damping: float = field(
+        default=0.0,
+        metadata=help_text("damping as a fraction of the pre-training Hessian's largest "
+                           "eigenvalue (power iteration; also sets the Neumann step); 0: off"),
+    )  # fmt: skip
     eval_every: int = field(
         default=20,
         metadata=help_text("hyper-steps between two downstream evaluations for the plot"),
@@ -195,10 +202,11 @@ class MetaPretrainConfig:
         check_choice("solver", self.solver, _SOLVERS)
         check_positive_int("max_steps", self.max_steps, minimum=1)
         check_positive("damping", self.damping, allow_zero=True)
-        if self.damping > 0 and self.solver in ("neumann", "identity"):
+        check_positive("relative_damping", self.relative_damping, allow_zero=True)
+        if self.damping > 0 and self.relative_damping > 0:
             raise HypergradientError(
-                f"option 'damping': solver={self.solver!r} does not use damping (its step is "
-                f"the pre-training learning rate); set damping=0 or use solver='cg'."
+                f"option 'relative_damping': damping={self.damping} is set too; use one "
+                f"(damping absolute, relative_damping a fraction of lambda_max)."
             )
         check_positive_int("eval_every", self.eval_every)
         check_positive_int("full_finetune_steps", self.full_finetune_steps, minimum=0)
@@ -291,6 +299,7 @@ class Problem:
             max_steps=c.max_steps,
             tol=0.0,
             damping=c.damping,
+            relative_damping=c.relative_damping if c.relative_damping > 0 else None,
         )
 
     def weights(self, hparams) -> list[float]:
@@ -426,8 +435,9 @@ class MetaPretrainRecipe(ThreadedRecipe):
             except ConvergenceError as err:
                 raise HypergradientError(
                     f"meta-pretrain: the implicit solve failed at pre-training step "
-                    f"{trainer.step_count} ({err}); use option solver='minres', a larger "
-                    f"'damping' (now {c.damping}), or solver='neumann'."
+                    f"{trainer.step_count} ({err}); use option solver='minres', "
+                    f"'relative_damping' (e.g. 0.1; now {c.relative_damping}), or "
+                    f"solver='identity'."
                 ) from None
             bar.update(task, completed=trainer.step_count)
 
