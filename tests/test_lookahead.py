@@ -351,3 +351,121 @@ def test_variance_formula_is_below_sgd_for_every_setting():
                 v_sgd = noisy_quadratic_variance(1, 1.0, lr)
                 v = noisy_quadratic_variance(k, alpha, lr)
                 assert v <= v_sgd * (1 + 1e-12) and math.isfinite(v)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k": True}, r"`k` .* got True"),
+        ({"k": -3}, r"`k` .* must be an int >= 1, got -3"),
+        ({"alpha": float("nan")}, r"`alpha` must be a number in \(0, 1\], got nan"),
+        ({"alpha": -0.5}, r"`alpha` must be a number in \(0, 1\], got -0\.5"),
+        ({"alpha": True}, r"`alpha` must be a number in \(0, 1\], got True"),
+        ({"alpha": "0.5"}, r"`alpha` must be a number in \(0, 1\], got '0\.5'"),
+        ({"pullback_momentum": None}, r"`pullback_momentum` must be one of .* got None"),
+    ],
+)
+def test_more_constructor_errors(kwargs, match):
+    # one line each, naming the call, what was expected and what was given
+    with pytest.raises(HypergradientError, match=r"^Lookahead\(optimizer, k, alpha.*" + match):
+        Lookahead(torch.optim.SGD(_param(), lr=0.1), **kwargs)
+
+
+def test_numpy_numbers_are_accepted_for_k_and_alpha():
+    np = pytest.importorskip("numpy")
+    opt = Lookahead(torch.optim.SGD(_param(), lr=0.1), k=np.int64(3), alpha=np.float32(0.5))
+    assert (type(opt.k), opt.k, type(opt.alpha), opt.alpha) == (int, 3, float, 0.5)
+
+
+def test_load_state_dict_refuses_corrupted_lookahead_entries():
+    opt = Lookahead(torch.optim.SGD(_param(), lr=0.1), k=2)
+    opt.step()
+    good = opt.state_dict()
+    for key, value, match in [
+        ("k", 0, r"\(the saved values\): `k` .* must be an int >= 1, got 0"),
+        ("alpha", 2.0, r"\(the saved values\): `alpha` must be a number in \(0, 1\], got 2\.0"),
+        ("pullback_momentum", "avg", r"saved pullback_momentum must be one of .* got 'avg'"),
+    ]:
+        bad = copy.deepcopy(good)
+        bad["lookahead"][key] = value
+        with pytest.raises(HypergradientError, match=match):
+            opt.load_state_dict(bad)
+    bad = copy.deepcopy(good)
+    del bad["lookahead"]["fast_steps"]
+    with pytest.raises(HypergradientError, match=r"must hold the keys \['alpha', 'fast_steps'"):
+        opt.load_state_dict(bad)
+    assert (opt.k, opt.fast_steps) == (2, 1)  # a refused dict changes nothing
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ((5, "0.5", 0.5), r"`alpha` must be a finite real number, got '0\.5'"),
+        ((5, 0.5, float("nan")), r"`lr` must be a finite real number, got nan"),
+        ((5, 0.5, 0.5, float("inf")), r"`curvature` must be a finite real number, got inf"),
+        ((5, 0.5, 0.5, 1.0, float("nan")), r"`noise_variance` must be a finite real"),
+    ],
+)
+def test_noisy_quadratic_variance_refuses_non_numbers(args, match):
+    with pytest.raises(HypergradientError, match=match):
+        noisy_quadratic_variance(*args)
+
+
+# --------------------------------------------------------------------------------------
+# the step's bookkeeping: slow weights for every parameter, however they arrive
+# --------------------------------------------------------------------------------------
+
+
+def test_parameters_added_or_inspected_mid_run_get_slow_weights():
+    # step() skips the per-parameter scan once every parameter has slow weights; a group
+    # added mid-cycle, a defaultdict entry created by reading opt.state[p], or a state dict
+    # loaded before any step must not make it skip a parameter.
+    make_model, batch = regression()
+    model = make_model()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = Lookahead(torch.optim.SGD(first, lr=0.1), k=3, alpha=0.5)
+    _ = [opt.state[p] for p in first]  # an empty entry per parameter, as inspection leaves
+    for t in range(2):
+        sgd_step(opt, model, batch, t)
+    added_at = [p.detach().clone() for p in second]
+    opt.add_param_group({"params": second, "lr": 0.05})
+    sgd_step(opt, model, batch, 2)  # the third step: a sync, second group's first step
+    for p, start in zip(second, added_at):
+        # slow weights taken when the group joined, moved half way to its one fast step
+        fast = start.add(p.grad, alpha=-0.05)  # SGD's update, as SGD computes it
+        torch.testing.assert_close(p.detach(), start.lerp(fast, 0.5), rtol=0, atol=0)
+        assert torch.equal(opt.state[p]["slow_weights"], p.detach())
+    fresh = Lookahead(torch.optim.SGD(make_model().parameters(), lr=0.1), k=2)
+    fresh.load_state_dict(
+        Lookahead(torch.optim.SGD(make_model().parameters(), lr=0.1)).state_dict()
+    )
+    fresh.step()  # no gradients: the weights stay, but slow weights must exist for the sync
+    fresh.step()
+    assert all("slow_weights" in fresh.state[p] for p in fresh._params())
+
+
+def test_synchronisation_over_mixed_dtypes_is_the_per_tensor_lerp():
+    # the fused lerp/copy runs over float32 and float64 parameters in one call
+    gen = torch.Generator().manual_seed(3)
+    a = nn.Parameter(torch.randn(4, generator=gen))
+    b = nn.Parameter(torch.randn(3, dtype=torch.float64, generator=gen))
+    starts = [a.detach().clone(), b.detach().clone()]
+    opt = Lookahead(torch.optim.SGD([a, b], lr=0.3), k=1, alpha=0.3)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    for p, start in zip([a, b], starts):
+        expected = start.lerp(start - 0.3, 0.3)  # slow + alpha (fast - slow)
+        assert p.dtype == start.dtype and torch.equal(p.detach(), expected)
+
+
+def test_reading_the_state_before_the_first_step_keeps_the_start_as_slow_weights():
+    # opt.state is a defaultdict: reading it adds an empty entry, which must not count as
+    # slow weights (the docstring's example, with the state read first)
+    w = nn.Parameter(torch.tensor([1.0], dtype=torch.float64))
+    opt = Lookahead(torch.optim.SGD([w], lr=0.5), k=2, alpha=0.5)
+    assert opt.state[w] == {}
+    for _ in range(2):
+        opt.zero_grad()
+        (0.5 * w**2).sum().backward()  # each fast step halves w: 1 -> 0.25
+        opt.step()
+    assert w.item() == 0.625  # 1 + 0.5 (0.25 - 1), exact in binary

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -203,9 +204,27 @@ def test_density_of_a_network_hessian_estimates_its_trace():
 
 
 def test_scaling_rules():
-    assert scale_learning_rate(0.1, 32, 128) == pytest.approx(0.4)
-    assert scale_learning_rate(0.1, 32, 8, "sgd") == pytest.approx(0.025)
-    assert scale_learning_rate(1e-3, 32, 128, "adam") == pytest.approx(2e-3)
+    # the measured defaults: exponent 2/3 for SGD, the square root for Adam (the evidence:
+    # benchmarks/optimizers_in_training_batch_size.py; tests/test_batch_size_benchmark.py
+    # checks them against its results); rule="linear" is Granziol's SGD rule, shipped before.
+    # Ratios are powers of 2: exact up to the rounding of x ** (2 / 3).
+    assert scale_learning_rate(0.1, 16, 128) == pytest.approx(0.4, rel=1e-14)
+    assert scale_learning_rate(0.1, 128, 16, "sgd") == pytest.approx(0.025, rel=1e-14)
+    assert scale_learning_rate(0.1, 32, 128) == pytest.approx(0.1 * 4 ** (2 / 3), rel=1e-15)
+    assert scale_learning_rate(1e-3, 32, 128, "adam") == pytest.approx(2e-3, rel=1e-15)
+    assert scale_learning_rate(0.1, 32, 128, rule="linear") == pytest.approx(0.4, rel=1e-15)
+    assert scale_learning_rate(0.1, 32, 8, rule="linear") == pytest.approx(0.025, rel=1e-15)
+    assert scale_learning_rate(1e-3, 32, 128, "adam", rule="linear") == pytest.approx(4e-3)
+    assert scale_learning_rate(0.1, 32, 128, rule="sqrt") == pytest.approx(0.2, rel=1e-15)
+    assert scale_learning_rate(0.1, 16, 1024, "adam", rule=0.0) == 0.1  # no scaling
+    assert scale_learning_rate(0.3, 48, 48) == 0.3
+    # a power law composes: B -> B' -> B'' equals B -> B'' for every rule
+    for rule in (None, "linear", "sqrt", 0.37):
+        via = scale_learning_rate(scale_learning_rate(0.1, 24, 80, rule=rule), 80, 500, rule=rule)
+        assert via == pytest.approx(scale_learning_rate(0.1, 24, 500, rule=rule), rel=1e-14)
+    # a numpy scalar is a number too; the result is a plain float
+    assert type(scale_learning_rate(np.float32(0.5), 2, 8, rule="linear")) is float
+    assert scale_learning_rate(np.float32(0.5), 2, 8, rule="linear") == 2.0
 
 
 def test_minibatch_top_eigenvalue_follows_the_bbp_prediction():
@@ -245,7 +264,9 @@ def test_minibatch_top_eigenvalue_follows_the_bbp_prediction():
     # Granziol's rule from the B = 25 measurement: linear below, capped at the
     # full-data bound 2 / lambda_full above (the mini-batch noise term has vanished)
     first = proposals[0]
-    assert first.lr_for_batch_size(5) == pytest.approx(first.lr / 5)
+    assert first.lr_for_batch_size(5, rule="linear") == pytest.approx(first.lr / 5)
+    assert first.lr_for_batch_size(5) == pytest.approx(first.lr / 5 ** (2 / 3))  # default
+    assert first.lr_for_batch_size(800, rule="linear") == pytest.approx(2 / first.lambda_full)
     assert first.lr_for_batch_size(800) == pytest.approx(2 / first.lambda_full)
     assert proposals[-1].lr == pytest.approx(2 / proposals[-1].lambda_batch)
 
@@ -535,8 +556,19 @@ ERRORS = [
     (lambda: spectral_density(_op(), num_vectors=0), r"`num_vectors` must be an int >= 1"),
     (lambda: spectral_density(_op(), num_points=0), r"`num_points` must be an int >= 1"),
     (lambda: spectral_density(_op(), sigma=0.0), r"`sigma` must be > 0"),
-    (lambda: scale_learning_rate(0.0, 1, 2), r"`lr` must be > 0"),
-    (lambda: scale_learning_rate(0.1, 0, 2), r"`batch_size` must be an int >= 1"),
+    (lambda: scale_learning_rate(0.0, 1, 2), r"`lr` must be a finite number > 0.*got 0.0"),
+    (lambda: scale_learning_rate(-0.1, 1, 2), r"`lr` must be a finite number > 0.*got -0.1"),
+    (lambda: scale_learning_rate(math.nan, 1, 2), r"`lr` must be a finite number > 0.*got nan"),
+    (lambda: scale_learning_rate(math.inf, 1, 2), r"`lr` must be a finite number > 0.*got inf"),
+    (lambda: scale_learning_rate("0.1", 1, 2), r"`lr` must be a finite number > 0.*got '0.1'"),
+    (lambda: scale_learning_rate(0.1, 0, 2), r"`batch_size` must be an int >= 1.*got 0\."),
+    (lambda: scale_learning_rate(0.1, -8, 2), r"`batch_size` must be an int >= 1.*got -8"),
+    (lambda: scale_learning_rate(0.1, 2, 0), r"`new_batch_size` must be an int >= 1.*got 0"),
+    (lambda: scale_learning_rate(0.1, True, 2), r"`batch_size` must be an int >= 1.*got True"),
+    (lambda: scale_learning_rate(0.1, 2, 4, rule="cubic"), r"`rule` must be 'linear', 'sqrt'"),
+    (lambda: scale_learning_rate(0.1, 2, 4, rule=1.5), r"exponent in \[0, 1\].*got 1.5"),
+    (lambda: scale_learning_rate(0.1, 2, 4, rule=math.nan), r"`rule` must be.*got nan"),
+    (lambda: scale_learning_rate(0.1, 2, 4, rule=True), r"`rule` must be.*got True"),
     (lambda: scale_learning_rate(0.1, 2, 2.5), r"`new_batch_size` must be an int >= 1"),
     (lambda: scale_learning_rate(0.1, 2, 4, "lamb"), r"`optimizer` must be one of"),
     (
@@ -570,6 +602,9 @@ ERRORS = [
         r"`loss_fn` must be callable",
     ),
     (lambda: _propose(batch_size=0), r"`batch_size` must be an int >= 1, got 0"),
+    (lambda: _propose(batch_size=-3), r"`batch_size` must be an int >= 1, got -3"),
+    (lambda: _propose().lr_for_batch_size(0), r"`new_batch_size` must be an int >= 1.*got 0"),
+    (lambda: _propose().lr_for_batch_size(8, rule="log"), r"`rule` must be 'linear', 'sqrt'"),
     (lambda: _propose(batch_size=7), r"batch_size=7 exceeds the 6 examples"),
     (lambda: _propose(optimizer="lbfgs"), r"`optimizer` must be one of \('sgd', 'adam'\)"),
     (lambda: _propose(momentum=1.0), r"`momentum` must be in \[0, 1\), got 1\.0"),

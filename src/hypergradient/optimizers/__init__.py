@@ -4,7 +4,8 @@ r"""Optimizers and optimizer tools that work with any ``torch.optim`` training l
   steps, then the slow weights move a fraction ``alpha`` toward the fast ones.
 * :func:`propose_learning_rate` (Granziol et al. 2022): the largest stable learning rate
   for a batch size, from the top eigenvalue of mini-batch Hessians measured by Lanczos;
-  :func:`scale_learning_rate` (linear for SGD, square root for Adam);
+  :func:`scale_learning_rate` (a power law in the batch size: measured exponent 2/3
+  for SGD, square root for Adam; ``rule="linear"`` for Granziol's SGD rule);
   :func:`hessian_eigenvalues` and :func:`hessian_spectral_density` (stochastic Lanczos
   quadrature) for the spectrum itself.
 
