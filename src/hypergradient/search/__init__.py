@@ -18,7 +18,8 @@ batch size.  This package covers the rest, and measures both on one compute axis
 * :mod:`~hypergradient.search.racing` - F-race and successive halving over folds or seeds;
 * :mod:`~hypergradient.search.warmstart` - warm-starting Bayesian optimisation from similar
   datasets (Kim et al. 2017): learned dataset meta-features, nearest tasks' best
-  configurations enqueued as a study's first trials.
+  configurations enqueued as a study's first trials; classical pymfe meta-features as the
+  baseline (``pip install "hypergradient[meta-features]"``).
 
 Optuna is optional: ``pip install "hypergradient[hpo]"``.  Only the functions that need it
 import it; resampling and racing do not.
@@ -75,9 +76,12 @@ from .warmstart import MetaFeatureNet as MetaFeatureNet
 from .warmstart import SurfaceGrid as SurfaceGrid
 from .warmstart import WarmStarter as WarmStarter
 from .warmstart import build_meta_dataset as build_meta_dataset
+from .warmstart import classical_meta_features as classical_meta_features
+from .warmstart import classical_warm_starter as classical_warm_starter
 from .warmstart import enqueue_warm_start as enqueue_warm_start
 from .warmstart import gp_sampler as gp_sampler
 from .warmstart import instance_features as instance_features
+from .warmstart import surface_rank_correlation as surface_rank_correlation
 from .warmstart import surface_search as surface_search
 from .warmstart import svm_surface as svm_surface
 from .warmstart import train_meta_features as train_meta_features
@@ -100,6 +104,8 @@ __all__ = [
     "WarmStarter",
     "best_at",
     "build_meta_dataset",
+    "classical_meta_features",
+    "classical_warm_starter",
     "compute_curve",
     "create_study",
     "default_storage",
@@ -124,6 +130,7 @@ __all__ = [
     "race_tuner",
     "reference_unit",
     "suggest",
+    "surface_rank_correlation",
     "surface_search",
     "svm_surface",
     "train_meta_features",

@@ -51,8 +51,16 @@ rows each).  Each task belongs to a *family* (its source dataset); evaluation ho
 whole families (``train_meta_features(..., exclude_families=...)``), because digit pairs
 are more alike than any two datasets a user will bring.
 
-Requires Optuna for the search part (:func:`enqueue_warm_start`, :func:`surface_search`) and
-scikit-learn for the surfaces.
+**Baselines** the learned meta-features must beat: the untrained network
+(``train_meta_features(..., steps=0)``), and hand-crafted meta-features
+(:func:`classical_meta_features`: pymfe's statistical, information-theoretic and
+landmarking groups; :func:`classical_warm_starter` makes a :class:`WarmStarter` of them).
+:func:`surface_rank_correlation` measures what the Siamese loss trains for on held-out tasks:
+how well meta-feature distances rank the meta-training tasks by surface distance.
+
+Requires Optuna for the search part (:func:`enqueue_warm_start`, :func:`surface_search`),
+scikit-learn for the surfaces, and pymfe for the classical meta-features
+(``pip install "hypergradient[meta-features]"``).
 """
 
 from __future__ import annotations
@@ -327,7 +335,11 @@ def _pairs_and_rest(name, x, y, classes) -> list[tuple[str, np.ndarray, np.ndarr
 
 
 def sklearn_tasks(
-    families: Sequence[str] = SKLEARN_FAMILIES, *, seed: int = 0, max_rows: int = 300
+    families: Sequence[str] = SKLEARN_FAMILIES,
+    *,
+    seed: int = 0,
+    max_rows: int = 300,
+    subsamples: int = 1,
 ) -> list[Task]:
     """Binary tasks from scikit-learn's shipped datasets (no surfaces yet).
 
@@ -338,6 +350,12 @@ def sklearn_tasks(
       half (12 tasks each);
     * ``diabetes``: the regression target thresholded at its 30/50/70 % quantiles, each as
       3 random subsamples (9 tasks).
+
+    ``subsamples=r`` multiplies the random subsamples of every family but digits by ``r``
+    (breast_cancer ``12 r``, wine and iris ``6 + 6 r``, diabetes ``9 r`` tasks; the 45 digit
+    pairs are all there are): more held-out tasks per family for leave-family-out
+    evaluation.  The extra tasks come from their own random stream, so ``subsamples=1``
+    gives the same tasks whatever ``r`` is used elsewhere, and they come after them.
     """
     from sklearn import datasets
 
@@ -351,7 +369,12 @@ def sklearn_tasks(
         raise HypergradientError(
             f"search.sklearn_tasks(max_rows={max_rows!r}): expected an integer >= 60."
         )
+    if not isinstance(subsamples, int) or isinstance(subsamples, bool) or subsamples < 1:
+        raise HypergradientError(
+            f"search.sklearn_tasks(subsamples={subsamples!r}): expected an integer >= 1."
+        )
     rng = np.random.default_rng(seed)
+    extra_rng = np.random.default_rng([seed, 1])
     sizes = np.unique(np.geomspace(60, max_rows, 4).round().astype(int))
     tasks = []
     for family in families:
@@ -365,22 +388,31 @@ def sklearn_tasks(
                 raw.append((f"digits:{a}v{b}", xs, ys))
         elif family == "breast_cancer":
             x, y = datasets.load_breast_cancer(return_X_y=True)
-            for k in range(12):
-                xs, ys = _subsample(rng, x, y, int(sizes[k % len(sizes)]))
+            for k in range(12 * subsamples):
+                draw = rng if k < 12 else extra_rng
+                xs, ys = _subsample(draw, x, y, int(sizes[k % len(sizes)]))
                 raw.append((f"breast_cancer:sub{k}", xs, ys))
         elif family in ("wine", "iris"):
             x, y = getattr(datasets, f"load_{family}")(return_X_y=True)
+            extra = []
             for name, xs, ys in _pairs_and_rest(family, x, y, np.unique(y)):
                 raw.append((name, xs, ys))
                 half = _subsample(rng, xs, ys, len(ys) // 2)
                 raw.append((f"{name}:half", *half))
+                for r in range(1, subsamples):
+                    more = _subsample(extra_rng, xs, ys, len(ys) // 2)
+                    extra.append((f"{name}:half{r}", *more))
+            raw += extra
         else:  # diabetes
             x, target = datasets.load_diabetes(return_X_y=True)
+            extra = []
             for q in (0.3, 0.5, 0.7):
                 y = (target > np.quantile(target, q)).astype(np.int64)
-                for k in range(3):
-                    xs, ys = _subsample(rng, x, y, int(rng.choice(sizes[1:])))
-                    raw.append((f"diabetes:q{int(q * 100)}:sub{k}", xs, ys))
+                for k in range(3 * subsamples):
+                    draw = rng if k < 3 else extra_rng
+                    xs, ys = _subsample(draw, x, y, int(draw.choice(sizes[1:])))
+                    (raw if k < 3 else extra).append((f"diabetes:q{int(q * 100)}:sub{k}", xs, ys))
+            raw += extra
         tasks += [Task(name, family, np.asarray(xs, float), ys) for name, xs, ys in raw]
     return tasks
 
@@ -643,8 +675,11 @@ def siamese_loss(meta_features: torch.Tensor, targets: torch.Tensor) -> torch.Te
 
 @dataclass(eq=False)
 class WarmStarter:
-    """A trained meta-feature network and its meta-training tasks (with their meta-features).
+    """Meta-training tasks with their meta-features, and the map that embeds a new task.
 
+    Made by :func:`train_meta_features` (``net`` a trained :class:`MetaFeatureNet`;
+    ``steps=0`` gives the untrained network) or by :func:`classical_warm_starter`
+    (``net=None`` and ``featurize`` the standardised :func:`classical_meta_features`).
     ``losses`` is the Siamese loss at every training step; ``grid`` the shared grid.
 
     Examples:
@@ -665,18 +700,29 @@ class WarmStarter:
         [('shift1', 0.0)]
     """
 
-    net: MetaFeatureNet
+    net: MetaFeatureNet | None
     tasks: tuple[Task, ...]
     embeddings: torch.Tensor
     grid: SurfaceGrid
     losses: list[float] = field(default_factory=list)
+    featurize: Callable[[Task | tuple[object, object]], torch.Tensor] | None = None
+    feature_cache: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
     @torch.no_grad()
     def embed(self, task: Task | tuple[object, object]) -> torch.Tensor:
         """The meta-feature vector of a task (or of an ``(x, y)`` pair), all its rows."""
-        x, y = (task.x, task.y) if isinstance(task, Task) else task
-        features = instance_features(x, y).to(self.embeddings.dtype)
-        return self.net(features)
+        if self.featurize is not None:
+            return self.featurize(task).to(self.embeddings.dtype)
+        if self.net is None:
+            raise HypergradientError(
+                "WarmStarter.embed: the starter has neither a network nor a featurize "
+                "function; build it with train_meta_features or classical_warm_starter."
+            )
+        if isinstance(task, Task):
+            features = _cached_instance_features(task, self.feature_cache)
+        else:
+            features = instance_features(*task)
+        return self.net(features.to(self.embeddings.dtype))
 
     def nearest(self, task: Task | tuple[object, object], k: int = 3) -> list[tuple[Task, float]]:
         """The ``k`` meta-training tasks nearest to ``task`` in meta-feature space, nearest
@@ -685,6 +731,14 @@ class WarmStarter:
         dist = torch.linalg.vector_norm(self.embeddings - self.embed(task), dim=-1)
         order = torch.argsort(dist, stable=True)[:k]
         return [(self.tasks[int(i)], float(dist[i])) for i in order]
+
+
+def _cached_instance_features(task: Task, cache: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    if cache is None:
+        return instance_features(task.x, task.y)
+    if task.name not in cache:
+        cache[task.name] = instance_features(task.x, task.y)
+    return cache[task.name]
 
 
 def _check_k(where: str, k: object, available: int) -> None:
@@ -706,6 +760,7 @@ def train_meta_features(
     out_features: int = 16,
     weight_decay: float = 0.0,
     seed: int = 0,
+    feature_cache: dict[str, torch.Tensor] | None = None,
 ) -> WarmStarter:
     """Train a :class:`MetaFeatureNet` with the Siamese loss on ``meta``'s tasks.
 
@@ -718,9 +773,15 @@ def train_meta_features(
     Args:
         exclude_families: families left out of training (leave-family-out evaluation).
         steps, rows, lr: Adam steps, examples per task and step, learning rate (cosine
-            decay to 0).
+            decay to 0).  ``steps=0`` returns the *untrained* network (its random
+            initialisation from ``seed``, inputs standardised as in training): the baseline
+            that shows what the Siamese training adds.
         hidden, out_features: widths of :class:`MetaFeatureNet`.
         weight_decay: decoupled weight decay (AdamW; 0 is Adam).
+        seed: seeds the initialisation and the rows drawn each step.
+        feature_cache: a dict from task name to its :func:`instance_features`, filled on
+            first use and read after (repeated trainings on one meta-dataset skip the
+            :math:`O(n^2 d)` features; use one dict per meta-dataset, names are the keys).
 
     Cost per step: ``T x rows`` passes through a 3-layer MLP and ``T^2`` distances.
 
@@ -762,7 +823,7 @@ def train_meta_features(
             f"search.train_meta_features: {len(tasks)} training task(s) left after "
             f"excluding {list(exclude_families)}; need at least 2."
         )
-    for name, value, least in (("steps", steps, 1), ("rows", rows, 2)):
+    for name, value, least in (("steps", steps, 0), ("rows", rows, 2)):
         if not isinstance(value, int) or value < least:
             raise HypergradientError(
                 f"search.train_meta_features({name}={value!r}): expected an integer >= {least}."
@@ -783,14 +844,14 @@ def train_meta_features(
     dtype = torch.get_default_dtype()
     flat = np.stack([s.ravel() for s in surfaces])
     targets = torch.as_tensor(np.abs(flat[:, None, :] - flat[None, :, :]).mean(-1), dtype=dtype)
-    features = [instance_features(t.x, t.y) for t in tasks]
+    features = [_cached_instance_features(t, feature_cache).to(dtype) for t in tasks]
     stacked = torch.cat(features)
     torch.manual_seed(seed)
     net = MetaFeatureNet(INSTANCE_FEATURES, hidden, out_features).to(dtype)
     net.shift.copy_(stacked.mean(dim=0))
     net.scale.copy_(stacked.std(dim=0).clamp_min(1e-6))
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
@@ -809,7 +870,300 @@ def train_meta_features(
         losses.append(float(loss.detach()))
     with torch.no_grad():
         embeddings = torch.stack([net(f) for f in features])
-    return WarmStarter(net.eval(), tasks, embeddings, meta.grid, losses)
+    return WarmStarter(
+        net.eval(), tasks, embeddings, meta.grid, losses, feature_cache=feature_cache
+    )
+
+
+# ----------------------------------------------------------------------------- baselines
+
+#: pymfe groups of :func:`classical_meta_features` (statistical, information-theoretic,
+#: landmarking: the hand-crafted meta-features Kim et al. compare against)
+CLASSICAL_GROUPS = ("statistical", "info-theory", "landmarking")
+
+
+def _import_pymfe():
+    try:
+        from pymfe.mfe import MFE
+    except ImportError as exc:
+        raise HypergradientError(
+            "search.classical_meta_features needs the pymfe package, which is not installed; "
+            'install the extra: pip install "hypergradient[meta-features]" (or pip install '
+            f'"pymfe>=0.4"). ({exc})'
+        ) from exc
+    return MFE
+
+
+def classical_meta_features(
+    x: object,
+    y: object,
+    groups: Sequence[str] = CLASSICAL_GROUPS,
+    *,
+    summary: Sequence[str] = ("mean", "sd"),
+    max_features: int | None = 32,
+    random_state: int = 0,
+    return_names: bool = False,
+) -> np.ndarray | tuple[np.ndarray, list[str]]:
+    r"""Hand-crafted meta-features of a classification dataset, by ``pymfe`` (Alcobaça et
+    al. 2020): one fixed-length vector per dataset.
+
+    The default groups are the classical meta-learning descriptors: *statistical*
+    (correlations, covariances, canonical correlations, skewness, kurtosis, ...),
+    *information-theoretic* (attribute and class entropies, mutual information, noise to
+    signal ratio, ...) and *landmarking* (cross-validated accuracy of 1-NN, naive Bayes,
+    LDA and decision stumps).  Per-attribute measures are summarised over the attributes
+    by ``summary`` (mean and standard deviation).  The length and order of the vector
+    depend only on ``groups`` and ``summary`` (75 numbers for the defaults), so vectors of
+    datasets of any width compare entry by entry.
+
+    **Missing values.** A measure that is undefined for a dataset (a correlation of a
+    constant column, a canonical correlation of a singular problem, an infinite ratio) is
+    ``NaN`` in the vector, never ``inf``.  :func:`classical_warm_starter` fills them with
+    the meta-training median of that entry (and drops entries that are missing or constant
+    on every meta-training task) before standardising.
+
+    Args:
+        x: ``(n, d)`` finite features; y: ``(n,)`` labels, at least 2 classes of at least 2
+            examples each.
+        groups: pymfe groups (default :data:`CLASSICAL_GROUPS`).
+        summary: pymfe summary functions over attributes.
+        max_features: pymfe's costs grow with the number of attributes (several seconds
+            for 200 attributes); wider data sets are described by a seeded random subset
+            of ``max_features`` columns (the summaries are means / deviations over
+            attributes, which a subset estimates).  ``None`` uses every column.
+        random_state: seeds the column subset and pymfe (landmarking folds, attribute
+            samples).  numpy's global random state is restored afterwards (pymfe seeds it).
+        return_names: also return the entries' names (``"cor.mean"``, ``"one_nn.sd"``, ...).
+
+    Returns:
+        ``(F,)`` float64 (and the ``F`` names).  Cost: pymfe's, about 0.1-1 s for a few
+        hundred rows and 32 columns; landmarking uses ``min(10, smallest class)`` folds, and
+        the information-theoretic attribute-pair concentration samples 6 attributes.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> rng, y = np.random.default_rng(0), np.repeat([0, 1], 20)
+        >>> x = rng.normal(size=(40, 5)) + y[:, None]  # class 1 shifted by 1 in every column
+        >>> values, names = search.classical_meta_features(
+        ...     x, y, groups=["landmarking"], return_names=True
+        ... )
+        >>> values.shape, names[:2]
+        ((14,), ['best_node.mean', 'best_node.sd'])
+        >>> bool(values[names.index("linear_discr.mean")] > 0.7)  # LDA separates the classes
+        True
+        >>> search.classical_meta_features(x, y).shape  # all three groups, any width
+        (75,)
+    """
+    MFE = _import_pymfe()
+    where = "search.classical_meta_features"
+    x = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float64)
+    y = np.asarray(y.detach().cpu() if isinstance(y, torch.Tensor) else y)
+    if x.ndim != 2 or y.ndim != 1 or len(x) != len(y):
+        raise HypergradientError(
+            f"{where}: expected x of shape (n, d) and y of shape (n,), got {x.shape} and {y.shape}."
+        )
+    if not np.isfinite(x).all():
+        raise HypergradientError(
+            f"{where}: x holds NaN or infinite values; impute or drop them first."
+        )
+    _, counts = np.unique(y, return_counts=True)
+    if len(counts) < 2 or counts.min() < 2:
+        raise HypergradientError(
+            f"{where}: expected at least 2 classes with at least 2 examples each, got class "
+            f"counts {counts.tolist()}."
+        )
+    groups = [groups] if isinstance(groups, str) else list(groups)
+    valid = MFE.valid_groups()
+    if not groups or any(g not in valid for g in groups):
+        raise HypergradientError(
+            f"{where}(groups={groups!r}): expected a non-empty list from pymfe's groups "
+            f"{list(valid)} (default {list(CLASSICAL_GROUPS)})."
+        )
+    if max_features is not None and (not isinstance(max_features, int) or max_features < 1):
+        raise HypergradientError(
+            f"{where}(max_features={max_features!r}): expected None or an integer >= 1."
+        )
+    if max_features is not None and x.shape[1] > max_features:
+        rng = np.random.default_rng(random_state)
+        x = x[:, np.sort(rng.choice(x.shape[1], size=max_features, replace=False))]
+    extract_args: dict[str, dict[str, Any]] = {}
+    if "info-theory" in groups:
+        extract_args["attr_conc"] = {"max_attr_num": 6}
+    mfe = MFE(
+        groups=groups,
+        summary=list(summary),
+        num_cv_folds=int(min(10, counts.min())),
+        random_state=random_state,
+    )
+    numpy_state = np.random.get_state()
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            mfe.fit(x, y, suppress_warnings=True)
+            names, values = mfe.extract(suppress_warnings=True, **extract_args)
+    finally:
+        np.random.set_state(numpy_state)
+    values = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    values[~np.isfinite(values)] = np.nan
+    return (values, list(names)) if return_names else values
+
+
+def _signed_log(values: np.ndarray) -> np.ndarray:
+    """``sign(v) log(1 + |v|)``: keeps the order, tames entries that span decades
+    (covariances and eigenvalues are in the data's units)."""
+    return np.sign(values) * np.log1p(np.abs(values))
+
+
+def classical_warm_starter(
+    meta: MetaDataset,
+    *,
+    exclude_families: Sequence[str] = (),
+    groups: Sequence[str] = CLASSICAL_GROUPS,
+    features: dict[str, np.ndarray] | None = None,
+    random_state: int = 0,
+) -> WarmStarter:
+    r"""A :class:`WarmStarter` whose meta-features are :func:`classical_meta_features`.
+
+    Every entry :math:`v` becomes :math:`\operatorname{sign}(v)\log(1 + |v|)`; a missing
+    entry gets the meta-training tasks' median; entries missing or constant on every
+    meta-training task are dropped; the rest is standardised with the meta-training mean
+    and standard deviation, so every kept entry weighs alike in the Euclidean distance
+    used by :meth:`WarmStarter.nearest` and :func:`warm_start_configs`.  Nothing is
+    learned from the response surfaces: this is the hand-crafted baseline the learned
+    meta-features must beat.
+
+    Args:
+        meta: the meta-dataset; ``exclude_families`` as in :func:`train_meta_features`.
+        groups: pymfe groups (see :func:`classical_meta_features`).
+        features: raw vectors by task name (e.g. computed once for many starters); any task,
+            meta-training or new, whose name is there is not measured again.  Missing
+            names are measured and added.
+        random_state: passed to :func:`classical_meta_features`.
+
+    Cost: one :func:`classical_meta_features` per meta-training task not in ``features``.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> from hypergradient.search.warmstart import Task
+        >>> rng, y = np.random.default_rng(0), np.repeat([0, 1], 20)
+        >>> def toy(k):  # class 1 shifted by k: easier as k grows; a made-up surface
+        ...     x = rng.normal(size=(40, 4)) + k * y[:, None]
+        ...     return Task(f"shift{k}", "toy", x, y, surface=np.full((2, 2), 1.0 / (1 + k)))
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0))
+        >>> meta = search.MetaDataset(tuple(toy(k) for k in (0, 1, 4)), grid)
+        >>> starter = search.classical_warm_starter(meta, groups=["statistical"])
+        >>> starter.embeddings.shape[0], starter.net is None
+        (3, True)
+        >>> new = (rng.normal(size=(40, 6)) + 4 * y[:, None], y)  # well separated, like shift4
+        >>> starter.nearest(new, k=1)[0][0].name
+        'shift4'
+    """
+    if not isinstance(meta, MetaDataset):
+        raise HypergradientError(
+            f"search.classical_warm_starter: expected a MetaDataset (from build_meta_dataset), "
+            f"got {type(meta).__name__}."
+        )
+    unknown = [f for f in exclude_families if f not in meta.families]
+    if unknown:
+        raise HypergradientError(
+            f"search.classical_warm_starter(exclude_families={list(exclude_families)!r}): "
+            f"{unknown} not in the meta-dataset's families {list(meta.families)}."
+        )
+    tasks = tuple(t for t in meta.tasks if t.family not in set(exclude_families))
+    if len(tasks) < 2:
+        raise HypergradientError(
+            f"search.classical_warm_starter: {len(tasks)} training task(s) left after "
+            f"excluding {list(exclude_families)}; need at least 2."
+        )
+    cache = {} if features is None else features
+    groups = list(groups)
+
+    def raw(task: Task | tuple[object, object]) -> np.ndarray:
+        if isinstance(task, Task) and task.name in cache:
+            return np.asarray(cache[task.name], dtype=np.float64)
+        x, y = (task.x, task.y) if isinstance(task, Task) else task
+        values = classical_meta_features(x, y, groups, random_state=random_state)
+        if isinstance(task, Task):
+            cache[task.name] = values
+        return values
+
+    table = _signed_log(np.stack([raw(t) for t in tasks]))
+    lengths = {len(row) for row in table}
+    if len(lengths) != 1:  # pragma: no cover - guarded by classical_meta_features
+        raise HypergradientError("search.classical_warm_starter: vectors of unequal lengths.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: dropped below
+        median = np.nanmedian(table, axis=0)
+    filled = np.where(np.isnan(table), median, table)
+    mean, std = filled.mean(axis=0), filled.std(axis=0)
+    keep = np.isfinite(median) & (std > 1e-9)
+    if not keep.any():
+        raise HypergradientError(
+            "search.classical_warm_starter: every meta-feature is missing or constant on the "
+            "meta-training tasks; use more varied tasks or other groups."
+        )
+    dtype = torch.get_default_dtype()
+
+    def standardise(values: np.ndarray) -> torch.Tensor:
+        values = _signed_log(values)
+        values = np.where(np.isnan(values), median, values)
+        return torch.as_tensor((values[keep] - mean[keep]) / std[keep], dtype=dtype)
+
+    def featurize(task: Task | tuple[object, object]) -> torch.Tensor:
+        return standardise(raw(task))
+
+    embeddings = torch.stack([standardise(raw(t)) for t in tasks])
+    return WarmStarter(None, tasks, embeddings, meta.grid, featurize=featurize)
+
+
+def surface_rank_correlation(starter: WarmStarter, tasks: Sequence[Task]) -> float:
+    r"""How well meta-feature distances order surface distances, for tasks new to ``starter``.
+
+    Over every pair (``task``, meta-training task :math:`j`), Spearman's rank correlation
+    between :math:`\lVert m(\text{task}) - m_j\rVert_2` and the surface distance
+    :math:`\frac1G\lVert e_{\text{task}} - e_j\rVert_1`.  1: the meta-features rank every
+    meta-training task exactly by how alike its response surface is; 0: no better than
+    chance.  This is what the Siamese loss trains for, measured on tasks it never saw.
+
+    Cost: one :meth:`WarmStarter.embed` per task and ``len(tasks) x T`` distances.
+
+    Examples:
+        >>> import numpy as np
+        >>> from hypergradient import search
+        >>> from hypergradient.search.warmstart import Task
+        >>> y = np.repeat([0, 1], 20)
+        >>> def toy(k, seed):  # class 1 shifted by k; the surface follows the shift
+        ...     x = np.random.default_rng(seed).normal(size=(40, 3)) + k * y[:, None]
+        ...     return Task(f"s{k}", "toy", x, y, surface=np.full((2, 2), 1.0 / (1 + k)))
+        >>> grid = search.SurfaceGrid(log10_C=(0.0, 2.0), log10_gamma_d=(-1.0, 0.0))
+        >>> meta = search.MetaDataset(tuple(toy(k, k) for k in (0, 1, 2, 4, 8)), grid)
+        >>> starter = search.classical_warm_starter(meta, groups=["statistical"])
+        >>> held = [toy(k, 10 + i) for i, k in enumerate((0.5, 3, 6))]
+        >>> bool(search.surface_rank_correlation(starter, held) > 0.5)
+        True
+    """
+    from scipy.stats import spearmanr
+
+    if not isinstance(starter, WarmStarter):
+        raise HypergradientError(
+            f"search.surface_rank_correlation: expected a WarmStarter, got "
+            f"{type(starter).__name__}."
+        )
+    tasks = list(tasks)
+    if not tasks:
+        raise HypergradientError("search.surface_rank_correlation: expected at least 1 task.")
+    embedded = torch.stack([starter.embed(t) for t in tasks])
+    meta_dist = torch.cdist(embedded, starter.embeddings).numpy().ravel()
+    surf_dist = np.array(
+        [
+            surface_distance(_require_surface("search.surface_rank_correlation", t), s.surface)
+            for t in tasks
+            for s in starter.tasks
+        ]
+    )
+    return float(spearmanr(meta_dist, surf_dist).statistic)
 
 
 # ----------------------------------------------------------------------------- search
