@@ -100,6 +100,9 @@ def test_hypergradient_cost_counts_backward_passes():
     assert search.hypergradient_cost(Implicit(solver="exact"), num_weights=50) == 53.0
     assert search.hypergradient_cost(Unrolled(steps=10)) == 22.0
     assert search.hypergradient_cost(Unrolled(steps=3, mode="forward"), num_hparams=4) == 24.0
+    # reversal recomputes each step's gradient: one more per step than reverse mode, and no
+    # dependence on the number of hyperparameters (it is a reverse sweep)
+    assert search.hypergradient_cost(Unrolled(steps=10, mode="reversible"), num_hparams=9) == 32.0
     with pytest.raises(HypergradientError, match=r"pass num_weights="):
         search.hypergradient_cost(Implicit(solver="exact"))
     with pytest.raises(HypergradientError, match=r"pass num_hparams="):

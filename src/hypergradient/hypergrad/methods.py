@@ -20,6 +20,7 @@ import torch
 
 from .._errors import HypergradientError
 from .implicit import ConvergenceWarning, implicit_hypergrad
+from .reversible import _reversible
 from .unrolled import unrolled_hypergrad
 
 Loss = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
@@ -53,6 +54,15 @@ class AbstractHypergradientMethod(abc.ABC):
     #: the validation loss there can record it instead of paying another forward pass)?
     outer_at_params: ClassVar[bool] = False
 
+    @property
+    def train_batches(self) -> int | None:
+        """How many training mini-batches one hypergradient trains on.  ``None`` (default):
+        ``inner_loss(params, hparams)`` is on one batch.  ``K``: the caller (e.g.
+        :class:`~hypergradient.BilevelTrainer`) draws ``K`` batches and passes
+        ``batches=t -> batch`` for ``t`` in ``[0, K)``, with ``inner_loss(params, hparams,
+        batch)``; see :class:`Unrolled`'s ``fresh_batches``."""
+        return None
+
     @abc.abstractmethod
     def hypergrad(
         self,
@@ -75,11 +85,17 @@ class AbstractHypergradientMethod(abc.ABC):
         *,
         lr: float,
         momentum: float = 0.0,
+        **batches,
     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """:meth:`hypergrad` and a few numbers it measured on the way, worth logging
         (default: none; :class:`Implicit` gives ``inner_grad_norm``).  The training loop
-        calls this one, so a subclass that only implements :meth:`hypergrad` still works."""
-        return self.hypergrad(inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum), {}
+        calls this one, so a subclass that only implements :meth:`hypergrad` still works.
+        ``batches=t -> batch`` is passed only to a method with :attr:`train_batches` set,
+        and on to its :meth:`hypergrad`."""
+        grads = self.hypergrad(
+            inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum, **batches
+        )
+        return grads, {}
 
     def state_dict(self) -> dict:
         """What the method carries from one hyper-step to the next (default: nothing), for
@@ -101,7 +117,7 @@ def get_method(method: str | AbstractHypergradientMethod, **options) -> Abstract
     Examples:
         >>> import hypergradient as hg
         >>> hg.hypergrad.get_method("unrolled", steps=3)
-        Unrolled(steps=3, mode='reverse')
+        Unrolled(steps=3, mode='reverse', fresh_batches=False)
         >>> hg.hypergrad.get_method("newton")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
@@ -208,13 +224,30 @@ def _check_hessian(where: str, hessian: str) -> None:
 @register_method
 @dataclass(frozen=True)
 class Unrolled(AbstractHypergradientMethod):
-    """Differentiate through ``steps`` look-ahead SGD(+momentum) steps from the current weights.
+    r"""Differentiate through ``steps`` look-ahead SGD(+momentum) steps from the current weights.
 
-    In a warm-started loop this is truncated back-propagation (``mode="reverse"``) or its
+    In a warm-started loop this is truncated back-propagation (``mode="reverse"``), its
     forward-mode twin (``mode="forward"``, one JVP per scalar hyperparameter: few
-    hyperparameters only).  The look-ahead steps use the inner optimizer's learning rate and
-    momentum and the same training batch; they are discarded afterwards.
-    Cost: ``steps`` double-backward passes; memory grows with ``steps`` (reverse mode).
+    hyperparameters only), or exact reversible learning (``mode="reversible"``, Maclaurin et
+    al. 2015: the same hypergradient as ``"reverse"`` to rounding, but the run is reversed
+    instead of stored, so memory does not grow with ``steps`` beyond about
+    :math:`\log_2(1/\mu)` bits per weight and step; see
+    :func:`~hypergradient.reversible_hypergrad`).  The look-ahead steps use the inner
+    optimizer's learning rate and momentum (``torch.optim.SGD`` steps, momentum buffer
+    starting at zero); they are discarded afterwards.
+
+    ``fresh_batches=False``: every look-ahead step trains on the same training batch.
+    ``fresh_batches=True``: look-ahead step ``t`` trains on a batch of its own, as mini-batch
+    SGD does (Maclaurin et al.'s setting): :class:`~hypergradient.BilevelTrainer` draws
+    ``steps`` fresh training batches per hyper-step and passes them as ``batches``
+    (:attr:`train_batches` is ``steps``); called directly, pass ``batches=t -> batch`` and an
+    ``inner_loss(params, hparams, batch)`` (without ``batches`` every step uses
+    ``inner_loss(params, hparams)``).  In the trainer, ``mode="reversible"`` needs a
+    ``torch.optim.SGD`` inner optimizer (one learning rate and momentum, dampening 0, no
+    Nesterov, no ``weight_decay``: put decay in the hyperparameters) and refuses any other.
+
+    Cost: ``steps`` double-backward passes (``"reversible"``: plus ``steps`` gradients and
+    integer bookkeeping); memory grows with ``steps`` in ``"reverse"`` mode only.
 
     Examples:
         >>> import torch
@@ -230,21 +263,43 @@ class Unrolled(AbstractHypergradientMethod):
         ...     print(steps, bool(torch.allclose(g["lam"], torch.tensor([exact]))))
         1 True
         2 True
+        >>> # mini-batch t gives L_t = (w - lam - t)^2 / 2; two steps of lr 0.5, momentum 0.5
+        >>> # from w0: w1 = (w0 + lam) / 2, b2 = w0 - lam - 1, w2 = w1 - b2 / 2 = lam + 1/2,
+        >>> # so dE(w2)/dlam = w2 = 1/2 at lam = 0, reversed exactly (as mode="reverse" gives)
+        >>> step_loss = lambda p, h, t: 0.5 * ((p["w"] - h["lam"] - t) ** 2).sum()
+        >>> w64, lam64 = {"w": torch.ones(1).double()}, {"lam": torch.zeros(1).double()}
+        >>> method = hg.Unrolled(steps=2, mode="reversible", fresh_batches=True)
+        >>> method.train_batches  # what BilevelTrainer draws per hyper-step
+        2
+        >>> g = method.hypergrad(step_loss, outer, w64, lam64, lr=0.5, momentum=0.5,
+        ...                      batches=lambda t: t)
+        >>> float(g["lam"])
+        0.5
     """
 
     name: ClassVar[str] = "unrolled"
     steps: int = 5
     mode: str = "reverse"
+    fresh_batches: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if not isinstance(self.steps, int) or isinstance(self.steps, bool) or self.steps < 1:
             raise HypergradientError(f"Unrolled(steps={self.steps!r}): expected an int >= 1.")
-        if self.mode not in ("reverse", "forward"):
+        if self.mode not in ("reverse", "forward", "reversible"):
             raise HypergradientError(
-                f"Unrolled(mode={self.mode!r}): expected 'reverse' or 'forward'."
+                f"Unrolled(mode={self.mode!r}): expected 'reverse', 'forward' or 'reversible'."
+            )
+        if not isinstance(self.fresh_batches, bool):
+            raise HypergradientError(
+                f"Unrolled(fresh_batches={self.fresh_batches!r}): expected True (one training "
+                f"batch per look-ahead step) or False (one batch for all of them)."
             )
 
-    def hypergrad(self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0):
+    @property
+    def train_batches(self) -> int | None:
+        return self.steps if self.fresh_batches else None
+
+    def hypergrad(self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0, batches=None):
         return unrolled_hypergrad(
             inner_loss,
             outer_loss,
@@ -254,7 +309,35 @@ class Unrolled(AbstractHypergradientMethod):
             lr=float(lr),
             momentum=float(momentum),
             mode=self.mode,
+            batches=batches,
         )
+
+    def hypergrad_and_info(
+        self, inner_loss, outer_loss, params, hparams, *, lr, momentum=0.0, batches=None
+    ):
+        r""":meth:`hypergrad`; with ``mode="reversible"`` also what the reversal kept:
+        ``reversible_bits_per_weight_step`` (about :math:`\log_2(1/\mu)`) and
+        ``reversible_buffer_bytes`` (its peak), for the training loop's history."""
+        if self.mode != "reversible":
+            return super().hypergrad_and_info(
+                inner_loss, outer_loss, params, hparams, lr=lr, momentum=momentum, batches=batches
+            )
+        result = _reversible(
+            inner_loss,
+            outer_loss,
+            params,
+            hparams,
+            self.steps,
+            float(lr),
+            float(momentum),
+            batches=batches,
+            where="hypergradient.Unrolled(mode='reversible')",
+        )
+        info = {
+            "reversible_bits_per_weight_step": result.stats.bits_per_weight_per_step,
+            "reversible_buffer_bytes": result.stats.buffer_bytes,
+        }
+        return result.hypergrad, info
 
 
 class AmortizationResetWarning(UserWarning):
@@ -530,6 +613,20 @@ class MeasuredMethod(AbstractHypergradientMethod):
     _calls: int = field(default=0, init=False, repr=False)
 
     name: ClassVar[str] = "measured"
+
+    def __post_init__(self):
+        # The reference is an implicit solve on one training batch; a method that trains on
+        # several fresh batches per hypergradient solves another problem, and this wrapper
+        # would also hide its train_batches from the loop (it would silently get one batch).
+        for label, wrapped in (("method", self.method), *self.compare_with.items()):
+            if getattr(wrapped, "train_batches", None) is not None:
+                raise HypergradientError(
+                    f"MeasuredMethod({label}={wrapped!r}): it trains on "
+                    f"{wrapped.train_batches} fresh batches per hypergradient, while the "
+                    f"reference is an implicit solve on one batch; measure it with "
+                    f"fresh_batches=False, or compare it with reverse mode over the same "
+                    f"batches (hg.unrolled_hypergrad(..., batches=...))."
+                )
 
     @property
     def outer_at_params(self) -> bool:  # type: ignore[override]

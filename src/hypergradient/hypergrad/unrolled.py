@@ -50,7 +50,7 @@ from ._checks import (
     ignored_hparam_error,
 )
 from ._step import StepHParam, resolve_step_hparam
-from .reversible import _reversible, initial_params
+from .reversible import _reversible, check_batches, initial_params
 
 _WHERE = "hypergradient.unrolled_hypergrad(...)"
 # Forward mode refuses an identity basis (hyperparameters x hyperparameters) above this.
@@ -64,13 +64,14 @@ def _sgd_step(w, buf, g, lr, mom):
     return new_w, new_buf
 
 
-def _run_detached(inner_loss, w, buf, hp, lr_fn, mom_fn, start, stop, use_momentum):
-    """Steps ``start..stop-1`` without building a graph through them (truncated prefix)."""
+def _run_detached(loss_at, w, buf, hp, lr_fn, mom_fn, start, stop, use_momentum):
+    """Steps ``start..stop-1`` without building a graph through them (truncated prefix);
+    ``loss_at(t)`` is step ``t``'s training loss ``(params, hparams) -> scalar``."""
     hp = {k: v.detach() for k, v in hp.items()}
     for t in range(start, stop):
         wt = {k: v.detach().requires_grad_(True) for k, v in w.items()}
         with torch.enable_grad():
-            loss = inner_loss(wt, hp)
+            loss = loss_at(t)(wt, hp)
             g = torch.autograd.grad(loss, list(wt.values()))
         g = dict(zip(wt.keys(), g))
         with torch.no_grad():
@@ -89,7 +90,7 @@ def _run_detached(inner_loss, w, buf, hp, lr_fn, mom_fn, start, stop, use_moment
 
 
 def unrolled_hypergrad(
-    inner_loss: Callable[[dict, dict], torch.Tensor],
+    inner_loss: Callable[..., torch.Tensor],
     outer_loss: Callable[[dict, dict], torch.Tensor],
     params0: Mapping[str, torch.Tensor],
     hparams: Mapping[str, torch.Tensor],
@@ -101,11 +102,13 @@ def unrolled_hypergrad(
     *,
     forward_chunk_size: int | None = None,
     return_params: bool = False,
+    batches: Callable[[int], object] | None = None,
 ):
     r"""Exact hypergradient of ``outer_loss(w_T, hparams)`` through ``steps`` SGD steps.
 
     Args:
-        inner_loss: ``inner_loss(params, hparams) -> scalar``, differentiated at every step.
+        inner_loss: ``inner_loss(params, hparams) -> scalar`` (with ``batches``:
+            ``inner_loss(params, hparams, batch)``), differentiated at every step.
             For ``mode="forward"`` it must be a pure function that ``torch.func`` can
             transform (no ``.item()``, no in-place updates of captured tensors).
         outer_loss: ``outer_loss(params, hparams) -> scalar`` evaluated at ``w_T``.
@@ -129,6 +132,12 @@ def unrolled_hypergrad(
             hyperparameters; forward mode refuses more than fit in 1 GiB (11,585 in
             float64), before computing anything.
         return_params: also return ``w_T`` (detached).
+        batches: mini-batch SGD: ``batches(t) -> batch`` for ``t`` in ``[0, steps)``, the
+            same batch every time it is called with ``t`` (e.g.
+            :class:`~hypergradient.hypergrad.SeededBatches`); step ``t`` then trains on
+            ``inner_loss(params, hparams, batches(t))``.  ``None``: every step on
+            ``inner_loss(params, hparams)``.  Every mode differentiates the same run, so
+            ``"reverse"`` and ``"reversible"`` agree on it.
 
     Returns:
         dict shaped like ``hparams`` (and ``w_T`` when ``return_params``).
@@ -153,6 +162,7 @@ def unrolled_hypergrad(
     """
     check_callable(_WHERE, "inner_loss", inner_loss)
     check_callable(_WHERE, "outer_loss", outer_loss)
+    check_batches(_WHERE, batches, inner_loss)
     init = None
     if callable(params0) and not isinstance(params0, Mapping):
         check_tree(_WHERE, "hparams", hparams)
@@ -174,7 +184,10 @@ def unrolled_hypergrad(
                 f"differentiates through every step. Use mode='reverse' to truncate."
             )
         start = params0 if init is None else init
-        out = _reversible(inner_loss, outer_loss, start, hparams, steps, lr, momentum, where=_WHERE)
+        out = _reversible(
+            inner_loss, outer_loss, start, hparams, steps, lr, momentum, batches=batches,
+            where=_WHERE,
+        )  # fmt: skip
         return (out.hypergrad, out.params) if return_params else out.hypergrad
     if truncate is not None and (
         not isinstance(truncate, int) or isinstance(truncate, bool) or not 1 <= truncate <= steps
@@ -199,13 +212,14 @@ def unrolled_hypergrad(
         use_momentum,
         dtype,
         init,
+        batches,
     )
     # The untracked prefix (truncation) is the same for both modes.
     w = {k: v.detach() for k, v in params0.items()}
     buf = {k: torch.zeros_like(v) for k, v in w.items()} if use_momentum else None
     if first_tracked > 0:
         w, buf = _run_detached(
-            inner_loss, w, buf, hparams, lr_fn, mom_fn, 0, first_tracked, use_momentum
+            run.loss_at, w, buf, hparams, lr_fn, mom_fn, 0, first_tracked, use_momentum
         )
     if mode == "reverse":
         result, w_final = _reverse(run, w, buf)
@@ -230,6 +244,14 @@ class _Unroll:
     use_momentum: bool
     dtype: torch.dtype
     init: Callable | None = None  # w_0 = init(hparams) when untruncated
+    batches: Callable[[int], object] | None = None  # mini-batch t, or None: full batch
+
+    def loss_at(self, t: int) -> Callable:
+        """Step ``t``'s training loss ``(params, hparams) -> scalar``."""
+        if self.batches is None:
+            return self.inner_loss
+        batch, inner_loss = self.batches(t), self.inner_loss
+        return lambda w, hp: inner_loss(w, hp, batch)
 
     def initial(self, w, hp):
         """``w_0``: ``init(hp)`` (in the graph) when it depends on hparams, else ``w``."""
@@ -264,7 +286,7 @@ def _reverse(run: _Unroll, w, buf):
             for k, v in run.initial(w, hp).items()
         }
         for t in range(run.start, run.steps):
-            loss = run.inner_loss(w, hp)
+            loss = run.loss_at(t)(w, hp)
             if t == run.start:
                 run.check_inner(loss)
             try:
@@ -308,12 +330,12 @@ def _forward(run: _Unroll, w0, buf0, chunk_size):
     buf0 = None if buf0 is None else {k: v.detach() for k, v in buf0.items()}
     primal = {k: v.detach() for k, v in run.hparams.items()}
     # Validate the losses once on plain tensors (clear errors before torch.func tracing).
-    run.check_inner(run.inner_loss(w0, primal))
+    run.check_inner(run.loss_at(run.start)(w0, primal))
 
     def objective(hp):
         w, buf = run.initial(w0, hp), buf0
         for t in range(run.start, run.steps):
-            w, buf = run.step(w, buf, func_grad(run.inner_loss)(w, hp), hp, t)
+            w, buf = run.step(w, buf, func_grad(run.loss_at(t))(w, hp), hp, t)
         return run.outer_loss(w, hp), w
 
     value, w_final = objective(primal)

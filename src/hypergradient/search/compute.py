@@ -128,6 +128,8 @@ def hypergradient_cost(method: object, *, num_weights: int = 0, num_hparams: int
         12.0
         >>> search.hypergradient_cost(hg.Unrolled(steps=5, mode="forward"), num_hparams=3)
         30.0
+        >>> search.hypergradient_cost(hg.Unrolled(steps=5, mode="reversible"))  # 3T + 2
+        17.0
     """
     from ..hypergrad.methods import Implicit, Unrolled
 
@@ -144,6 +146,9 @@ def hypergradient_cost(method: object, *, num_weights: int = 0, num_hparams: int
     if isinstance(method, Unrolled):
         if method.mode == "reverse":
             return float(2 * method.steps + 2)
+        if method.mode == "reversible":
+            # reverse mode's 2T + 2, plus the gradient each reversed step recomputes
+            return float(3 * method.steps + 2)
         if not isinstance(num_hparams, int) or num_hparams < 1:
             raise HypergradientError(
                 f"search.hypergradient_cost(Unrolled(mode='forward')): one JVP sweep per "

@@ -43,7 +43,7 @@ from .._io import RunLock, load_checkpoint, save_atomic, write_text_atomic
 from .._threads import threads_for, torch_threads
 from ..hparams._base import AbstractHyperparameter
 from ..hypergrad.implicit import ConvergenceWarning
-from ..hypergrad.methods import AbstractHypergradientMethod, Implicit
+from ..hypergrad.methods import AbstractHypergradientMethod, Implicit, Unrolled
 from ..linalg.operators import GaussNewtonLoss
 from ..problem import as_function
 from ..problem._functional import uncompiled
@@ -156,6 +156,48 @@ def _check_cold_start_tol(tol: object, warm_start: bool, autocast: object) -> No
         )
 
 
+def _check_reversible_optimizer(method: AbstractHypergradientMethod, optimizer) -> None:
+    """``Unrolled(mode="reversible")`` reverses ``torch.optim.SGD`` steps bit for bit; refuse
+    an inner optimizer whose steps its look-ahead would not be (one line, with the fix)."""
+    if not (isinstance(method, Unrolled) and method.mode == "reversible"):
+        return
+    where = f"{_WHERE}(method=Unrolled(mode='reversible'), optimizer={type(optimizer).__name__})"
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise HypergradientError(
+            f"{where}: exact reversal reverses torch.optim.SGD steps (momentum, dampening 0), "
+            f"not {type(optimizer).__name__}'s. Use torch.optim.SGD(model.parameters(), lr=..., "
+            f"momentum=0.9) as the inner optimizer, or Unrolled(mode='reverse'), whose "
+            f"look-ahead SGD steps only approximate another optimizer's."
+        )
+    groups = optimizer.param_groups
+    for i, group in enumerate(groups):
+        extras = {
+            k: group.get(k)
+            for k in ("dampening", "weight_decay", "nesterov")
+            if group.get(k) not in (None, 0, 0.0, False)
+        }
+        if extras:
+            raise HypergradientError(
+                f"{where}: param group {i} sets {extras}; the reversed steps are plain SGD "
+                f"with momentum (dampening 0, weight_decay 0, no Nesterov). Drop those options "
+                f"(a decay belongs in the hyperparameters, e.g. hg.hparams.WeightDecay)."
+            )
+
+    def lr_momentum(group) -> tuple[float, float]:
+        lr = group.get("lr", 0.0)
+        return float(lr.item() if isinstance(lr, torch.Tensor) else lr), float(
+            group.get("momentum", 0.0) or 0.0
+        )
+
+    if len({lr_momentum(g) for g in groups}) > 1:
+        raise HypergradientError(
+            f"{where}: the param groups have different (lr, momentum) "
+            f"{[lr_momentum(g) for g in groups]}; the look-ahead steps use one learning rate "
+            f"and momentum for every weight. Use one param group (or per-tensor schedules "
+            f"with hg.reversible_hypergrad directly)."
+        )
+
+
 class BilevelTrainer:
     """Bilevel training of ``model`` and the hyperparameters of ``hyper``.
 
@@ -172,7 +214,10 @@ class BilevelTrainer:
         hyper_optimizer: ``factory(list_of_hparam_tensors) -> torch.optim.Optimizer``
             (default ``Adam(lr=1e-2)``).
         method: how to differentiate: ``hg.Implicit(...)`` (default: Neumann, 10 terms) or
-            ``hg.Unrolled(steps=K, mode="reverse"|"forward")``.
+            ``hg.Unrolled(steps=K, mode="reverse"|"forward"|"reversible")``.  With
+            ``hg.Unrolled(..., fresh_batches=True)`` each hyper-step draws ``K`` fresh
+            training batches, one per look-ahead step (mini-batch SGD, as Maclaurin et al.
+            reversed it); ``mode="reversible"`` needs a plain ``torch.optim.SGD`` optimizer.
         hyper_every: inner steps between hyper-steps (warm start).
         warm_start: ``False`` for cold start: reset model and optimizer, then train
             ``cold_start_steps`` inner steps before every hyper-step.
@@ -328,6 +373,7 @@ class BilevelTrainer:
                 f"{_WHERE}(method=...): expected hg.Implicit(...) or hg.Unrolled(...), got "
                 f"{type(method).__name__}."
             )
+        _check_reversible_optimizer(method, optimizer)
         self.model = model
         # a torch.compile'd model trains compiled; names, state and every functional call
         # (hypergradients differentiate twice, which compiled graphs cannot) use the original
@@ -634,15 +680,26 @@ class BilevelTrainer:
             torch.manual_seed((self.seed * 1_000_003 + self.hyper_step) % 2**63)
             yield
 
+    def _fresh_batches(self) -> int | None:
+        """``K`` when the method trains on ``K`` batches of its own (one per look-ahead step:
+        ``method.train_batches``) and there is training data; else ``None`` (one batch)."""
+        count = self.method.train_batches
+        return count if count is not None and self.hypergrad_train_stream is not None else None
+
     def _hypergrad_data(self) -> tuple[Any, Any]:
         """The training and validation batch of this hyper-step's hypergradient: fresh ones,
-        or the kept ones while they are younger than ``hypergrad_resample_every``."""
+        or the kept ones while they are younger than ``hypergrad_resample_every``.  A method
+        with ``train_batches = K`` gets a list of ``K`` training batches instead of one."""
         kept = self._hypergrad_batches
         if kept is None or (
             self.hyper_step - self._hypergrad_batches_drawn_at >= self.hypergrad_resample_every
         ):
-            train = self.hypergrad_train_stream
-            kept = (train.next() if train is not None else None, self.val_stream.next())
+            train, count = self.hypergrad_train_stream, self._fresh_batches()
+            if count is not None:
+                train_data = [train.next() for _ in range(count)]
+            else:
+                train_data = train.next() if train is not None else None
+            kept = (train_data, self.val_stream.next())
             self._hypergrad_batches_drawn_at = self.hyper_step
             if self.hypergrad_resample_every > 1:  # kept only when reused
                 self._hypergrad_batches = kept
@@ -659,7 +716,16 @@ class BilevelTrainer:
         def inner_loss(p, h):
             return hyper.training_loss(forward, p, h, train_batch, criterion)
 
-        if getattr(self.method, "hessian", "exact") == "gauss_newton":
+        extra: dict[str, Any] = {}
+        if self._fresh_batches() is not None:  # one batch per look-ahead step: t -> batch
+
+            def inner_loss(p, h, batch):
+                return self._wrap(
+                    lambda p_, h_: hyper.training_loss(forward, p_, h_, batch, criterion), batch
+                )(p, h)
+
+            extra["batches"] = train_batch.__getitem__
+        elif getattr(self.method, "hessian", "exact") == "gauss_newton":
             inner_loss = self._gauss_newton_loss(train_batch)
 
         outer_values: list[float] = []
@@ -673,12 +739,18 @@ class BilevelTrainer:
             outer_values.append(float(value.detach()))
             return value
 
-        if not isinstance(inner_loss, GaussNewtonLoss):
+        if not isinstance(inner_loss, GaussNewtonLoss) and not extra:
             inner_loss = self._wrap(inner_loss, train_batch)
         params = {k: v.detach() for k, v in self._module.named_parameters()}
         lr, momentum = self._optimizer_lr_momentum()
         grads, self._hypergrad_info = self.method.hypergrad_and_info(
-            inner_loss, outer_loss, params, self._detached_hparams(), lr=lr, momentum=momentum
+            inner_loss,
+            outer_loss,
+            params,
+            self._detached_hparams(),
+            lr=lr,
+            momentum=momentum,
+            **extra,
         )
         if self.method.outer_at_params and outer_values:
             val_loss = outer_values[0]  # already evaluated there: no second forward pass
