@@ -73,14 +73,19 @@ class Eigen:
         vals_G, vecs_G = torch.linalg.eigh(0.5 * (G + G.T))
         return cls(vals_A.clamp_min(0.0), vecs_A, vals_G.clamp_min(0.0), vecs_G)
 
+    def damped_factors(self, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues of the damped factors ``A + pi sqrt(d) I`` and ``G + sqrt(d) / pi I``."""
+        dim_A, dim_G = self.vals_A.numel(), self.vals_G.numel()
+        trace_A, trace_G = torch.stack([self.vals_A.sum(), self.vals_G.sum()]).tolist()
+        pi = pi_factor(trace_A, dim_A, trace_G, dim_G)
+        root = math.sqrt(damping)
+        return self.vals_A + pi * root, self.vals_G + root / pi
+
     def denominator(self, damping: float, mode: str) -> torch.Tensor:
         """``(d_out, d_in')``: the eigenvalues of the damped block, as a matrix."""
         if mode == "factored":
-            dim_A, dim_G = self.vals_A.numel(), self.vals_G.numel()
-            trace_A, trace_G = torch.stack([self.vals_A.sum(), self.vals_G.sum()]).tolist()
-            pi = pi_factor(trace_A, dim_A, trace_G, dim_G)
-            root = math.sqrt(damping)
-            return (self.vals_G + root / pi)[:, None] * (self.vals_A + pi * root)[None, :]
+            damped_A, damped_G = self.damped_factors(damping)
+            return damped_G[:, None] * damped_A[None, :]
         return self.vals_G[:, None] * self.vals_A[None, :] + damping
 
     def apply(self, V: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -103,24 +108,40 @@ def singular_level(eig: Eigen) -> float:
 
 
 def inverse_scale(where: str, label: str, eig: Eigen, damping: float, mode: str) -> torch.Tensor:
-    """``1 / denominator``, refusing a singular damped block with an actionable message.
+    r"""``1 / denominator``, refusing a singular damped block with an actionable message.
 
-    Singular means the smallest eigenvalue is at most :func:`singular_level` times the
-    largest (relative, so the check is the same for any scale of the factors and on any CPU).
+    Singular means a smallest eigenvalue at or below the round-off level relative to the
+    largest (relative, so the check is the same for any scale of the factors and on any
+    CPU).  ``"tikhonov"``: of the block :math:`A \otimes G + \gamma I`, level
+    :func:`singular_level`.  ``"factored"``: of each damped factor on its own, level
+    ``dim * eps``: the block is inverted as two factor inverses, each accurate when its own
+    factor is well conditioned, so their product's condition number may exceed ``1 / eps``
+    (a float32 block of condition number 6e3, from two factors of condition number 77, is
+    not singular).
     """
     den = eig.denominator(damping, mode)
-    smallest, largest = torch.stack([den.min(), den.max()]).tolist()
-    level = singular_level(eig)
-    if not (largest > 0.0 and smallest > level * largest):
-        ratio = smallest / largest if largest > 0.0 else 0.0
-        raise HypergradientError(
-            f"{where}: the K-FAC block of {label} is singular (smallest eigenvalue of the "
-            f"damped block {smallest:.3e}, {ratio:.1e} x its largest, not above the round-off "
-            f"level {level:.1e} x largest) with damping={damping!r}: a Kronecker factor has a "
-            f"zero eigenvalue (fewer examples than inputs, a constant input, a softmax's "
-            f"shift direction, ...). {'Pass damping > 0' if damping == 0 else 'Raise damping'}: "
-            f"the damped block's smallest eigenvalue must be well above {level * largest:.1e}."
-        )
+    eps = torch.finfo(eig.vals_A.dtype).eps
+    if mode == "factored":
+        damped_A, damped_G = eig.damped_factors(damping)
+        checks = [
+            ("input factor A", damped_A, damped_A.numel() * eps),
+            ("output factor G", damped_G, damped_G.numel() * eps),
+        ]
+    else:
+        checks = [("block", den, singular_level(eig))]
+    for what, values, level in checks:
+        smallest, largest = torch.stack([values.min(), values.max()]).tolist()
+        if not (largest > 0.0 and smallest > level * largest):
+            ratio = smallest / largest if largest > 0.0 else 0.0
+            fix = "Pass damping > 0" if damping == 0 else "Raise damping"
+            raise HypergradientError(
+                f"{where}: the K-FAC block of {label} is singular (smallest eigenvalue of the "
+                f"damped {what} {smallest:.3e}, {ratio:.1e} x its largest, not above the "
+                f"round-off level {level:.1e} x largest) with damping={damping!r}: a Kronecker "
+                f"factor has a zero eigenvalue (fewer examples than inputs, a constant input, a "
+                f"softmax's shift direction, ...). {fix}: the damped {what}'s smallest "
+                f"eigenvalue must be well above {level * largest:.1e}."
+            )
     return 1.0 / den
 
 

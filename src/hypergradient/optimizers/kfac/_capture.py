@@ -34,6 +34,14 @@ The likelihoods (``likelihood=``), on ``outputs`` of shape ``(N, ...)``:
 * ``"gaussian"``: unit-variance Gaussian with mean ``outputs``, matching
   ``0.5 * ((outputs - y) ** 2).flatten(1).sum(1).mean()``.  The output gradient is
   ``outputs - y``; its exact second moment is the identity.
+* ``"bernoulli"``: independent Bernoulli outputs with logits ``outputs`` (any shape
+  ``(N, ...)``), ``p = sigmoid(outputs)``, matching
+  ``F.binary_cross_entropy_with_logits(outputs, y, reduction="sum") / N`` (targets in
+  ``[0, 1]``; the deep autoencoders of Martens & Grosse 2015).  The output gradient is
+  ``p - y``; its exact second moment is ``diag(p (1 - p))``.
+
+For all three the output Fisher equals the Hessian of the loss in ``outputs`` (canonical
+links), so :func:`output_fisher_form` gives exact Fisher = generalized Gauss-Newton products.
 """
 
 from __future__ import annotations
@@ -49,7 +57,7 @@ from torch import nn
 from ..._errors import HypergradientError
 
 FISHERS = ("sampled", "exact", "empirical")
-LIKELIHOODS = ("categorical", "gaussian")
+LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 UNSUPPORTED = ("error", "skip")
 
 _SUPPORTED_TEXT = (
@@ -225,26 +233,37 @@ def output_rows(layer: Layer, s: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------
 
 
+def _detached(value: object) -> object:
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
 class Recorder:
     """Forward hooks that keep each layer's input and output from the model's last forward.
 
     A forward pre-hook on ``model`` clears the records when a new forward starts (with
     gradients enabled), so only the last forward is kept; a layer called several times in
     one forward gets several records.  Outputs are kept with their graph (they already live
-    in it); inputs are detached.
+    in it); inputs are detached.  The arguments of the model's last forward with gradients
+    enabled are kept in :attr:`model_inputs` (``(args, kwargs)``, detached): the quadratic
+    model of :class:`~hypergradient.optimizers.kfac.KFAC` re-runs that forward in forward mode.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[Layer]):
         self.records: dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]] = {
             layer.name: [] for layer in layers
         }
-        self._handles = [model.register_forward_pre_hook(self._on_model_forward)]
+        self.model_inputs: tuple[tuple, dict] | None = None
+        self._handles = [model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True)]
         for layer in layers:
             self._handles.append(layer.module.register_forward_hook(self._hook(layer.name)))
 
-    def _on_model_forward(self, module, args) -> None:
+    def _on_model_forward(self, module, args, kwargs) -> None:
         if torch.is_grad_enabled():
             self.clear()
+            self.model_inputs = (
+                tuple(_detached(a) for a in args),
+                {k: _detached(v) for k, v in kwargs.items()},
+            )
 
     def _hook(self, name: str):
         def hook(module, inputs, output) -> None:
@@ -267,6 +286,7 @@ class Recorder:
             handle.remove()
         self._handles = []
         self.clear()
+        self.model_inputs = None
 
 
 # --------------------------------------------------------------------------------------
@@ -284,7 +304,8 @@ def check_fisher_options(where: str, fisher: str, likelihood: str) -> None:
     if likelihood not in LIKELIHOODS:
         raise HypergradientError(
             f"{where}: likelihood={likelihood!r}; expected 'categorical' (logits, as in "
-            f"F.cross_entropy) or 'gaussian' (unit variance, as in 0.5 * squared error)."
+            f"F.cross_entropy), 'gaussian' (unit variance, as in 0.5 * squared error) or "
+            f"'bernoulli' (logits, as in F.binary_cross_entropy_with_logits summed over outputs)."
         )
 
 
@@ -349,6 +370,29 @@ def _output_probes(
         else:
             y = _categorical_targets(where, targets, out)
         return [p - F.one_hot(y, num_classes).to(p.dtype)]
+    if likelihood == "bernoulli":
+        p = torch.sigmoid(out)
+        if fisher == "exact":
+            # E_y[(p - y)(p - y)^T] = diag(p (1 - p)): one probe per output coordinate
+            flat = (p * (1.0 - p)).sqrt().reshape(out.shape[0], -1)
+            probes = []
+            for k in range(flat.shape[1]):
+                u = torch.zeros_like(flat)
+                u[:, k] = flat[:, k]
+                probes.append(u.reshape(out.shape))
+            return probes
+        if fisher == "sampled":
+            if generator is None:
+                y = torch.bernoulli(p)
+            else:
+                y = torch.bernoulli(p.to(generator.device), generator=generator).to(p.device)
+            return [p - y]
+        if not isinstance(targets, torch.Tensor) or targets.shape != out.shape:
+            raise HypergradientError(
+                f"{where}: likelihood='bernoulli' with fisher='empirical' needs targets in "
+                f"[0, 1] shaped like outputs {tuple(out.shape)}, got {describe(targets)}."
+            )
+        return [p - targets.detach().to(out.dtype)]
     # Gaussian with unit variance: d = outputs - y
     if fisher == "exact":
         flat = out.reshape(out.shape[0], -1)
@@ -462,3 +506,26 @@ def pi_factor(trace_A: float, dim_A: int, trace_G: float, dim_G: int) -> float:
     if not (trace_A > 0 and trace_G > 0) or not math.isfinite(trace_A * trace_G):
         return 1.0
     return math.sqrt((trace_A / dim_A) / (trace_G / dim_G))
+
+
+def output_fisher_form(
+    likelihood: str, outputs: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\frac1N \sum_n u_n^\top H_n v_n`: the loss's output Hessian as a bilinear form.
+
+    ``H_n`` is the Hessian of the ``n``-th row's :math:`-\log p(y_n \mid z_n)` in the outputs
+    :math:`z_n`, which for these likelihoods is also their Fisher and does not depend on
+    ``y``: ``diag(p) - p p^T`` (categorical), ``I`` (gaussian), ``diag(p (1 - p))``
+    (bernoulli).  With ``u = J d``, ``v = J e`` (Jacobian-vector products of the network) it
+    is :math:`d^\top F e` for the exact Fisher (= generalized Gauss-Newton matrix) ``F`` of
+    the mean loss over the ``N = outputs.shape[0]`` rows.  A 0-dim tensor.
+    """
+    num_rows = outputs.shape[0]
+    if likelihood == "categorical":
+        p = torch.softmax(outputs, dim=1)
+        pu, pv = (p * u).sum(1), (p * v).sum(1)
+        return ((p * u * v).sum() - (pu * pv).sum()) / num_rows
+    if likelihood == "bernoulli":
+        p = torch.sigmoid(outputs)
+        return (p * (1.0 - p) * u * v).sum() / num_rows
+    return (u * v).sum() / num_rows

@@ -22,10 +22,44 @@ initial factors made a 64-64-64-10 tanh MLP on digits diverge at lr 0.1, damping
 (loss 2.3 -> 29 after 30 steps; with the warm-up 0.10).
 Parameters outside the K-FAC layers (``unsupported="skip"``) take the plain gradient.
 
-Not implemented from the paper: the Levenberg-Marquardt adaptation of :math:`\gamma`, and
-the rescaling of the update by the exact quadratic model ((alpha, mu) from a 2x2 solve);
-``lr``, ``damping`` and ``momentum`` are fixed per parameter group (schedulers may change
-``lr``; any group value may be changed between steps).
+Two optional pieces of the paper, each one flag (off by default, so the plain rule above is
+what ``KFAC(model)`` does):
+
+* ``rescale=True`` (Sec. 7): the step is :math:`\delta = \alpha\Delta + \mu\delta_0`,
+  :math:`\Delta = -\breve F^{-1}\nabla h` the preconditioned direction and
+  :math:`\delta_0` the previous step, with :math:`(\alpha, \mu)` minimising the exact
+  damped quadratic model
+
+  .. math::
+
+      M(\delta) = \nabla h^\top\delta + \tfrac12\,\delta^\top(F + (\lambda+\eta) I)\delta
+
+  (a 2x2 linear system; ``F`` the exact Fisher = generalized Gauss-Newton matrix of the
+  mini-batch, used only through two Jacobian-vector products of the network,
+  :func:`torch.func.jvp`; :math:`\lambda` = ``damping``, :math:`\eta` = ``weight_decay``).
+  This replaces ``momentum`` (:math:`\mu` is chosen by the model) and the step size
+  (``lr`` multiplies :math:`\delta`; 1, the default then, is the paper's rule).
+* ``adapt_damping=True`` (Sec. 6.5, Levenberg-Marquardt): every ``adapt_every`` (:math:`T_1`)
+  steps the reduction ratio
+
+  .. math::
+
+      \rho = \frac{h(\theta + \delta) - h(\theta)}{M_0(\delta) - M_0(0)}, \qquad
+      M_0(\delta) = \nabla h^\top\delta + \tfrac12\,\delta^\top(F + \eta I)\delta
+
+  (the model without the damping it adapts, as in Levenberg-Marquardt) compares the
+  mini-batch loss's actual change with the predicted one, and
+  :math:`\lambda \leftarrow \omega\lambda` if :math:`\rho > 3/4`,
+  :math:`\lambda \leftarrow \lambda/\omega` if :math:`\rho < 1/4` (also when the model
+  predicts no decrease), :math:`\omega = (19/20)^{T_1}`; every group's ``damping`` is
+  scaled by the same factor.  :math:`h` is the mini-batch loss from ``step(loss_fn=...)``
+  plus :math:`\tfrac\eta2\|\theta\|^2`.
+
+Deviation: the paper separates the factored Tikhonov damping :math:`\gamma` from
+:math:`\lambda` and tunes :math:`\gamma` by a grid search every :math:`T_2` steps; here the
+factored damping is :math:`\lambda` itself (``damping``), the tie the paper uses as its
+starting point (:math:`\gamma = \sqrt{\lambda + \eta}` with the weight decay folded
+into ``damping``).
 """
 
 from __future__ import annotations
@@ -40,7 +74,14 @@ from torch import nn
 
 from ..._errors import HypergradientError
 from ._blocks import Eigen, KroneckerBlock, check_damping, check_damping_mode, inverse_scale
-from ._capture import Layer, Recorder, batch_factors, check_fisher_options, find_layers
+from ._capture import (
+    Layer,
+    Recorder,
+    batch_factors,
+    check_fisher_options,
+    find_layers,
+    output_fisher_form,
+)
 
 __all__ = ["KFAC"]
 
@@ -66,7 +107,11 @@ class KFAC(torch.optim.Optimizer):
             opt.step()
 
     ``update_curvature`` may be called on only some steps (the factors keep their last
-    value); it must have been called at least once before the first :meth:`step`.
+    value); it must have been called at least once before the first :meth:`step`.  With
+    ``adapt_damping=True``, :meth:`step` also needs ``loss_fn``, a function of no arguments
+    returning the same mini-batch's loss at the model's current parameters
+    (``opt.step(loss_fn=lambda: F.cross_entropy(model(x), y))``; it is called under
+    ``torch.no_grad()`` before and after the update, on adaptation steps only).
 
     Args:
         model: the network; hooks are attached to its ``nn.Linear`` / ``nn.Conv2d`` layers.
@@ -76,8 +121,10 @@ class KFAC(torch.optim.Optimizer):
             trainable parameters of ``model``.  A layer's weight and bias must be in the same
             group.  Groups may override ``lr``, ``damping``, ``damping_mode``, ``momentum``
             and ``weight_decay``.
-        lr: step size :math:`\eta > 0`.
-        damping: :math:`\gamma \ge 0` (Tikhonov damping; see ``damping_mode``).
+        lr: step size :math:`> 0` (default 0.01; 1 with ``rescale=True``, where it
+            multiplies the model-optimal step).
+        damping: :math:`\lambda \ge 0` (Tikhonov damping; see ``damping_mode``); the
+            initial value with ``adapt_damping``.
         damping_mode: ``"factored"`` (the paper's :math:`\pi`-split damping) or
             ``"tikhonov"`` (:math:`(A\otimes G+\gamma I)^{-1}` exactly).
         momentum: :math:`\mu \in [0, 1)` (heavy ball on the preconditioned direction).
@@ -98,11 +145,32 @@ class KFAC(torch.optim.Optimizer):
             raises, naming the layer) or ``"skip"`` (such parameters take the plain gradient;
             their names are in :attr:`skipped_layers`).
         generator: random generator for ``fisher="sampled"`` (default: the global one).
+        rescale: choose the step as :math:`\alpha\Delta + \mu\delta_0` minimising the exact
+            quadratic model (module docstring); needs ``momentum=0``.
+        adapt_damping: adapt ``damping`` by the Levenberg-Marquardt rule every
+            ``adapt_every`` steps (needs ``step(loss_fn=...)``).
+        adapt_every: :math:`T_1 \ge 1` (5 in the paper).
+        damping_decay: :math:`\omega \in (0, 1)`; default :math:`(19/20)^{T_1}`.
+        min_damping: ``adapt_damping`` never lowers ``damping`` below this (``>= 0``).
+        model_rows: evaluate the exact Fisher products of the quadratic model on only the
+            first this many examples of the batch (``None``: all), to make ``rescale`` /
+            ``adapt_damping`` cheaper: every tensor argument of the recorded forward whose
+            first dimension equals the first argument's is cut to its first
+            ``model_rows`` rows.  The gradient term always uses the full batch.
+
+    After each step, :attr:`last_step` holds what the quadratic model said: ``alpha``,
+    ``mu`` and ``damped_change`` (:math:`M(\delta) - M(0)`, ``rescale`` only);
+    ``predicted_change`` (:math:`M_0(\delta) - M_0(0)`), ``actual_change`` and ``rho``
+    (adaptation steps only); ``damping`` (the first group's, after the step).  ``None``
+    where not computed on that step.
 
     Cost per step: the factor updates (one extra backward per :meth:`update_curvature` for
     ``"sampled"``) plus, every ``inverse_every`` steps, eigendecompositions of every
-    factor (``O(d^3)``); per step two small matrix products per layer.  Memory: two factors
-    and their eigenvectors per layer.
+    factor (``O(d^3)``); per step two small matrix products per layer.  ``rescale``: two
+    Jacobian-vector products of the network on the last batch (about four forward passes);
+    ``adapt_damping``: two ``loss_fn`` calls every ``adapt_every`` steps (plus one
+    Jacobian-vector product there without ``rescale``).  Memory: two factors and their
+    eigenvectors per layer (and the previous step with ``rescale``).
 
     ``state_dict()`` holds the factors, their eigendecompositions, the step counters and the
     momentum buffers, so a restored optimizer continues exactly.
@@ -128,6 +196,22 @@ class KFAC(torch.optim.Optimizer):
         >>> opt.layers, losses[-1] < 0.95 * losses[0]  # the two Linear layers; loss went down
         (['0', '2'], True)
 
+        The paper's full rule: the step rescaled by the exact quadratic model and the damping
+        adapted by Levenberg-Marquardt (``lr`` is then 1 and ``momentum`` chosen per step):
+
+        >>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> opt = hg.optimizers.kfac.KFAC(model, damping=1.0, rescale=True, adapt_damping=True)
+        >>> for _ in range(10):
+        ...     opt.zero_grad()
+        ...     out = model(x)
+        ...     opt.update_curvature(out)
+        ...     F.cross_entropy(out, y).backward()
+        ...     opt.step(loss_fn=lambda: F.cross_entropy(model(x), y))
+        >>> sorted(opt.last_step)
+        ['actual_change', 'alpha', 'damped_change', 'damping', 'mu', 'predicted_change', 'rho']
+        >>> opt.last_step["damped_change"] < 0  # the model-optimal step predicts a decrease
+        True
+
     References:
         Martens & Grosse (2015), Optimizing Neural Networks with Kronecker-factored
         Approximate Curvature; Grosse & Martens (2016), A Kronecker-factored approximate
@@ -139,7 +223,7 @@ class KFAC(torch.optim.Optimizer):
         model: nn.Module,
         params: Iterable[torch.Tensor] | Iterable[dict] | None = None,
         *,
-        lr: float = 0.01,
+        lr: float | None = None,
         damping: float = 1e-3,
         damping_mode: str = "factored",
         momentum: float = 0.0,
@@ -151,6 +235,12 @@ class KFAC(torch.optim.Optimizer):
         likelihood: str = "categorical",
         unsupported: str = "error",
         generator: torch.Generator | None = None,
+        rescale: bool = False,
+        adapt_damping: bool = False,
+        adapt_every: int = 5,
+        damping_decay: float | None = None,
+        min_damping: float = 1e-8,
+        model_rows: int | None = None,
     ):
         where = f"{_WHERE}(...)"
         if not isinstance(model, nn.Module):
@@ -188,8 +278,47 @@ class KFAC(torch.optim.Optimizer):
                 f"{where}: generator must be a torch.Generator or None, got "
                 f"{type(generator).__name__}."
             )
+        for flag, value in (("rescale", rescale), ("adapt_damping", adapt_damping)):
+            if not isinstance(value, bool):
+                raise HypergradientError(f"{where}: {flag} must be True or False, got {value!r}.")
+        if (
+            isinstance(adapt_every, bool)
+            or not isinstance(adapt_every, numbers.Integral)
+            or adapt_every < 1
+        ):
+            raise HypergradientError(
+                f"{where}: adapt_every must be an integer >= 1, got {adapt_every!r} (T1 = 5 "
+                f"in the paper)."
+            )
+        if damping_decay is None:
+            damping_decay = (19.0 / 20.0) ** int(adapt_every)
+        if not _number(damping_decay) or not 0.0 < damping_decay < 1.0:
+            raise HypergradientError(
+                f"{where}: damping_decay must be in (0, 1), got {damping_decay!r}; the "
+                f"damping is multiplied by it after a good step and divided by it after a bad "
+                f"one ((19/20)**adapt_every in the paper)."
+            )
+        check_damping(where, min_damping, "min_damping")
+        if model_rows is not None and (
+            isinstance(model_rows, bool)
+            or not isinstance(model_rows, numbers.Integral)
+            or model_rows < 1
+        ):
+            raise HypergradientError(
+                f"{where}: model_rows must be an integer >= 1 or None (the whole batch), got "
+                f"{model_rows!r}."
+            )
+        if lr is None:
+            lr = 1.0 if rescale else 0.01
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
+        self.rescale = rescale
+        self.adapt_damping = adapt_damping
+        self.adapt_every = int(adapt_every)
+        self.damping_decay = float(damping_decay)
+        self.min_damping = float(min_damping)
+        self.model_rows = None if model_rows is None else int(model_rows)
+        self.last_step: dict[str, float | None] = {}
         defaults = {
             "lr": lr,
             "damping": damping,
@@ -216,8 +345,7 @@ class KFAC(torch.optim.Optimizer):
     # construction
     # ----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _check_group(group: dict) -> None:
+    def _check_group(self, group: dict) -> None:
         where = f"{_WHERE}(...)"
         lr = group["lr"]
         if not _number(lr) or not math.isfinite(float(lr)) or lr <= 0:
@@ -227,6 +355,12 @@ class KFAC(torch.optim.Optimizer):
         mom = group["momentum"]
         if not _number(mom) or not 0.0 <= mom < 1.0:
             raise HypergradientError(f"{where}: momentum must be in [0, 1), got {mom!r}.")
+        if mom != 0 and self.rescale:
+            raise HypergradientError(
+                f"{where}: momentum={mom!r} with rescale=True; the rescaled step "
+                f"alpha * Delta + mu * previous_step chooses its momentum mu from the quadratic "
+                f"model. Pass momentum=0 (or rescale=False to keep a fixed momentum)."
+            )
         wd = group["weight_decay"]
         if not _number(wd) or not math.isfinite(float(wd)) or wd < 0:
             raise HypergradientError(
@@ -298,6 +432,12 @@ class KFAC(torch.optim.Optimizer):
         ``O(R d^2)`` per layer.  Does not touch ``.grad``.
         """
         where = f"{_WHERE}.update_curvature(outputs)"
+        if not self._layers:
+            raise HypergradientError(
+                f"{where}: K-FAC captures no layer of this model (skipped as unsupported: "
+                f"{self.skipped_layers}); there is no curvature to update. Give K-FAC a model "
+                f"with nn.Linear / nn.Conv2d layers, or use another optimizer."
+            )
         if self._recorder is None:
             raise HypergradientError(
                 f"{where}: the hooks were removed (remove_hooks()); build a new KFAC "
@@ -388,14 +528,37 @@ class KFAC(torch.optim.Optimizer):
         return out
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """One K-FAC step on every parameter with a gradient; returns ``closure()`` if given."""
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        loss_fn: Callable[[], float | torch.Tensor] | None = None,
+    ) -> float | None:
+        """One K-FAC step on every parameter with a gradient; returns ``closure()`` if given.
+
+        Args:
+            closure: as in ``torch.optim`` (re-evaluates the loss, with gradients).
+            loss_fn: the mini-batch loss at the model's current parameters, without
+                backward; needed on the adaptation steps of ``adapt_damping=True``.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        where = f"{_WHERE}.step()"
+        num_steps = self.param_groups[0].get("num_steps", 0)
+        adapting = self.adapt_damping and num_steps % self.adapt_every == 0
+        if adapting and loss_fn is None:
+            raise HypergradientError(
+                f"{where}: adapt_damping=True needs the mini-batch loss to compute the "
+                f"reduction ratio rho; call opt.step(loss_fn=lambda: loss_of(model(x), y)) "
+                f"with the batch the gradient came from."
+            )
+        # the preconditioned direction D (Delta = -D) and the gradient g (+ weight decay)
+        entries: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]] = []
         for index, group in enumerate(self.param_groups):
             self._check_group(group)
+            group["num_steps"] = group.get("num_steps", 0) + 1
             directions: dict[torch.Tensor, torch.Tensor] = {}
             for layer in self._layers:
                 if self._group_of_layer[layer.name] == index and layer.weight.grad is not None:
@@ -403,13 +566,16 @@ class KFAC(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None and p not in directions:
                     continue
-                d = directions.get(p)
-                if d is None:  # a parameter outside the K-FAC layers: plain gradient
-                    d = (
-                        p.grad
-                        if group["weight_decay"] == 0
-                        else p.grad.add(p, alpha=group["weight_decay"])
-                    )
+                wd = group["weight_decay"]
+                g = torch.zeros_like(p) if p.grad is None else p.grad
+                g = g if wd == 0 else g.add(p, alpha=wd)
+                entries.append((p, directions.get(p, g), g, group))
+
+        if self.rescale:
+            updates, info = self._rescaled_updates(where, entries)
+        else:
+            updates, info = [], {"alpha": None, "mu": None, "damped_change": None}
+            for p, d, _, group in entries:
                 if group["momentum"] != 0:
                     state = self.state[p]
                     buf = state.get("momentum_buffer")
@@ -418,5 +584,176 @@ class KFAC(torch.optim.Optimizer):
                     else:
                         buf.mul_(group["momentum"]).add_(d)
                     d = buf
-                p.add_(d, alpha=-group["lr"])
+                updates.append(-group["lr"] * d)
+
+        info.update(rho=None, predicted_change=None, actual_change=None)
+        if adapting:
+            predicted = info.get("undamped_change")
+            if predicted is None:
+                predicted = self._model_change(where, entries, updates)
+            before = self._objective(where, loss_fn, entries)
+            for (p, _, _, _), u in zip(entries, updates):
+                p.add_(u)
+            actual = self._objective(where, loss_fn, entries) - before
+            rho = actual / predicted if predicted < 0 else float("nan")
+            if rho > 0.75:
+                factor = self.damping_decay
+            elif not rho >= 0.25:  # also nan: the model predicted no decrease
+                factor = 1.0 / self.damping_decay
+            else:
+                factor = 1.0
+            for group in self.param_groups:
+                group["damping"] = max(group["damping"] * factor, self.min_damping)
+            info.update(rho=rho, actual_change=actual, predicted_change=predicted)
+        else:
+            for (p, _, _, _), u in zip(entries, updates):
+                p.add_(u)
+        info.pop("undamped_change", None)
+        info["damping"] = float(self.param_groups[0]["damping"])
+        self.last_step = info
         return loss
+
+    # ----------------------------------------------------------------------------------
+    # the exact quadratic model (rescaling and Levenberg-Marquardt)
+    # ----------------------------------------------------------------------------------
+
+    def _jvp(self, where: str, entries, tangents: list[torch.Tensor]):
+        """``(outputs, J v)`` of the model's last forward, ``v`` = ``tangents`` on ``entries``."""
+        inputs = None if self._recorder is None else self._recorder.model_inputs
+        if inputs is None:
+            raise HypergradientError(
+                f"{where}: rescale/adapt_damping need the exact curvature of the last batch, "
+                f"but no forward pass of the model with gradients enabled was recorded"
+                f"{' (the hooks were removed)' if self._recorder is None else ''}. Run "
+                f"out = model(x) (and the loss's backward) before step()."
+            )
+        args, kwargs = inputs
+        if self.model_rows is not None and args and isinstance(args[0], torch.Tensor):
+            rows, keep = args[0].shape[0] if args[0].dim() else 0, self.model_rows
+
+            def cut(v):
+                is_batch = isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows
+                return v[:keep] if is_batch else v
+
+            args = tuple(cut(a) for a in args)
+            kwargs = {k: cut(v) for k, v in kwargs.items()}
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        primals = {names[id(p)]: p.detach() for p, _, _, _ in entries}
+        tangent = {names[id(p)]: t for (p, _, _, _), t in zip(entries, tangents)}
+
+        def forward(params: dict[str, torch.Tensor]) -> torch.Tensor:
+            return torch.func.functional_call(self.model, params, args, kwargs)
+
+        outputs, jv = torch.func.jvp(forward, (primals,), (tangent,))
+        if not isinstance(outputs, torch.Tensor):
+            raise HypergradientError(
+                f"{where}: rescale/adapt_damping need a model that returns one tensor (the "
+                f"outputs the likelihood is defined on), got {type(outputs).__name__}."
+            )
+        return outputs, jv
+
+    def _fisher_and_norms(self, entries, a: list[torch.Tensor], b: list[torch.Tensor], Ja, Jb, out):
+        """``(a^T F b, sum_groups (damping) a.b, sum_groups (weight decay) a.b, g.a)``."""
+        fisher = float(output_fisher_form(self.likelihood, out, Ja, Jb))
+        damped = decayed = 0.0
+        for (_, _, _, group), x, y in zip(entries, a, b):
+            dot = float(torch.dot(x.reshape(-1), y.reshape(-1)))
+            damped += group["damping"] * dot
+            decayed += group["weight_decay"] * dot
+        return fisher, damped, decayed
+
+    @staticmethod
+    def _grad_dot(entries, v: list[torch.Tensor]) -> float:
+        return float(
+            sum(torch.dot(g.reshape(-1), x.reshape(-1)) for (_, _, g, _), x in zip(entries, v))
+        )
+
+    def _rescaled_updates(self, where: str, entries):
+        r"""``lr * (alpha Delta + mu delta_0)`` minimising the damped model; and the numbers."""
+        deltas = [-d for _, d, _, _ in entries]
+        previous = [self.state[p].get("previous_update") for p, _, _, _ in entries]
+        has_previous = all(x is not None for x in previous) and len(entries) > 0
+        out, J_delta = self._jvp(where, entries, deltas)
+        f_dd, lam_dd, eta_dd = self._fisher_and_norms(
+            entries, deltas, deltas, J_delta, J_delta, out
+        )
+        g_d = self._grad_dot(entries, deltas)
+        if has_previous:
+            _, J_prev = self._jvp(where, entries, previous)
+            f_dp, lam_dp, eta_dp = self._fisher_and_norms(
+                entries, deltas, previous, J_delta, J_prev, out
+            )
+            f_pp, lam_pp, eta_pp = self._fisher_and_norms(
+                entries, previous, previous, J_prev, J_prev, out
+            )
+            g_p = self._grad_dot(entries, previous)
+            Q = torch.tensor(
+                [
+                    [f_dd + lam_dd + eta_dd, f_dp + lam_dp + eta_dp],
+                    [f_dp + lam_dp + eta_dp, f_pp + lam_pp + eta_pp],
+                ],
+                dtype=torch.float64,
+            )
+            Q0 = torch.tensor(
+                [[f_dd + eta_dd, f_dp + eta_dp], [f_dp + eta_dp, f_pp + eta_pp]],
+                dtype=torch.float64,
+            )
+            rhs = torch.tensor([g_d, g_p], dtype=torch.float64)
+        else:
+            Q = torch.tensor([[f_dd + lam_dd + eta_dd]], dtype=torch.float64)
+            Q0 = torch.tensor([[f_dd + eta_dd]], dtype=torch.float64)
+            rhs = torch.tensor([g_d], dtype=torch.float64)
+        coef = _minimiser(Q, rhs)
+        alpha = float(coef[0])
+        mu = float(coef[1]) if has_previous else 0.0
+        lr = self.param_groups[0]["lr"]
+        updates = []
+        for (p, _, _, group), d, prev in zip(entries, deltas, previous):
+            u = alpha * d if not has_previous else alpha * d + mu * prev
+            u = group["lr"] * u
+            self.state[p]["previous_update"] = u.clone()
+            updates.append(u)
+        # model changes of the final step lr * coef (single-lr: exact; groups: first lr)
+        step = lr * coef
+        info = {
+            "alpha": alpha,
+            "mu": mu,
+            "damped_change": float(rhs @ step + 0.5 * step @ Q @ step),
+            "undamped_change": float(rhs @ step + 0.5 * step @ Q0 @ step),
+        }
+        if any(group["lr"] != lr for group in self.param_groups):
+            info["undamped_change"] = None  # recomputed from the updates themselves
+        return updates, info
+
+    def _model_change(self, where: str, entries, updates: list[torch.Tensor]) -> float:
+        r""":math:`M_0(u) - M_0(0) = g^\top u + \tfrac12 u^\top (F + \eta I) u` (one JVP)."""
+        out, Ju = self._jvp(where, entries, updates)
+        fisher, _, decayed = self._fisher_and_norms(entries, updates, updates, Ju, Ju, out)
+        return self._grad_dot(entries, updates) + 0.5 * (fisher + decayed)
+
+    def _objective(self, where: str, loss_fn, entries) -> float:
+        """``loss_fn()`` + the weight-decay term ``sum eta/2 ||theta||^2``."""
+        value = loss_fn()
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if not _number(value) or not math.isfinite(float(value)):
+            raise HypergradientError(
+                f"{where}: loss_fn() must return the mini-batch loss as a finite number or "
+                f"one-element tensor, got {value!r}."
+            )
+        decay = sum(
+            0.5 * group["weight_decay"] * float(p.detach().pow(2).sum())
+            for p, _, _, group in entries
+            if group["weight_decay"] != 0
+        )
+        return float(value) + decay
+
+
+def _minimiser(Q: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """``argmin_x rhs^T x + x^T Q x / 2`` for symmetric PSD ``Q`` (least norm if singular)."""
+    if Q.shape[0] == 1:
+        q = float(Q[0, 0])
+        return torch.tensor([-float(rhs[0]) / q if q > 0 else 0.0], dtype=Q.dtype)
+    # Delta parallel to the previous step makes Q singular: the pseudo-inverse then picks
+    # the least-norm minimiser on the line, which gives the same step
+    return -(torch.linalg.pinv(Q, hermitian=True) @ rhs)
