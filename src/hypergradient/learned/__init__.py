@@ -12,7 +12,12 @@ Vocabulary of ``learned_optimization`` (Metz et al.):
   :mod:`hypergradient.estimators` differentiate;
 * :func:`meta_train` fits ``theta`` with truncated back-propagation, ES, PES or the mixed
   estimator, a truncation schedule, Adam and gradient clipping, with checkpoints;
-  :func:`evaluate_learned` / :func:`tune_adam` compare it with Adam on held-out tasks.
+  :func:`evaluate_learned` / :func:`tune_adam` compare it with Adam on held-out tasks;
+* the protocol (:mod:`hypergradient.learned.protocol`): :func:`make_splits` declares
+  meta-train / meta-validation / meta-test :class:`TaskConfig` lists before any training,
+  :func:`tune_baseline` tunes Adam and SGD-momentum (constant or :func:`warmup_cosine`) on
+  meta-validation, :class:`SelectionLog` / :func:`check_selections` prove nothing was
+  selected on meta-test, :func:`paired_comparison` scores paired wins.
 
 Example (a few seconds)::
 
@@ -62,6 +67,25 @@ from .meta_training import meta_train as meta_train
 from .meta_training import plot_history as plot_history
 from .meta_training import sample_tasks as sample_tasks
 from .meta_training import tune_adam as tune_adam
+from .protocol import BASELINE_OPTIMIZERS as BASELINE_OPTIMIZERS
+from .protocol import BASELINE_SCHEDULES as BASELINE_SCHEDULES
+from .protocol import SPLITS as SPLITS
+from .protocol import Baseline as Baseline
+from .protocol import PairedComparison as PairedComparison
+from .protocol import ProtocolSplits as ProtocolSplits
+from .protocol import Scores as Scores
+from .protocol import Selection as Selection
+from .protocol import SelectionLog as SelectionLog
+from .protocol import TaskConfig as TaskConfig
+from .protocol import TuningResult as TuningResult
+from .protocol import check_selections as check_selections
+from .protocol import evaluate_baseline as evaluate_baseline
+from .protocol import make_splits as make_splits
+from .protocol import paired_comparison as paired_comparison
+from .protocol import sign_test as sign_test
+from .protocol import train_and_score as train_and_score
+from .protocol import tune_baseline as tune_baseline
+from .protocol import warmup_cosine as warmup_cosine
 from .recurrent import GRULearnedOptimizer as GRULearnedOptimizer
 from .self_training import OUTER_RULES as OUTER_RULES
 from .self_training import LinearLearnedOptimizer as LinearLearnedOptimizer
@@ -86,11 +110,15 @@ from .tasks import train_task as train_task
 
 __all__ = [
     "ARCHITECTURES",
+    "BASELINE_OPTIMIZERS",
+    "BASELINE_SCHEDULES",
     "ESTIMATORS",
     "OUTER_RULES",
+    "SPLITS",
     "TIMESCALES",
     "AbstractLearnedOptimizer",
     "AbstractTaskFamily",
+    "Baseline",
     "ClassifierFamily",
     "Evaluation",
     "FredholmFamily",
@@ -103,20 +131,31 @@ __all__ = [
     "MetaTrainResult",
     "NoisyQuadraticFamily",
     "PBTEvent",
+    "PairedComparison",
+    "ProtocolSplits",
+    "Scores",
+    "Selection",
+    "SelectionLog",
     "SelfTrainingResult",
     "StepInputs",
     "Task",
+    "TaskConfig",
     "TruncationSchedule",
+    "TuningResult",
+    "check_selections",
     "clipped_log_loss",
     "digits_mlp_suite",
     "evaluate_adam",
+    "evaluate_baseline",
     "evaluate_learned",
     "evaluate_population",
     "loss_features",
     "make_estimator",
+    "make_splits",
     "meta_train",
     "num_meta_parameters",
     "outer_update",
+    "paired_comparison",
     "pbt_exploit_explore",
     "plot_history",
     "plot_self_training",
@@ -125,7 +164,11 @@ __all__ = [
     "second_moment_normalize",
     "self_train",
     "self_training_families",
+    "sign_test",
     "step_inputs",
+    "train_and_score",
     "train_task",
     "tune_adam",
+    "tune_baseline",
+    "warmup_cosine",
 ]

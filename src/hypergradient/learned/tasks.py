@@ -186,6 +186,7 @@ def _generator(where: str, generator: object) -> torch.Generator:
 # Image classifiers.
 
 _DATASETS = ("digits", "mnist", "fashion-mnist")
+_ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU}
 _DIGITS_POOL, _DIGITS_VALID = 1297, 400  # of digits' 1797 images (the rest: 100 unused)
 
 
@@ -249,7 +250,7 @@ class ClassifierFamily(AbstractTaskFamily):
         batch_size: mini-batch size.
         num_examples: training examples per task.
         depth: hidden layers of the MLP.
-        activation: ``"relu"`` or ``"tanh"``.
+        activation: ``"relu"``, ``"tanh"`` or ``"gelu"``.
         data_dir: folder of the MNIST files (``None``: ``$HYPERGRADIENT_DATA`` or the cache).
         downsample: average-pool the images by this factor (2 turns MNIST into 14x14).
         dtype: of the data and parameters (default: torch's default dtype).
@@ -286,9 +287,10 @@ class ClassifierFamily(AbstractTaskFamily):
             )
         if self.model not in ("mlp", "cnn"):
             raise HypergradientError(f"{where}: model must be 'mlp' or 'cnn', got {self.model!r}.")
-        if self.activation not in ("relu", "tanh"):
+        if self.activation not in _ACTIVATIONS:
             raise HypergradientError(
-                f"{where}: activation must be 'relu' or 'tanh', got {self.activation!r}."
+                f"{where}: activation must be one of {tuple(_ACTIVATIONS)}, got "
+                f"{self.activation!r}."
             )
         for name in ("width", "batch_size", "num_examples", "depth", "downsample"):
             _check_int(where, name, getattr(self, name))
@@ -312,7 +314,7 @@ class ClassifierFamily(AbstractTaskFamily):
         object.__setattr__(self, "_module", self._build(x_train.shape[1:]))
 
     def _build(self, image_shape: torch.Size) -> nn.Module:
-        act = nn.ReLU if self.activation == "relu" else nn.Tanh
+        act = _ACTIVATIONS[self.activation]
         with torch.random.fork_rng(devices=[]):  # the template's own init is never used
             if self.model == "mlp":
                 layers: list[nn.Module] = [nn.Flatten()]
@@ -339,7 +341,7 @@ class ClassifierFamily(AbstractTaskFamily):
     def name(self) -> str:
         depth = f"-d{self.depth}" if self.depth != 1 and self.model == "mlp" else ""
         pooled = f"-ds{self.downsample}" if self.downsample > 1 else ""
-        act = "-tanh" if self.activation == "tanh" else ""
+        act = "" if self.activation == "relu" else f"-{self.activation}"
         return f"{self.dataset}{pooled}-{self.model}-w{self.width}{depth}{act}-b{self.batch_size}"
 
     def sample(self, generator: torch.Generator, num_steps: int) -> Task:
