@@ -749,6 +749,28 @@ def _check_k(where: str, k: object, available: int) -> None:
         )
 
 
+def _training_tasks(where: str, meta: object, exclude_families) -> tuple:
+    """The tasks of ``meta`` outside ``exclude_families`` (at least 2), or one clear error."""
+    if not isinstance(meta, MetaDataset):
+        raise HypergradientError(
+            f"search.{where}: expected a MetaDataset (from build_meta_dataset), "
+            f"got {type(meta).__name__}."
+        )
+    unknown = [f for f in exclude_families if f not in meta.families]
+    if unknown:
+        raise HypergradientError(
+            f"search.{where}(exclude_families={list(exclude_families)!r}): "
+            f"{unknown} not in the meta-dataset's families {list(meta.families)}."
+        )
+    tasks = tuple(t for t in meta.tasks if t.family not in set(exclude_families))
+    if len(tasks) < 2:
+        raise HypergradientError(
+            f"search.{where}: {len(tasks)} training task(s) left after "
+            f"excluding {list(exclude_families)}; need at least 2."
+        )
+    return tasks
+
+
 def train_meta_features(
     meta: MetaDataset,
     *,
@@ -806,23 +828,7 @@ def train_meta_features(
         ...
         hypergradient...HypergradientError: search.train_meta_features: 0 training task(s) ...
     """
-    if not isinstance(meta, MetaDataset):
-        raise HypergradientError(
-            f"search.train_meta_features: expected a MetaDataset (from build_meta_dataset), "
-            f"got {type(meta).__name__}."
-        )
-    unknown = [f for f in exclude_families if f not in meta.families]
-    if unknown:
-        raise HypergradientError(
-            f"search.train_meta_features(exclude_families={list(exclude_families)!r}): "
-            f"{unknown} not in the meta-dataset's families {list(meta.families)}."
-        )
-    tasks = tuple(t for t in meta.tasks if t.family not in set(exclude_families))
-    if len(tasks) < 2:
-        raise HypergradientError(
-            f"search.train_meta_features: {len(tasks)} training task(s) left after "
-            f"excluding {list(exclude_families)}; need at least 2."
-        )
+    tasks = _training_tasks("train_meta_features", meta, exclude_families)
     for name, value, least in (("steps", steps, 0), ("rows", rows, 2)):
         if not isinstance(value, int) or value < least:
             raise HypergradientError(
@@ -1060,23 +1066,7 @@ def classical_warm_starter(
         >>> starter.nearest(new, k=1)[0][0].name
         'shift4'
     """
-    if not isinstance(meta, MetaDataset):
-        raise HypergradientError(
-            f"search.classical_warm_starter: expected a MetaDataset (from build_meta_dataset), "
-            f"got {type(meta).__name__}."
-        )
-    unknown = [f for f in exclude_families if f not in meta.families]
-    if unknown:
-        raise HypergradientError(
-            f"search.classical_warm_starter(exclude_families={list(exclude_families)!r}): "
-            f"{unknown} not in the meta-dataset's families {list(meta.families)}."
-        )
-    tasks = tuple(t for t in meta.tasks if t.family not in set(exclude_families))
-    if len(tasks) < 2:
-        raise HypergradientError(
-            f"search.classical_warm_starter: {len(tasks)} training task(s) left after "
-            f"excluding {list(exclude_families)}; need at least 2."
-        )
+    tasks = _training_tasks("classical_warm_starter", meta, exclude_families)
     cache = {} if features is None else features
     groups = list(groups)
 
