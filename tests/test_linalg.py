@@ -356,6 +356,31 @@ def test_dense_singular_reported():
     assert stats.result is Result.BREAKDOWN and "singular" in stats.extra["reason"]
 
 
+def test_dense_numerically_singular_is_reported_not_solved_to_garbage():
+    # The Hessian X^T X of an overparameterised least-squares problem (rank 6 of 24): LU
+    # leaves rounding-level pivots instead of an exact zero, and solving would return a
+    # finite x of size ~1/eps.  A damped or well-conditioned system is still solved.
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 24, generator=g, dtype=DT)
+    hessian = x.T @ x
+    b = hessian @ torch.randn(24, generator=g, dtype=DT)  # in the range: compatible
+    _, stats = Dense().solve(lambda v: hessian @ v, b)
+    assert stats.result is Result.BREAKDOWN
+    assert "numerically singular" in stats.extra["reason"]
+    assert "damping" in stats.extra["reason"]
+    solution, stats = Dense(damping=1e-3).solve(lambda v: hessian @ v, b)
+    assert stats.result is Result.SUCCESSFUL
+    exact = torch.linalg.solve(hessian + 1e-3 * torch.eye(24, dtype=DT), b)
+    assert torch.allclose(solution, exact, rtol=1e-8, atol=0)
+    # ill-conditioned (cond 1e10) but not singular in float64: still solved
+    q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=DT))
+    ill = q @ torch.diag(torch.logspace(0, -10, 8, dtype=DT)) @ q.T
+    rhs = torch.randn(8, generator=g, dtype=DT)
+    solution, stats = Dense().solve(lambda v: ill @ v, rhs)
+    assert stats.result is Result.SUCCESSFUL
+    assert float((ill @ solution - rhs).norm() / rhs.norm()) < 1e-4
+
+
 def test_dense_max_size():
     with pytest.raises(HypergradientError, match="max_size.*'cg'"):
         Dense(max_size=10).solve(lambda v: v, torch.ones(11, dtype=DT))

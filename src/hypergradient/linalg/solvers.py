@@ -1001,8 +1001,26 @@ class Dense(AbstractLinearSolver):
                 tree_zeros_like(b),
                 _stats(Result.NONFINITE, n, math.nan, n, reason="the operator matrix has NaN/inf"),
             )
-        x_flat, info = torch.linalg.solve_ex(matrix, b_flat)
-        if int(info) != 0:
+        lu, pivots, info = torch.linalg.lu_factor_ex(matrix)
+        # An exactly zero pivot is rare in floating point: a singular matrix (e.g. the Hessian
+        # of an overparameterised inner problem) usually leaves pivots at rounding level,
+        # ~n * eps * max|pivot|, and the solve then returns a finite but meaningless x.
+        # LU with partial pivoting is backward stable even then, so the residual cannot tell;
+        # the pivots' spread can (a heuristic: it flags numerical rank deficiency, not every
+        # ill-conditioned matrix).
+        diag = lu.diagonal().abs()
+        largest = float(diag.max()) if n else 0.0
+        smallest = float(diag.min()) if n else 0.0
+        eps = torch.finfo(matrix.dtype).eps
+        if int(info) != 0 or (n and smallest <= n * eps * largest):
+            where = (
+                f"LU pivot {int(info)} is zero"
+                if int(info) != 0
+                else (
+                    f"smallest LU pivot {smallest:.3g} <= n * eps * largest "
+                    f"({n * eps * largest:.3g})"
+                )
+            )
             return Solution(
                 tree_zeros_like(b),
                 _stats(
@@ -1010,10 +1028,11 @@ class Dense(AbstractLinearSolver):
                     n,
                     float(torch.linalg.vector_norm(b_flat)),
                     n,
-                    reason=f"the {n}x{n} operator matrix is singular (LU pivot {int(info)} is "
-                    f"zero); add damping or use 'minres'/'gmres' for a least-squares answer",
+                    reason=f"the {n}x{n} operator matrix is numerically singular ({where}); "
+                    f"add damping or use 'minres'/'gmres' for a least-squares answer",
                 ),
             )
+        x_flat = torch.linalg.lu_solve(lu, pivots, b_flat.unsqueeze(-1)).squeeze(-1)
         residual = float(torch.linalg.vector_norm(b_flat - matrix @ x_flat).detach())
         result = Result.SUCCESSFUL if math.isfinite(residual) else Result.NONFINITE
         return Solution(tree_unflatten_vector(x_flat, b), _stats(result, n, residual, n))
