@@ -92,6 +92,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _check_integer(
+    where: str, name: str, value: object, minimum: int, hint: str, *, or_none: bool = False
+) -> None:
+    """``value`` must be an int (not a bool) ``>= minimum``; else one clear error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        allowed = f"an integer >= {minimum}" + (" or None" if or_none else "")
+        raise HypergradientError(f"{where}: {name} must be {allowed}, got {value!r}{hint}.")
+
+
 class KFAC(torch.optim.Optimizer):
     r"""K-FAC optimizer: Kronecker-factored natural-gradient steps for Linear/Conv2d layers.
 
@@ -254,25 +263,10 @@ class KFAC(torch.optim.Optimizer):
                 f"{where}: factor_decay must be in [0, 1), got {factor_decay!r} (0.95 in "
                 f"the paper)."
             )
-        if (
-            isinstance(inverse_every, bool)
-            or not isinstance(inverse_every, numbers.Integral)
-            or inverse_every < 1
-        ):
-            raise HypergradientError(
-                f"{where}: inverse_every must be an integer >= 1, got {inverse_every!r} "
-                f"(about 20 in the paper)."
-            )
+        _check_integer(where, "inverse_every", inverse_every, 1, " (about 20 in the paper)")
         if inverse_warmup is None:
             inverse_warmup = int(inverse_every)
-        if (
-            isinstance(inverse_warmup, bool)
-            or not isinstance(inverse_warmup, numbers.Integral)
-            or inverse_warmup < 0
-        ):
-            raise HypergradientError(
-                f"{where}: inverse_warmup must be an integer >= 0 or None, got {inverse_warmup!r}."
-            )
+        _check_integer(where, "inverse_warmup", inverse_warmup, 0, "", or_none=True)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise HypergradientError(
                 f"{where}: generator must be a torch.Generator or None, got "
@@ -281,15 +275,7 @@ class KFAC(torch.optim.Optimizer):
         for flag, value in (("rescale", rescale), ("adapt_damping", adapt_damping)):
             if not isinstance(value, bool):
                 raise HypergradientError(f"{where}: {flag} must be True or False, got {value!r}.")
-        if (
-            isinstance(adapt_every, bool)
-            or not isinstance(adapt_every, numbers.Integral)
-            or adapt_every < 1
-        ):
-            raise HypergradientError(
-                f"{where}: adapt_every must be an integer >= 1, got {adapt_every!r} (T1 = 5 "
-                f"in the paper)."
-            )
+        _check_integer(where, "adapt_every", adapt_every, 1, " (T1 = 5 in the paper)")
         if damping_decay is None:
             damping_decay = (19.0 / 20.0) ** int(adapt_every)
         if not _number(damping_decay) or not 0.0 < damping_decay < 1.0:
