@@ -17,6 +17,9 @@ set's validation pool, which no task trains on).  Seeds = independent task insta
 Run from the repository root::
 
     PYTHONPATH=src python benchmarks/learned_optimizer_protocol.py --quick   # ~10 minutes
+    # the size the headline table (learned_optimizer_headline.py) reads, ~30 minutes:
+    PYTHONPATH=src python benchmarks/learned_optimizer_protocol.py --horizon 50 \
+        --valid-tasks 24 --per-part 12
 
 Writes ``<out>/learned_optimizer_protocol.{json,md}``.
 """
@@ -75,14 +78,22 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer tasks and a shorter T")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--horizon", type=int, default=None, help="T (default 100; quick 50)")
+    parser.add_argument(
+        "--valid-tasks", type=int, default=None, help="meta-validation configurations tuned on"
+        " (default 60; quick 12)"
+    )
+    parser.add_argument(
+        "--per-part", type=int, default=None, help="meta-test configurations per part"
+        " (default 30; quick 8)"
+    )
     parser.add_argument("--data-dir", default=None, help="MNIST / Fashion-MNIST IDX files")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     horizon = args.horizon or (50 if args.quick else 100)
-    num_valid_used = 12 if args.quick else 60
-    per_part = 8 if args.quick else 30
+    num_valid_used = args.valid_tasks or (12 if args.quick else 60)
+    per_part = args.per_part or (8 if args.quick else 30)
     splits = learned.make_splits(seed=0)
     valid = list(splits.meta_valid[:num_valid_used])
     test = first_of_each_part(list(splits.meta_test), per_part, len(splits.meta_test))
