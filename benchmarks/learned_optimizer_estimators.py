@@ -73,7 +73,8 @@ def run_one(
     estimator: str,
     meta_lr: float,
     seed: int,
-    train_configs,
+    lopt: learned.AbstractLearnedOptimizer,
+    families,
     valid_tasks,
     *,
     horizon: int,
@@ -81,14 +82,12 @@ def run_one(
     pairs: int,
     outer_steps: int,
     eval_every: int,
-    hidden: int,
     sigma: float,
 ) -> dict:
-    """Meta-train a fresh MLP learned optimizer with ``estimator``; every ``eval_every`` outer
-    steps, the mean final training loss of ``valid_tasks`` trained for ``horizon`` steps."""
+    """Meta-train a fresh ``lopt`` on ``families`` with ``estimator``; every ``eval_every``
+    outer steps, the mean final training loss of ``valid_tasks`` trained for ``horizon``
+    steps.  Returns the curve, the final theta and the run's meta-training seconds."""
     torch.manual_seed(seed)
-    lopt = learned.MLPLearnedOptimizer(hidden=hidden)
-    families = [c.family() for c in train_configs]
     schedule = learned.TruncationSchedule(horizon=horizon, truncation_length=truncation)
     # equal inner steps per outer step: 2S particles for truncated backprop, S pairs otherwise
     num_pairs = 2 * pairs if estimator == "tbptt" else pairs
@@ -131,6 +130,7 @@ def run_one(
         "curve": curve,
         "final_valid_loss": curve["valid_loss"][-1],
         "train_meta_loss": [r["loss"] for r in result.history],
+        "theta": {k: v.detach().clone() for k, v in result.theta.items()},
     }
 
 
@@ -145,14 +145,16 @@ def study(args) -> dict:
         pairs=args.pairs,
         outer_steps=args.outer_steps,
         eval_every=args.eval_every,
-        hidden=args.hidden,
         sigma=args.sigma,
     )
+    lopt = learned.MLPLearnedOptimizer(hidden=args.hidden)
+    families = [c.family() for c in train_configs]
     selection_runs, chosen = [], {}
     for estimator in learned.ESTIMATORS:
         scores = {}
         for lr in args.lr_grid:
-            run = run_one(estimator, lr, SELECTION_SEED, train_configs, select_tasks, **common)
+            run = run_one(estimator, lr, SELECTION_SEED, lopt, families, select_tasks, **common)
+            del run["theta"]
             selection_runs.append(run)
             scores[f"{lr:g}"] = run["final_valid_loss"]
             print(f"select {estimator:>5} lr={lr:g}: meta-valid loss {run['final_valid_loss']:.4f}")
@@ -167,7 +169,10 @@ def study(args) -> dict:
     runs = []
     for seed in range(1, args.seeds + 1):
         for estimator in learned.ESTIMATORS:  # interleaved: machine load hits all alike
-            run = run_one(estimator, chosen[estimator], seed, train_configs, report_tasks, **common)
+            run = run_one(
+                estimator, chosen[estimator], seed, lopt, families, report_tasks, **common
+            )
+            del run["theta"]
             runs.append(run)
             print(
                 f"seed {seed} {estimator:>5}: meta-valid loss {run['final_valid_loss']:.4f} "
