@@ -594,13 +594,29 @@ def plot(result: dict, path: Path) -> None:
             ax.errorbar(result["horizons"], means, yerr=stds, marker="o", capsize=3, label=name)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("training steps on meta-test tasks")
+        ax.set_xticks(result["horizons"], [str(h) for h in result["horizons"]])
+        ax.minorticks_off()
+        ax.set_xlabel("training steps on meta-test tasks (T, 5T, 10T)")
         ax.set_ylabel(f"median {'training' if key == 'train' else 'held-out'} loss")
     axes[2].legend(fontsize=7)
     fig.suptitle("Learned optimizers vs tuned baselines on meta-test")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def without_work(argv: list[str]) -> list[str]:
+    """``argv`` less ``--work DIR``: the cache folder changes where runs are kept, not what
+    they compute, and a result should not name a folder of the machine that wrote it."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--work":
+            skip = True
+        elif not arg.startswith("--work="):
+            out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -615,11 +631,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--truncation", type=int, default=10)
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--sigma", type=float, default=0.01)
-    parser.add_argument("--outer-steps", type=int, default=1000)
+    parser.add_argument("--outer-steps", type=int, default=2000)
     parser.add_argument("--select-steps", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--estimators", nargs="+", default=list(learned.ESTIMATORS))
-    parser.add_argument("--lr-grid", type=float, nargs="+", default=[3e-3, 1e-2])
+    parser.add_argument("--lr-grid", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2, 1e-1])
     parser.add_argument("--timing-steps", type=int, default=100)
     parser.add_argument("--timing-rounds", type=int, default=3)
     parser.add_argument(
@@ -675,7 +691,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     }
     result["machine"] = machine_info()
-    result["command"] = rerun_command(f"{NAME}.py", argv)
+    result["command"] = rerun_command(f"{NAME}.py", without_work(argv))
     result["data"] = data_source(args.data_dir)
     learned.check_selections(result)  # nothing tuned on meta-test
     args.out.mkdir(parents=True, exist_ok=True)
