@@ -79,12 +79,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--horizon", type=int, default=None, help="T (default 100; quick 50)")
     parser.add_argument(
-        "--valid-tasks", type=int, default=None, help="meta-validation configurations tuned on"
-        " (default 60; quick 12)"
+        "--valid-tasks",
+        type=int,
+        default=None,
+        help="meta-validation configurations tuned on (default 60; quick 12)",
     )
     parser.add_argument(
-        "--per-part", type=int, default=None, help="meta-test configurations per part"
-        " (default 30; quick 8)"
+        "--per-part",
+        type=int,
+        default=None,
+        help="meta-test configurations per part (default 30; quick 8)",
     )
     parser.add_argument("--data-dir", default=None, help="MNIST / Fashion-MNIST IDX files")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
