@@ -7,6 +7,7 @@ Benchmarks are run as scripts (``python benchmarks/<name>.py``), so this directo
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 from typing import Any
@@ -112,3 +113,19 @@ def save_cache(state: dict[str, Any], path) -> None:
     from hypergradient._io import save_atomic
 
     save_atomic(state, path)
+
+
+def write_outputs(out, stem: str, result: dict, markdown, plot=None) -> str:
+    """Write ``<out>/<stem>.json`` (the record), ``<stem>.md`` (``markdown(result)``) and,
+    given ``plot(result, path)``, ``<stem>.png``; print the markdown and return it."""
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    text = markdown(result)
+    (out / f"{stem}.md").write_text(text)
+    if plot is not None:
+        plot(result, out / f"{stem}.png")
+    print(text)
+    return text

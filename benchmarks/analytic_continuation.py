@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 import sys
@@ -48,7 +47,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
-from _common import machine_info, rerun_command
+from _common import machine_info, rerun_command, write_outputs
 
 ac = hg.continuation
 HERE = Path(__file__).resolve()
@@ -448,12 +447,8 @@ def main(argv=None) -> int:
         "args": {k: v for k, v in vars(args).items() if k != "out"},
     }
     result.update(run(args))
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "analytic_continuation_quick" if args.quick else "analytic_continuation"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    write_outputs(args.out, stem, result, markdown, plot)
     return 0
 
 

@@ -28,7 +28,6 @@ Writes ``<out>/learned_optimizer_estimators.{json,md,png}``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -42,7 +41,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from hypergradient import learned
-from _common import machine_info, rerun_command
+from _common import machine_info, rerun_command, write_outputs
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
@@ -344,12 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["machine"] = machine_info()
     result["command"] = rerun_command(f"{NAME}.py", argv)
     learned.check_selections(result)  # nothing tuned on meta-test
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = NAME + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    write_outputs(args.out, stem, result, markdown, plot)
     return result
 
 

@@ -59,7 +59,7 @@ try:
 except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     from hypergradient import learned
-from _common import data_source, load_cache, machine_info, rerun_command, save_cache
+from _common import data_source, load_cache, machine_info, rerun_command, save_cache, write_outputs
 from learned_optimizer_estimators import run_one
 
 HERE = Path(__file__).resolve()
@@ -694,12 +694,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["command"] = rerun_command(f"{NAME}.py", without_work(argv))
     result["data"] = data_source(args.data_dir)
     learned.check_selections(result)  # nothing tuned on meta-test
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = NAME + ("_quick" if args.quick else "")
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    write_outputs(args.out, stem, result, markdown, plot)
     return result
 
 

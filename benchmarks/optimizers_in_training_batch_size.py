@@ -63,7 +63,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
-from _common import data_source, machine_info, rerun_command
+from _common import data_source, machine_info, rerun_command, write_outputs
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
@@ -619,12 +619,8 @@ def main(argv=None) -> int:
         r["grid_k"] = {f"B={b},seed={s}": v for (b, s), v in r["grid_k"].items()}
         r["rule_k"] = {f"{n},B={b},seed={s}": v for (n, b, s), v in r["rule_k"].items()}
     result["analysis"] = analysis
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"{STEM}_quick" if args.quick else STEM
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    write_outputs(args.out, stem, result, markdown, plot)
     return 0
 
 

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import hypergradient as hg
-from _common import data_source, machine_info, rerun_command
+from _common import data_source, machine_info, rerun_command, write_outputs
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 LAYERS = (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     result["selection"] = tune(args, data, log)
     log(f"chosen: {result['selection']['chosen']}")
     x_test = load_test(args)  # read once, for the final models only
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)  # the partial record is written per seed
     stem = "optimizers_in_training_kfac_quick" if args.quick else "optimizers_in_training_kfac"
     for seed in args.seeds:
         result["runs"].append(
@@ -453,10 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / f"{stem}.partial.json").write_text(json.dumps(result))
     (args.out / f"{stem}.partial.json").unlink()
     result["summary"] = summary(result)
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    write_outputs(args.out, stem, result, markdown, plot)
     return 0
 
 

@@ -59,7 +59,7 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
-from _common import data_source, machine_info, rerun_command
+from _common import data_source, machine_info, rerun_command, write_outputs
 
 Lookahead = hg.optimizers.Lookahead
 
@@ -573,11 +573,7 @@ def parse_args(argv=None):
 
 
 def write(result: dict, out: Path, stem: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (out / f"{stem}.md").write_text(markdown(result))
-    plot(result, out / f"{stem}.png")
-    print(markdown(result))
+    write_outputs(out, stem, result, markdown, plot)
 
 
 def resummarise(path: Path, out: Path) -> int:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import functools
 import itertools
-import json
 import math
 import statistics
 import sys
@@ -58,7 +57,14 @@ except ImportError:  # a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
     import hypergradient as hg
 
-from _common import data_source, machine_info, rerun_command, reset_peak_rss, status_kib
+from _common import (
+    data_source,
+    machine_info,
+    rerun_command,
+    reset_peak_rss,
+    status_kib,
+    write_outputs,
+)
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
@@ -430,12 +436,8 @@ def main(argv=None) -> int:
         result["runs"].append(
             run_seed(args, seed, device, print, chosen["hyper_lr"], chosen["init_decay"])
         )
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = "resnet_fashion_quick" if args.quick else "resnet_fashion"
-    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1))
-    (args.out / f"{stem}.md").write_text(markdown(result))
-    plot(result, args.out / f"{stem}.png")
-    print(markdown(result))
+    write_outputs(args.out, stem, result, markdown, plot)
     return 0
 
 
