@@ -61,6 +61,7 @@ except ImportError:  # a checkout without `pip install -e .`
     from hypergradient import learned
 from _common import data_source, load_cache, machine_info, rerun_command, save_cache, write_outputs
 from learned_optimizer_estimators import run_one
+from learned_optimizer_protocol import part_of
 
 HERE = Path(__file__).resolve()
 DEFAULT_OUT = HERE.parent / "results"
@@ -204,14 +205,14 @@ def score_learned(model: str, theta, configs, steps: int, replicate: int, data_d
     return out
 
 
-def time_per_step(args, test_configs, thetas: dict, baselines: dict) -> dict:
+def time_per_step(args, test_configs, settings, thetas: dict, baselines: dict) -> dict:
     """Seconds per training step of each optimizer over Adam's (constant rate), interleaved:
     each round trains every timed configuration once with every optimizer, order rotated."""
     parts = {}
     for c in test_configs:  # two configurations of each meta-test part
-        parts.setdefault(part_of(c), [])
-        if len(parts[part_of(c)]) < 2:
-            parts[part_of(c)].append(c)
+        parts.setdefault(part_of(c, settings), [])
+        if len(parts[part_of(c, settings)]) < 2:
+            parts[part_of(c, settings)].append(c)
     configs = [c for group in parts.values() for c in group]
     steps = args.timing_steps
     names = ["adam-constant", *baselines, *MODELS]
@@ -238,17 +239,6 @@ def time_per_step(args, test_configs, thetas: dict, baselines: dict) -> dict:
     return {"configs": [c.config_id for c in configs], "steps": steps, "ratios": ratios}
 
 
-_SETTINGS: dict = {}
-
-
-def part_of(config) -> str:
-    if config.dataset in _SETTINGS["held_out_datasets"]:
-        return "held-out data set"
-    if config.activation in _SETTINGS["held_out_activations"]:
-        return "held-out activation"
-    return "held-out configuration"
-
-
 def summarize(scores_by_seed: list[list[dict]], key: str, mask=None) -> dict:
     """Per seed the median over tasks, then mean and std over seeds."""
     medians = []
@@ -272,7 +262,6 @@ def verdict(cmp: dict) -> str:
 
 def study(args) -> dict:
     splits = learned.make_splits(seed=0)
-    _SETTINGS.update(splits.settings)
     base_record = read_baselines(args.baselines, splits)
     if base_record["horizon"] != args.horizon:
         raise SystemExit(
@@ -353,7 +342,7 @@ def study(args) -> dict:
         for name in base_record["tuned_lr"]
     }
     thetas = {m: runs[m][0]["theta"] for m in MODELS}
-    timing = time_per_step(args, test_configs, thetas, tuned)
+    timing = time_per_step(args, test_configs, splits.settings, thetas, tuned)
 
     table = {
         name: {
@@ -362,11 +351,14 @@ def study(args) -> dict:
         }
         for name in names
     }
-    parts = sorted({part_of(c) for c in test_configs})
+    settings = splits.settings
+    parts = sorted({part_of(c, settings) for c in test_configs})
     by_part = {
         name: {
             part: summarize(
-                scores[name][str(args.horizon)], "train", [part_of(c) == part for c in test_configs]
+                scores[name][str(args.horizon)],
+                "train",
+                [part_of(c, settings) == part for c in test_configs],
             )
             for part in parts
         }
